@@ -1,0 +1,2 @@
+"""eqcalc: fast, trustworthy equivariant interatomic potentials inside ASE."""
+__version__ = "0.1.0"

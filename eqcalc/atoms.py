@@ -1,0 +1,123 @@
+"""ASE ``Atoms`` (or pymatgen ``Structure``) → validated float64 tensors.
+
+The first room of the data flow: everything a user can get wrong about a structure is caught
+here with a typed error naming the input and the fix, before any model runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.data import chemical_symbols
+
+from eqcalc.errors import CellError, InvalidAtomsError, UnknownElementError
+
+#: Two atoms closer than this (Å) are treated as overlapping: no physical structure has them.
+MIN_DISTANCE = 0.1
+
+
+def to_ase(structure) -> Atoms:
+    """Return ``structure`` as ASE ``Atoms``; pymatgen ``Structure``/``Molecule`` are converted."""
+    if isinstance(structure, Atoms):
+        return structure
+    if type(structure).__module__.startswith("pymatgen"):
+        from pymatgen.io.ase import AseAtomsAdaptor  # only when a pymatgen object is passed
+
+        return AseAtomsAdaptor.get_atoms(structure)
+    raise InvalidAtomsError(
+        f"expected ase.Atoms or a pymatgen Structure, got {type(structure).__name__}; "
+        "build one with ase.Atoms(...) or ase.io.read(...)")
+
+
+def validate(atoms: Atoms, species: Sequence[str] | None = None) -> None:
+    """Raise a typed error if ``atoms`` cannot be evaluated (by a model with ``species``)."""
+    if len(atoms) == 0:
+        raise InvalidAtomsError("the Atoms object is empty; add atoms before computing")
+    positions = atoms.positions
+    if not np.all(np.isfinite(positions)):
+        bad = np.where(~np.isfinite(positions).all(axis=1))[0]
+        raise InvalidAtomsError(
+            f"positions of atoms {bad[:10].tolist()} are NaN or inf; fix the structure "
+            "(a previous failed step or a bad file?)")
+    cell = np.asarray(atoms.cell.array, dtype=float)
+    if not np.all(np.isfinite(cell)):
+        raise InvalidAtomsError("the cell contains NaN or inf; set a finite cell with atoms.set_cell")
+    check_cell(cell, atoms.pbc)
+    if species is not None:
+        allowed = set(species)
+        unknown = sorted(set(atoms.get_chemical_symbols()) - allowed)
+        if unknown:
+            raise UnknownElementError(
+                f"element(s) {', '.join(unknown)} not supported by this model; "
+                f"it knows {', '.join(species)}. Use a model trained on these elements.")
+
+
+def check_cell(cell: np.ndarray, pbc: Sequence[bool]) -> None:
+    """Periodic directions need non-zero, linearly independent cell vectors."""
+    pbc = np.asarray(pbc, dtype=bool)
+    lengths = np.linalg.norm(cell, axis=1)
+    for axis in np.where(pbc)[0]:
+        if lengths[axis] < 1e-8:
+            raise CellError(
+                f"pbc is True along axis {axis} but cell vector {axis} is zero; set a cell "
+                f"(atoms.set_cell) or make that direction open (atoms.pbc[{axis}] = False)")
+    vectors = cell[pbc]
+    if len(vectors) > 1:
+        singular = np.linalg.matrix_rank(vectors, tol=1e-8 * max(lengths.max(), 1.0)) < len(vectors)
+        if singular:
+            raise CellError(
+                f"the periodic cell vectors {vectors.tolist()} are linearly dependent (singular "
+                "cell); give independent lattice vectors")
+
+
+@dataclass(frozen=True)
+class SystemTensors:
+    """A batch of systems as float64 tensors (see :mod:`eqcalc.keys` for the conventions)."""
+
+    positions: torch.Tensor  # (n_atoms, 3) float64, Å
+    numbers: torch.Tensor    # (n_atoms,) int64
+    cell: torch.Tensor       # (n_systems, 3, 3) float64, Å
+    pbc: torch.Tensor        # (n_systems, 3) bool
+    system: torch.Tensor     # (n_atoms,) int64
+
+
+def to_tensors(structures: Sequence[Atoms], device: torch.device | str = "cpu") -> SystemTensors:
+    """Stack ``structures`` (already validated) into one batch on ``device``."""
+    positions = np.concatenate([a.positions for a in structures])
+    numbers = np.concatenate([a.numbers for a in structures])
+    cells = np.stack([np.asarray(a.cell.array, dtype=float) for a in structures])
+    pbc = np.stack([np.asarray(a.pbc, dtype=bool) for a in structures])
+    system = np.repeat(np.arange(len(structures)), [len(a) for a in structures])
+    f64 = dict(dtype=torch.float64, device=device)
+    return SystemTensors(
+        positions=torch.as_tensor(positions, **f64),
+        numbers=torch.as_tensor(numbers, dtype=torch.int64, device=device),
+        cell=torch.as_tensor(cells, **f64),
+        pbc=torch.as_tensor(pbc, device=device),
+        system=torch.as_tensor(system, dtype=torch.int64, device=device),
+    )
+
+
+def check_overlaps(edge_lengths: torch.Tensor, edge_index: torch.Tensor) -> None:
+    """Raise if any pair is closer than :data:`MIN_DISTANCE` (models would give garbage or NaN)."""
+    if edge_lengths.numel() == 0:
+        return
+    shortest, k = torch.min(edge_lengths, dim=0)
+    if shortest < MIN_DISTANCE:
+        i, j = edge_index[:, k].tolist()
+        raise InvalidAtomsError(
+            f"atoms {i} and {j} overlap (distance {float(shortest):.3g} Å < {MIN_DISTANCE} Å); "
+            "remove the duplicate atom or fix the positions")
+
+
+def symbols_to_numbers(species: Sequence[str]) -> list[int]:
+    """Chemical symbols → atomic numbers, with a typed error for unknown symbols."""
+    out = []
+    for s in species:
+        if s not in chemical_symbols[1:]:
+            raise UnknownElementError(f"{s!r} is not a chemical symbol; use e.g. 'Cu', 'O', 'H'")
+        out.append(chemical_symbols.index(s))
+    return out

@@ -1,0 +1,95 @@
+"""The ASE calculator: ``Atoms`` → neighbors → model → derivatives → ``results``."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+from eqcalc import keys
+from eqcalc.atoms import check_overlaps, to_ase, to_tensors, validate
+from eqcalc.derivatives import edge_vectors
+from eqcalc.errors import PropertyNotAvailableError
+from eqcalc.model import Model
+
+
+def full_to_voigt(stress: np.ndarray) -> np.ndarray:
+    """(3, 3) → ASE Voigt order ``xx, yy, zz, yz, xz, xy``."""
+    return stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+
+
+class EquivariantCalculator(Calculator):
+    """ASE calculator for eqcalc model packages.
+
+    >>> atoms.calc = EquivariantCalculator("default")
+    >>> atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()  # eV, eV/Å, eV/Å³
+
+    ``model``: shipped model name or ``.eqm`` path (or an already loaded :class:`Model`);
+    ``device``: ``"auto" | "cpu" | "cuda" | "cuda:N"``; ``forces``: ``"auto" | "conservative" |
+    "direct"``; ``compile``: ``"auto" | "aoti" | "torchscript" | "eager"``; ``dtype``: ``None``
+    (the model's own) ``| "float32" | "float64"``; ``skin`` (Å): the neighbor list is reused until
+    an atom moved more than ``skin / 2``. The Atoms are never modified.
+    """
+
+    def __init__(self, model: str | os.PathLike | Model = "default", device="auto", forces="auto",
+                 compile="auto", dtype=None, skin: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        from eqcalc.neighbors import NeighborList
+
+        self.model = model if isinstance(model, Model) else Model(model, device, forces, compile, dtype)
+        self.metadata = dict(self.model.metadata)
+        self.implemented_properties = ["energy", "free_energy", "energies", "forces"]
+        if self.metadata.get("stress", True):
+            self.implemented_properties.append("stress")
+        self.neighbors = NeighborList(self.model.cutoff, skin=skin)
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        return super().get_property(name, None if atoms is None else to_ase(atoms), allow_calculation)
+
+    def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        validate(atoms, self.model.species)
+        if "stress" in properties and not atoms.pbc.any():
+            raise PropertyNotAvailableError(
+                "stress asked for a system with no periodic direction; set atoms.pbc and a cell, "
+                "or ask only for energy and forces")
+        t = to_tensors([atoms], self.model.device)
+        edge_index, shifts = self.neighbors.update(t.positions, t.cell, t.pbc, t.system, t.numbers)
+        lengths = edge_vectors(t.positions, t.cell, edge_index, shifts.to(torch.float64), t.system).norm(dim=1)
+        check_overlaps(lengths, edge_index)
+        out = self.model(t, edge_index, shifts)
+        energy = float(out[keys.ENERGY][0])
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": out[keys.ENERGIES].detach().double().cpu().numpy(),
+            "forces": out[keys.FORCES].detach().double().cpu().numpy(),
+        }
+        if atoms.pbc.any() and abs(atoms.cell.volume) > 0:
+            self.results["stress"] = full_to_voigt(out[keys.STRESS][0].detach().double().cpu().numpy())
+
+    def predict(self, structures: Sequence[Atoms]) -> List[Dict[str, np.ndarray]]:
+        """Evaluate many structures as one batch; a list of dicts like ``results``."""
+        from eqcalc.neighbors import compute_neighbors
+
+        structures = [to_ase(s) for s in structures]
+        for s in structures:
+            validate(s, self.model.species)
+        t = to_tensors(structures, self.model.device)
+        edge_index, shifts = compute_neighbors(t.positions, t.cell, t.pbc, self.model.cutoff, t.system)
+        out = self.model(t, edge_index, shifts)
+        counts = [len(s) for s in structures]
+        energies = out[keys.ENERGIES].double().cpu().split(counts)
+        forces = out[keys.FORCES].double().cpu().split(counts)
+        results = []
+        for k, s in enumerate(structures):
+            r = {"energy": float(out[keys.ENERGY][k]), "energies": energies[k].numpy(),
+                 "forces": forces[k].numpy()}
+            if s.pbc.any() and abs(s.cell.volume) > 0:
+                r["stress"] = full_to_voigt(out[keys.STRESS][k].double().cpu().numpy())
+            results.append(r)
+        return results

@@ -1,0 +1,110 @@
+"""Forces and stress for every architecture, from one function.
+
+An *energy model* maps a graph batch (see :mod:`eqcalc.keys`) to per-atom energies and,
+optionally, direct forces from a force head. :class:`ForceStressModel` wraps any energy model:
+
+* conservative forces ``F = -∂E/∂r`` by autograd;
+* stress ``σ = (1/V) ∂E/∂ε`` from a symmetric strain ε applied to positions and cell
+  (the "virtual strain" trick of SchNetPack/NequIP): ``r' = r (I + ε)``, ``cell' = cell (I + ε)``;
+* direct forces (``forces="direct"``) from the model's head; stress still from the energy.
+
+The wrapper is the unit that gets compiled (TorchScript / AOTInductor), so forces and stress
+live inside the compiled graph.
+"""
+from typing import Dict, List
+
+import torch
+from torch import Tensor
+
+from eqcalc import keys
+
+FORCE_MODES = ("conservative", "direct")
+
+
+def edge_vectors(positions: Tensor, cell: Tensor, edge_index: Tensor, shifts: Tensor,
+                 system: Tensor) -> Tensor:
+    """Pair vectors ``r_ij = r_j - r_i + S @ cell[system[i]]``, shape ``(n_edges, 3)``, Å."""
+    i, j = edge_index[0], edge_index[1]
+    offsets = torch.bmm(shifts.unsqueeze(1), cell[system[i]]).squeeze(1)
+    return positions[j] - positions[i] + offsets
+
+
+class ForceStressModel(torch.nn.Module):
+    """Energy, per-atom energies, forces and stress of a batch of systems.
+
+    ``forward(positions, cell, species, edge_index, shifts, system)`` with positions
+    ``(n_atoms, 3)``, cell ``(n_systems, 3, 3)``, species ``(n_atoms,)``, edge_index
+    ``(2, n_edges)``, shifts ``(n_edges, 3)`` (float, integer values) and system ``(n_atoms,)``
+    returns a dict with ``energy`` ``(n_systems,)`` float64 eV, ``energies`` ``(n_atoms,)`` eV,
+    ``forces`` ``(n_atoms, 3)`` eV/Å and ``stress`` ``(n_systems, 3, 3)`` eV/Å³ (zero where the
+    cell has no volume). Positions and cell come in float64 and the pair vectors are formed in
+    float64 (large unwrapped coordinates lose nothing); only then are they cast to the model's
+    dtype. Forces and stress come back in float64.
+    """
+
+    def __init__(self, model: torch.nn.Module, forces: str = "conservative",
+                 stress: bool = True, create_graph: bool = False):
+        super().__init__()
+        if forces not in FORCE_MODES:
+            from eqcalc.errors import InvalidOptionError
+            raise InvalidOptionError(f"forces={forces!r}; use one of {FORCE_MODES}")
+        self.model = model
+        self.direct = forces == "direct"
+        self.stress = stress
+        self.create_graph = create_graph  # True when training on forces
+        dtype = next(model.parameters()).dtype
+        # A zero-size buffer carries the model dtype through .to() and TorchScript.
+        self.register_buffer("dtype_probe", torch.zeros(0, dtype=dtype), persistent=False)
+
+    def forward(self, positions: Tensor, cell: Tensor, species: Tensor, edge_index: Tensor,
+                shifts: Tensor, system: Tensor) -> Dict[str, Tensor]:
+        n_systems = cell.shape[0]
+        strain = torch.zeros_like(cell)
+        inputs: List[Tensor] = []
+        if not self.direct:
+            positions = positions.detach().requires_grad_(True)
+            inputs.append(positions)
+        if self.stress:
+            strain.requires_grad_(True)
+            inputs.append(strain)
+        # Symmetrise so the derivative is the symmetric stress even for rotated frames.
+        deformation = torch.eye(3, dtype=cell.dtype, device=cell.device) + 0.5 * (
+            strain + strain.transpose(1, 2))
+        positions_s = torch.bmm(positions.unsqueeze(1), deformation[system]).squeeze(1)
+        cell_s = torch.bmm(cell, deformation)
+        dtype = self.dtype_probe.dtype
+        vectors = edge_vectors(positions_s, cell_s, edge_index, shifts, system)
+        data: Dict[str, Tensor] = {
+            keys.POSITIONS: positions_s.to(dtype),
+            keys.CELL: cell_s.to(dtype),
+            keys.SPECIES: species,
+            keys.EDGE_INDEX: edge_index,
+            keys.SYSTEM: system,
+            keys.EDGE_VECTORS: vectors.to(dtype),
+        }
+        out = self.model(data)
+        energies = out[keys.ENERGIES]
+        energy = torch.zeros(n_systems, dtype=torch.float64, device=energies.device)
+        energy = energy.index_add(0, system, energies.to(torch.float64))
+        result: Dict[str, Tensor] = {keys.ENERGY: energy, keys.ENERGIES: energies}
+        if self.direct:
+            result[keys.FORCES] = out[keys.FORCES].to(positions.dtype)
+        if len(inputs) > 0:
+            grads = torch.autograd.grad([energies.sum()], inputs,
+                                        create_graph=self.create_graph, allow_unused=True)
+            if not self.direct:
+                g = grads[0]
+                result[keys.FORCES] = -g if g is not None else torch.zeros_like(positions)
+            if self.stress:
+                g = grads[-1]
+                volume = torch.linalg.det(cell).abs()
+                # Cells without volume (molecules) get zero stress, never inf/NaN.
+                safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+                s = g if g is not None else torch.zeros_like(cell)
+                result[keys.STRESS] = torch.where(
+                    (volume > 0).view(-1, 1, 1), s / safe.view(-1, 1, 1), torch.zeros_like(s))
+        if not self.create_graph:
+            # Inference: hand back plain tensors, not pieces of an autograd graph.
+            for k in list(result.keys()):
+                result[k] = result[k].detach()
+        return result

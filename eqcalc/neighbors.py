@@ -1,0 +1,560 @@
+"""Periodic neighbor lists in pure torch (any device), an ASE drop-in, and Verlet skin reuse.
+
+Conventions are those of :mod:`eqcalc.keys`: cell rows are lattice vectors and for edge ``e``
+with ``i, j = edge_index[:, e]``::
+
+    r_ij = positions[j] - positions[i] + shifts[e] @ cell[system[i]]
+
+Lists are full (both directions), hold every pair with ``|r_ij| < cutoff`` (no caps) and are
+sorted by ``i`` then ``j`` (then by image, deterministically).
+
+Public API
+----------
+``compute_neighbors(positions, cell, pbc, cutoff, system=None, self_interaction=False)``
+    torch tensors in, ``(edge_index, shifts)`` out, on the device of ``positions``.
+``neighbor_list(quantities, atoms, cutoff, self_interaction=False)``
+    drop-in for :func:`ase.neighborlist.neighbor_list` (quantities from ``"ijdDS"``).
+``NeighborList(cutoff, skin=0.5)``
+    Verlet list with skin reuse: ``update(positions, cell, pbc, system=None, numbers=None)``.
+
+Algorithm and paths (measured on the 2-core CPU of the development machine, torch 2.13)
+------------------------------------------------------------------------------------------
+Every system gets an *effective cell*: periodic lattice vectors as given; each open direction
+gets a unit vector orthogonal to the periodic ones (so open directions may have zero or arbitrary
+cell vectors, and fractional coordinates along them are in Å). Positions are wrapped along
+periodic directions only; the wrap is folded back into ``S`` so ``r_ij`` is right for the
+unwrapped input. Image counts follow from the perpendicular heights ``h_k = V / |a_i x a_j|``
+(computed as ``1 / |column k of cell^-1|``).
+
+* **cell list** (default): bins of about ``cutoff / 2`` (fractional parallelepipeds along
+  periodic directions, Å boxes along open ones), atoms sorted by bin, every atom expanded over
+  its neighbour-bin offsets (corner offsets whose bins cannot hold a pair within the cutoff are
+  pruned with a lower bound from the smallest eigenvalue of the bin metric), candidate ranges
+  expanded with ``repeat_interleave``/``cumsum`` and filtered by distance. Cells smaller than
+  the cutoff simply get one bin and ``ceil(cutoff / h_k)`` images. Linear in atoms; candidate
+  pairs are processed in chunks (``_MAX_CANDIDATES``) so memory stays bounded for huge cutoffs.
+* **all pairs** (single system, ``n_atoms**2 * n_images <= _ALL_PAIRS_MAX``): one broadcast
+  distance tensor, no binning. See ``_ALL_PAIRS_MAX`` for the measured crossover.
+* **torch_cluster** is optional and imported lazily; see ``_use_torch_cluster`` for when it is
+  used and why.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from eqcalc.errors import CellError, InvalidAtomsError, InvalidOptionError
+
+__all__ = ["compute_neighbors", "neighbor_list", "NeighborList", "compute_edge_vectors"]
+
+# relative safety margin on the cutoff when sizing bins and image ranges
+_EPS = 1e-8
+# bins per cutoff length (bin edge ~ cutoff / _BINS_PER_CUTOFF); measured, see module docstring
+_BINS_PER_CUTOFF = 2
+# at most this many bins per atom (+64) per system: sparse systems get larger bins
+_MAX_BINS_PER_ATOM = 4
+# candidate pairs per chunk (each candidate costs ~100 bytes transiently)
+_MAX_CANDIDATES = 1 << 23
+# single-system all-pairs path when n_atoms**2 * n_images is at most this (measured crossover)
+_ALL_PAIRS_MAX = 20000
+
+
+# ----------------------------------------------------------------------------------------------
+# input handling and validation
+# ----------------------------------------------------------------------------------------------
+def _prepare(positions, cell, pbc, cutoff, system):
+    if not isinstance(positions, torch.Tensor):
+        positions = torch.as_tensor(np.asarray(positions, dtype=np.float64))
+    if not positions.is_floating_point():
+        positions = positions.to(torch.float64)
+    device, dtype = positions.device, positions.dtype
+    if positions.dim() != 2 or positions.shape[1] != 3:
+        raise InvalidAtomsError(
+            f"positions must have shape (n_atoms, 3), got {tuple(positions.shape)}; "
+            "pass one row of Cartesian coordinates (Å) per atom")
+    cell = torch.as_tensor(cell, dtype=dtype, device=device)
+    pbc = torch.as_tensor(pbc, device=device).to(torch.bool)
+    if cell.dim() == 2:
+        cell = cell.unsqueeze(0)
+    if pbc.dim() == 1:
+        pbc = pbc.unsqueeze(0)
+    if cell.dim() != 3 or cell.shape[1:] != (3, 3):
+        raise InvalidAtomsError(
+            f"cell must have shape (n_systems, 3, 3) or (3, 3), got {tuple(cell.shape)}; "
+            "rows are lattice vectors in Å")
+    if pbc.shape != (cell.shape[0], 3):
+        raise InvalidAtomsError(
+            f"pbc must have shape (n_systems, 3) matching cell {tuple(cell.shape)}, got "
+            f"{tuple(pbc.shape)}; give three booleans per system")
+    n_systems = cell.shape[0]
+    n_atoms = positions.shape[0]
+    if system is None:
+        if n_systems != 1:
+            raise InvalidAtomsError(
+                f"system is None but cell holds {n_systems} systems; pass system (n_atoms,) "
+                "with the index of the system of each atom")
+    else:
+        system = torch.as_tensor(system, device=device).to(torch.int64)
+        if system.shape != (n_atoms,):
+            raise InvalidAtomsError(
+                f"system must have shape (n_atoms,) = ({n_atoms},), got {tuple(system.shape)}")
+        if n_systems == 1:
+            if n_atoms and bool((system != 0).any()):
+                raise InvalidAtomsError("system indexes a system beyond cell (1 system); "
+                                        "system values must lie in [0, n_systems)")
+            system = None
+    try:
+        cutoff = float(cutoff)
+    except (TypeError, ValueError):
+        raise InvalidAtomsError(f"cutoff must be a positive number in Å, got {cutoff!r}") from None
+    if not (math.isfinite(cutoff) and cutoff > 0):
+        raise InvalidAtomsError(
+            f"cutoff must be a positive finite number in Å, got {cutoff!r}; pass e.g. cutoff=5.0")
+    return positions, cell, pbc, cutoff, system, n_systems
+
+
+def _effective_cell(positions, cell, pbc, system):
+    """Validate, then give the effective cell (open rows replaced by an orthonormal complement
+    of the periodic rows) and its inverse. One host sync for all checks."""
+    n_systems = cell.shape[0]
+    per_rows = cell * pbc.unsqueeze(-1).to(cell.dtype)
+    norms = torch.linalg.norm(per_rows, dim=-1)                                   # (B, 3)
+    cell_finite = torch.isfinite(cell).all()
+    safe_rows = torch.where(torch.isfinite(per_rows), per_rows, torch.zeros_like(per_rows))
+    _, sv, vh = torch.linalg.svd(safe_rows)                                      # rows of vh
+    n_per = pbc.sum(1)                                                            # (B,)
+    smallest = sv.gather(1, (n_per - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    singular = (n_per > 0) & (smallest <= 1e-10 * sv[:, 0])
+    zero_vec = pbc & (norms <= 1e-10)
+    checks = torch.stack([
+        torch.isfinite(positions).all().logical_not(),
+        cell_finite.logical_not(),
+        zero_vec.any(),
+        singular.any(),
+    ]).tolist()
+    if checks[0]:
+        bad = torch.nonzero(~torch.isfinite(positions).all(1)).flatten()[:10].tolist()
+        raise InvalidAtomsError(
+            f"positions contain NaN or inf (atoms {bad}); fix the structure (e.g. the last "
+            "optimisation/MD step diverged) before computing neighbors")
+    if checks[1]:
+        raise InvalidAtomsError(
+            "cell contains NaN or inf; give finite lattice vectors (use zeros along "
+            "non-periodic directions)")
+    if checks[2]:
+        s, k = torch.nonzero(zero_vec)[0].tolist()
+        raise CellError(
+            f"cell vector {k} of system {s} is zero but pbc[{k}] is True; set a nonzero lattice "
+            f"vector for that direction or make it non-periodic (pbc[{k}]=False)")
+    if checks[3]:
+        s = int(torch.nonzero(singular)[0])
+        raise CellError(
+            f"the periodic cell vectors of system {s} are linearly dependent (singular cell: "
+            f"{cell[s].tolist()}); give independent lattice vectors or mark the degenerate "
+            "direction non-periodic")
+    # open direction k gets the (rank among open directions)-th null-space vector of the
+    # periodic rows; the null space is spanned by vh rows n_per..2 (singular values sorted)
+    open_rank = torch.cumsum((~pbc).to(torch.int64), dim=1) - 1
+    idx = (n_per.unsqueeze(1) + open_rank).clamp(0, 2)
+    comp = vh.gather(1, idx.unsqueeze(-1).expand(n_systems, 3, 3))
+    eff = torch.where(pbc.unsqueeze(-1), cell, comp)
+    inv = torch.linalg.inv(eff)
+    return eff, inv
+
+
+def _atom_matmul(x, mats, system):
+    """x (N, 3) @ mats[system] (N, 3, 3); mats (B, 3, 3)."""
+    if system is None:
+        return x @ mats[0]
+    return torch.bmm(x.unsqueeze(1), mats[system]).squeeze(1)
+
+
+def _segment_minmax(values, system, n_systems):
+    if system is None:
+        return values.amin(0, keepdim=True), values.amax(0, keepdim=True)
+    idx = system.unsqueeze(1).expand_as(values)
+    big = torch.full((n_systems, 3), float("inf"), dtype=values.dtype, device=values.device)
+    lo = big.scatter_reduce(0, idx, values, "amin", include_self=True)
+    hi = (-big).scatter_reduce(0, idx, values, "amax", include_self=True)
+    # systems without atoms
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    return lo, hi
+
+
+def _segment_arange(counts, total: int):
+    """For counts [2, 3] give [0, 1, 0, 1, 2]."""
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(total, device=counts.device) - torch.repeat_interleave(
+        starts, counts, output_size=total)
+
+
+# ----------------------------------------------------------------------------------------------
+# the torch neighbor search
+# ----------------------------------------------------------------------------------------------
+def compute_neighbors(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                      cutoff: float, system: Optional[torch.Tensor] = None,
+                      self_interaction: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Full neighbor list ``(edge_index, shifts)`` of one system or a batch of systems.
+
+    Args:
+        positions: ``(n_atoms, 3)`` float64, Å, not necessarily wrapped into the cell.
+        cell: ``(n_systems, 3, 3)`` (or ``(3, 3)`` for one system), rows are lattice vectors;
+            vectors of open directions may be zero or arbitrary.
+        pbc: ``(n_systems, 3)`` (or ``(3,)``) bool.
+        cutoff: Å, pairs with ``|r_ij| < cutoff`` are edges.
+        system: ``(n_atoms,)`` int64, contiguous and sorted; ``None`` for one system.
+        self_interaction: keep the pair ``i == i`` with zero shift.
+
+    Returns:
+        ``edge_index`` ``(2, n_edges)`` int64 (``[0]`` centre ``i``, ``[1]`` neighbor ``j``, global
+        atom indices) and ``shifts`` ``(n_edges, 3)`` int64 with
+        ``r_ij = positions[j] - positions[i] + shifts @ cell[system[i]]``. Sorted by ``i`` then
+        ``j``. Self-images (``i == j``, ``S != 0``) are included when the cell is small.
+
+    Raises:
+        InvalidAtomsError: bad shapes, NaN/inf positions or cell, non-positive cutoff.
+        CellError: a periodic direction with a zero cell vector or a singular periodic cell.
+    """
+    positions, cell, pbc, cutoff, system, n_systems = _prepare(positions, cell, pbc, cutoff,
+                                                              system)
+    device = positions.device
+    n_atoms = positions.shape[0]
+    if n_atoms == 0:
+        return (torch.zeros((2, 0), dtype=torch.int64, device=device),
+                torch.zeros((0, 3), dtype=torch.int64, device=device))
+    eff, inv = _effective_cell(positions, cell, pbc, system)
+    return _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interaction)
+
+
+def _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interaction):
+    device, dtype = positions.device, positions.dtype
+    n_atoms = positions.shape[0]
+    frac = _atom_matmul(positions, inv, system)                                   # (N, 3)
+    pbc_atom = pbc[0] if system is None else pbc[system]
+    wrap = torch.where(pbc_atom, torch.floor(frac), torch.zeros_like(frac))       # (N, 3)
+    frac = frac - wrap
+    pos_w = positions - _atom_matmul(wrap, eff, system)
+    wrap_i = wrap.to(torch.int64)
+    heights = 1.0 / torch.linalg.norm(inv, dim=1)                                 # (B, 3)
+    cut = cutoff * (1.0 + _EPS)
+
+    if system is None:
+        n_img = torch.where(pbc[0], torch.ceil(cut / heights[0]), torch.zeros_like(heights[0]))
+        n_images = int(torch.prod(2 * n_img + 1))
+        if n_atoms * n_atoms * n_images <= _ALL_PAIRS_MAX:
+            return _all_pairs(pos_w, wrap_i, eff[0], n_img.to(torch.int64), cutoff,
+                              self_interaction)
+
+    # ---- bins ---------------------------------------------------------------------------
+    lo, hi = _segment_minmax(frac, system, n_systems)
+    lo = torch.where(pbc, torch.zeros_like(lo), lo)
+    extent = torch.where(pbc, heights, hi - lo)
+    nb = torch.floor(extent * _BINS_PER_CUTOFF / cut).clamp(min=1)
+    if system is None:
+        n_per_system = torch.full((1,), float(n_atoms), dtype=dtype, device=device)
+    else:
+        n_per_system = torch.bincount(system, minlength=n_systems).to(dtype)
+    limit = n_per_system * _MAX_BINS_PER_ATOM + 64
+    for _ in range(3):  # shrink the bin count of sparse systems (each pass only lowers nb)
+        factor = (nb.prod(1) / limit).clamp(min=1.0) ** (1.0 / 3.0)
+        nb = torch.floor(nb / factor.unsqueeze(1) + 1e-9).clamp(min=1)
+    # bin edge length along each direction (fractional units: Å along open directions)
+    binlen = torch.where(pbc, 1.0 / nb, (extent / nb * (1 + 1e-9) + 1e-12).clamp(
+        min=cut / _BINS_PER_CUTOFF))
+    nb = torch.where(pbc, nb, torch.floor(extent / binlen).clamp(min=0) + 1)
+    # search range in bins: enough bins to span the cutoff (perpendicular bin height)
+    m = torch.ceil(cut / (binlen * heights) - 1e-12)
+    m = torch.where(pbc, m, torch.minimum(m, nb - 1)).clamp(min=0)
+    # lower bound on the distance between bins: smallest eigenvalue of the bin metric
+    hbin = eff * binlen.unsqueeze(-1)
+    lam = torch.linalg.eigvalsh(hbin @ hbin.transpose(1, 2))[:, 0].clamp(min=0)
+    nb_i = nb.to(torch.int64)
+    m_i = m.to(torch.int64)
+
+    scale = 1.0 / binlen
+    if system is None:
+        bcoord = torch.floor((frac - lo) * scale).to(torch.int64)
+        bcoord = torch.minimum(bcoord.clamp(min=0), nb_i - 1)
+    else:
+        bcoord = torch.floor((frac - lo[system]) * scale[system]).to(torch.int64)
+        bcoord = torch.minimum(bcoord.clamp(min=0), nb_i[system] - 1)
+    n_bins_sys = nb_i.prod(1)
+    bin_base = torch.cumsum(n_bins_sys, 0) - n_bins_sys
+    strides = torch.stack([nb_i[:, 1] * nb_i[:, 2], nb_i[:, 2], torch.ones_like(nb_i[:, 2])], 1)
+    if system is None:
+        lin = (bcoord * strides[0]).sum(1)
+    else:
+        lin = (bcoord * strides[system]).sum(1) + bin_base[system]
+
+    # ---- bin offsets per system (pruned) ------------------------------------------------
+    width = 2 * m_i + 1
+    n_box = width.prod(1)
+    sizes = torch.cat([n_box, n_bins_sys]).tolist()           # one host sync for all sizes
+    n_box_l, total_bins = sizes[:n_systems], int(sum(sizes[n_systems:]))
+    tot_box = int(sum(n_box_l))
+    if n_systems == 1:
+        k = torch.arange(tot_box, device=device)
+        sys_k = torch.zeros(tot_box, dtype=torch.int64, device=device)
+    else:
+        sys_k = torch.repeat_interleave(torch.arange(n_systems, device=device), n_box,
+                                        output_size=tot_box)
+        k = _segment_arange(n_box, tot_box)
+    w_k = width[sys_k]
+    o2 = k % w_k[:, 2]
+    o1 = (k // w_k[:, 2]) % w_k[:, 1]
+    o0 = k // (w_k[:, 2] * w_k[:, 1])
+    offs = torch.stack([o0, o1, o2], 1) - m_i[sys_k]
+    gap = (offs.abs() - 1).clamp(min=0).to(dtype)
+    keep = lam[sys_k] * (gap * gap).sum(1) < cut * cut
+    offs = offs[keep]
+    sys_k = sys_k[keep]
+    n_off = torch.bincount(sys_k, minlength=n_systems)
+    off_start = torch.cumsum(n_off, 0) - n_off
+
+    # ---- per-atom bookkeeping -----------------------------------------------------------
+    order = torch.argsort(lin, stable=True)
+    counts = torch.bincount(lin, minlength=total_bins)
+    starts = torch.cumsum(counts, 0) - counts
+    pos_sorted = pos_w[order]
+    n_off_atom = n_off[0] if system is None else n_off[system]
+
+    if system is None:
+        n_off0 = int(offs.shape[0])
+        block = max(1, _MAX_CANDIDATES // max(n_off0, 1))
+    else:
+        n_off0 = None
+        block = max(1, _MAX_CANDIDATES // max(int(n_off.max()), 1))
+
+    out_i, out_j, out_s = [], [], []
+    for a0 in range(0, n_atoms, block):
+        a1 = min(n_atoms, a0 + block)
+        atoms = torch.arange(a0, a1, device=device)
+        if system is None:
+            e_atom = atoms.repeat_interleave(n_off0)
+            e_off = torch.arange(n_off0, device=device).repeat(a1 - a0)
+            sys_e = None
+        else:
+            na = n_off_atom[a0:a1]
+            n_e = int(na.sum())
+            e_atom = torch.repeat_interleave(atoms, na, output_size=n_e)
+            sys_e = system[e_atom]
+            e_off = off_start[sys_e] + _segment_arange(na, n_e)
+        nbc = bcoord[e_atom] + offs[e_off]
+        if sys_e is None:
+            nb_e, pbc_e, stride_e = nb_i[0], pbc[0], strides[0]
+        else:
+            nb_e, pbc_e, stride_e = nb_i[sys_e], pbc[sys_e], strides[sys_e]
+        img = torch.div(nbc, nb_e, rounding_mode="floor")
+        nbc = nbc - img * nb_e
+        valid = ((img == 0) | pbc_e).all(1)               # open dims: stay inside the bins
+        img = img * pbc_e
+        nlin = (nbc * stride_e).sum(1)
+        if sys_e is not None:
+            nlin = nlin + bin_base[sys_e]
+        cnt = counts[nlin] * valid
+        nz = cnt > 0
+        e_atom, img, nlin, cnt = e_atom[nz], img[nz], nlin[nz], cnt[nz]
+        # entry constant: shift vector minus the centre position
+        cell_e = eff[0] if system is None else eff[system[e_atom]]
+        if system is None:
+            q = img.to(dtype) @ cell_e - pos_w[e_atom]
+        else:
+            q = torch.bmm(img.to(dtype).unsqueeze(1), cell_e).squeeze(1) - pos_w[e_atom]
+        csum = torch.cumsum(cnt, 0)
+        n_cand = int(csum[-1]) if csum.numel() else 0
+        if n_cand == 0:
+            continue
+        # entry chunks of at most _MAX_CANDIDATES candidates
+        if n_cand <= _MAX_CANDIDATES:
+            bounds = [(0, cnt.shape[0], 0)]
+        else:
+            cuts = torch.searchsorted(csum, torch.arange(_MAX_CANDIDATES, n_cand, _MAX_CANDIDATES,
+                                                         device=device), right=True).tolist()
+            edges = [0] + cuts + [cnt.shape[0]]
+            bounds = [(edges[t], edges[t + 1], None) for t in range(len(edges) - 1)
+                      if edges[t + 1] > edges[t]]
+        for e0, e1, _ in bounds:
+            c = cnt[e0:e1]
+            n_c = int(csum[e1 - 1] - (csum[e0 - 1] if e0 > 0 else 0))
+            ent = torch.repeat_interleave(torch.arange(e0, e1, device=device), c,
+                                          output_size=n_c)
+            cs = torch.cumsum(c, 0)
+            base = starts[nlin[e0:e1]] - (cs - c)
+            idx = torch.arange(n_c, device=device) + base[ent - e0]
+            diff = pos_sorted[idx] + q[ent]
+            d2 = (diff * diff).sum(1)
+            hit = d2 < cutoff * cutoff
+            ent = ent[hit]
+            jj = order[idx[hit]]
+            ii = e_atom[ent]
+            ss = img[ent] + wrap_i[ii] - wrap_i[jj]
+            out_i.append(ii)
+            out_j.append(jj)
+            out_s.append(ss)
+    if not out_i:
+        return (torch.zeros((2, 0), dtype=torch.int64, device=device),
+                torch.zeros((0, 3), dtype=torch.int64, device=device))
+    ii = torch.cat(out_i)
+    jj = torch.cat(out_j)
+    ss = torch.cat(out_s)
+    if not self_interaction:
+        keep = (ii != jj) | (ss != 0).any(1)
+        ii, jj, ss = ii[keep], jj[keep], ss[keep]
+    # sort by (i, j); already grouped by i, stable keeps the image order deterministic
+    perm = torch.argsort(ii * n_atoms + jj, stable=True)
+    return torch.stack([ii[perm], jj[perm]]), ss[perm]
+
+
+def _all_pairs(pos_w, wrap_i, cell, n_img, cutoff, self_interaction):
+    """Single system, every (i, j, image) at once; output ordered by i, j, image."""
+    device, dtype = pos_w.device, pos_w.dtype
+    ranges = [torch.arange(-int(n), int(n) + 1, device=device) for n in n_img.tolist()]
+    images = torch.cartesian_prod(*ranges).reshape(-1, 3)                         # (K, 3)
+    vec = images.to(dtype) @ cell
+    diff = (pos_w.unsqueeze(0) - pos_w.unsqueeze(1)).unsqueeze(2) + vec           # (N, N, K, 3)
+    d2 = (diff * diff).sum(-1)
+    hit = d2 < cutoff * cutoff
+    if not self_interaction:
+        n = pos_w.shape[0]
+        zero = int(((images == 0).all(1)).nonzero()[0])
+        eye = torch.eye(n, dtype=torch.bool, device=device)
+        hit[:, :, zero] &= ~eye
+    ii, jj, kk = torch.nonzero(hit, as_tuple=True)
+    shifts = images[kk] + wrap_i[ii] - wrap_i[jj]
+    return torch.stack([ii, jj]), shifts
+
+
+def compute_edge_vectors(positions, cell, edge_index, shifts, system=None):
+    """``r_ij = positions[j] - positions[i] + shifts @ cell[system[i]]``, ``(n_edges, 3)``."""
+    cell = cell if cell.dim() == 3 else cell.unsqueeze(0)
+    i, j = edge_index[0], edge_index[1]
+    s = shifts.to(positions.dtype)
+    if system is None:
+        sv = s @ cell[0].to(positions.dtype)
+    else:
+        sv = torch.bmm(s.unsqueeze(1), cell.to(positions.dtype)[system[i]]).squeeze(1)
+    return positions[j] - positions[i] + sv
+
+
+# ----------------------------------------------------------------------------------------------
+# ASE drop-in
+# ----------------------------------------------------------------------------------------------
+def neighbor_list(quantities: str, atoms, cutoff: float, self_interaction: bool = False):
+    """Drop-in for :func:`ase.neighborlist.neighbor_list` with a single float cutoff.
+
+    ``quantities`` is any combination of ``i`` (centre, int), ``j`` (neighbor, int), ``D``
+    (``r_ij`` vector, float, Å), ``d`` (distance, float, Å) and ``S`` (cell shift, int), in any
+    order; one letter returns one array, several return a tuple in that order.
+    """
+    if not isinstance(quantities, str) or not quantities or any(q not in "ijdDS"
+                                                                  for q in quantities):
+        raise InvalidOptionError(
+            f"quantities={quantities!r} is not valid; use letters from 'ijdDS' "
+            "(i, j indices, d distance, D vector, S shift), e.g. 'ijS'")
+    if isinstance(cutoff, (dict, list, tuple, np.ndarray)):
+        raise InvalidOptionError(
+            "cutoff must be a single float (Å) here; per-element or per-atom cutoffs are not "
+            "supported, use ase.neighborlist.neighbor_list for those")
+    positions = np.ascontiguousarray(atoms.positions, dtype=np.float64)
+    cell = np.ascontiguousarray(np.asarray(atoms.cell), dtype=np.float64)
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    pos_t = torch.from_numpy(positions)
+    edge_index, shifts = compute_neighbors(pos_t, torch.from_numpy(cell), torch.from_numpy(pbc),
+                                           cutoff, self_interaction=self_interaction)
+    i = edge_index[0].numpy()
+    j = edge_index[1].numpy()
+    S = shifts.numpy()
+    D = None
+    out = []
+    for q in quantities:
+        if q == "i":
+            out.append(i)
+        elif q == "j":
+            out.append(j)
+        elif q == "S":
+            out.append(S)
+        else:
+            if D is None:
+                D = positions[j] - positions[i] + S @ cell
+            out.append(D if q == "D" else np.sqrt((D * D).sum(1)))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verlet list with skin
+# ----------------------------------------------------------------------------------------------
+class NeighborList:
+    """Neighbor list built with ``cutoff + skin`` and reused while no atom moved more than
+    ``skin / 2`` since the last build and cell, pbc, numbers, n_atoms and system are unchanged.
+
+    A reused list holds every pair within ``cutoff`` (Verlet guarantee) and possibly some edges
+    longer than ``cutoff`` (up to ``cutoff + skin``): models must mask edges by length.
+    ``skin=0`` rebuilds on every call. ``n_builds`` counts rebuilds, ``n_calls`` calls.
+    Moving an atom across a periodic boundary by wrapping counts as a large move (rebuild).
+    """
+
+    def __init__(self, cutoff: float, skin: float = 0.5, self_interaction: bool = False):
+        if not (isinstance(cutoff, (int, float)) and math.isfinite(cutoff) and cutoff > 0):
+            raise InvalidAtomsError(f"cutoff must be a positive finite number in Å, got {cutoff!r}")
+        if not (isinstance(skin, (int, float)) and math.isfinite(skin) and skin >= 0):
+            raise InvalidOptionError(f"skin must be a finite number >= 0 (Å), got {skin!r}")
+        self.cutoff = float(cutoff)
+        self.skin = float(skin)
+        self.self_interaction = self_interaction
+        self.n_builds = 0
+        self.n_calls = 0
+        self.edge_index: Optional[torch.Tensor] = None
+        self.shifts: Optional[torch.Tensor] = None
+        self._ref = None
+
+    def reset(self) -> None:
+        """Forget the stored list: the next update rebuilds."""
+        self._ref = None
+
+    @staticmethod
+    def _same(a, b) -> bool:
+        if a is None or b is None:
+            return a is None and b is None
+        return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+
+    def _reusable(self, positions, cell, pbc, system, numbers) -> bool:
+        ref = self._ref
+        if ref is None or self.skin <= 0:
+            return False
+        pos0, cell0, pbc0, sys0, num0 = ref
+        if pos0.shape != positions.shape or pos0.device != positions.device:
+            return False
+        if not (self._same(cell0, cell) and self._same(pbc0, pbc) and self._same(sys0, system)
+                and self._same(num0, numbers)):
+            return False
+        disp2 = ((positions - pos0) ** 2).sum(1).max()
+        return bool(disp2 <= (0.5 * self.skin) ** 2)
+
+    def update(self, positions, cell, pbc, system=None, numbers=None):
+        """Return ``(edge_index, shifts)`` for ``cutoff + skin``, rebuilt only when needed."""
+        self.n_calls += 1
+        positions = torch.as_tensor(positions)
+        if not positions.is_floating_point():
+            positions = positions.to(torch.float64)
+        cell = torch.as_tensor(cell, dtype=positions.dtype, device=positions.device)
+        pbc = torch.as_tensor(pbc, device=positions.device).to(torch.bool)
+        if cell.dim() == 2:
+            cell = cell.unsqueeze(0)
+        if pbc.dim() == 1:
+            pbc = pbc.unsqueeze(0)
+        system = None if system is None else torch.as_tensor(system, device=positions.device)
+        numbers = None if numbers is None else torch.as_tensor(numbers, device=positions.device)
+        if self._reusable(positions, cell, pbc, system, numbers):
+            return self.edge_index, self.shifts
+        self.edge_index, self.shifts = compute_neighbors(
+            positions, cell, pbc, self.cutoff + self.skin, system=system,
+            self_interaction=self.self_interaction)
+        self.n_builds += 1
+        self._ref = (positions.detach().clone(), cell.detach().clone(), pbc.clone(),
+                     None if system is None else system.clone(),
+                     None if numbers is None else numbers.clone())
+        return self.edge_index, self.shifts

@@ -1,0 +1,251 @@
+"""Shared building blocks of the architectures in :mod:`potentials`.
+
+Everything here is TorchScript-scriptable and traceable by ``make_fx(tracing_mode="symbolic")``:
+no data-dependent Python control flow, no ``.item()``. Shapes follow :mod:`eqcalc.keys`;
+lengths are in Å, energies in eV.
+"""
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from eqcalc import keys
+from eqcalc.errors import InvalidOptionError, UnknownElementError, check_choice
+
+ENVELOPES = ("polynomial", "cosine")
+RADIAL_BASES = ("bessel", "gaussian")
+
+
+# ---- species -------------------------------------------------------------------------------
+def atomic_numbers(species: Sequence[str]) -> List[int]:
+    """Atomic numbers of chemical symbols; raises UnknownElementError naming a bad symbol."""
+    from ase.data import atomic_numbers as table
+
+    out = []
+    for symbol in species:
+        z = table.get(symbol, 0) if isinstance(symbol, str) else 0
+        if z == 0:  # 0 is ASE's dummy "X": not a trainable element either
+            raise UnknownElementError(
+                f"species contains {symbol!r}, which is not a chemical symbol; "
+                "use symbols such as 'H', 'C', 'Cu' (case-sensitive)")
+        out.append(z)
+    if len(set(out)) != len(out):
+        raise InvalidOptionError(f"species={list(species)!r} lists an element twice; list each once")
+    if len(out) == 0:
+        raise InvalidOptionError("species is empty; list the chemical symbols the model covers")
+    return out
+
+
+# ---- geometry -------------------------------------------------------------------------------
+def edge_geometry(vectors: Tensor) -> Tuple[Tensor, Tensor]:
+    """Lengths ``(n_edges,)`` Å and unit vectors ``(n_edges, 3)`` of pair vectors ``(n_edges, 3)``.
+
+    The clamp only guards the gradient of sqrt at zero length (which never occurs for real
+    edges); any edge longer than 1e-6 Å is untouched.
+    """
+    lengths = torch.sqrt(torch.sum(vectors * vectors, dim=1).clamp_min(1e-12))
+    return lengths, vectors / lengths.unsqueeze(1)
+
+
+def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
+    """Sum rows of ``src`` ``(n, ...)`` into ``(dim_size, ...)`` bins given by ``index`` ``(n,)``."""
+    size = list(src.shape)
+    size[0] = dim_size
+    return torch.zeros(size, dtype=src.dtype, device=src.device).index_add(0, index, src)
+
+
+# ---- cutoff envelopes -------------------------------------------------------------------------
+class PolynomialCutoff(torch.nn.Module):
+    """DimeNet envelope ``1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2)``, x = d/cutoff.
+
+    Value, first and second derivative vanish at ``d = cutoff`` (for p = 6); exactly 0 beyond,
+    so edges from a skin neighbor list contribute nothing.
+    """
+
+    def __init__(self, cutoff: float, p: int = 6):
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.p = float(p)
+
+    def forward(self, lengths: Tensor) -> Tensor:
+        """Envelope ``(n_edges,)`` of lengths ``(n_edges,)`` Å."""
+        p = self.p
+        x = lengths / self.cutoff
+        xp = torch.pow(x, p)
+        env = 1.0 - 0.5 * (p + 1.0) * (p + 2.0) * xp + p * (p + 2.0) * xp * x \
+            - 0.5 * p * (p + 1.0) * xp * x * x
+        return torch.where(x < 1.0, env, torch.zeros_like(env))
+
+
+class CosineCutoff(torch.nn.Module):
+    """Behler/SchNetPack envelope ``(cos(pi d / cutoff) + 1) / 2``; 0 with zero slope at the cutoff."""
+
+    def __init__(self, cutoff: float):
+        super().__init__()
+        self.cutoff = float(cutoff)
+
+    def forward(self, lengths: Tensor) -> Tensor:
+        """Envelope ``(n_edges,)`` of lengths ``(n_edges,)`` Å."""
+        env = 0.5 * (torch.cos(lengths * (math.pi / self.cutoff)) + 1.0)
+        return torch.where(lengths < self.cutoff, env, torch.zeros_like(env))
+
+
+def make_envelope(name: str, cutoff: float) -> torch.nn.Module:
+    check_choice("envelope", name, ENVELOPES)
+    return PolynomialCutoff(cutoff) if name == "polynomial" else CosineCutoff(cutoff)
+
+
+# ---- radial bases -----------------------------------------------------------------------------
+class BesselBasis(torch.nn.Module):
+    """DimeNet/NequIP sine basis ``sqrt(2/c) sin(n pi d / c) / d``, n = 1..num_radial, d in Å.
+
+    Output ``(n_edges, num_radial)``. Not zero beyond the cutoff by itself: always multiply by an
+    envelope.
+    """
+
+    def __init__(self, cutoff: float, num_radial: int):
+        super().__init__()
+        self.prefactor = math.sqrt(2.0 / cutoff)
+        self.register_buffer(
+            "frequencies", torch.arange(1, num_radial + 1, dtype=torch.float64) * (math.pi / cutoff))
+
+    def forward(self, lengths: Tensor) -> Tensor:
+        d = lengths.unsqueeze(1)
+        return self.prefactor * torch.sin(d * self.frequencies) / d
+
+
+class GaussianBasis(torch.nn.Module):
+    """SchNet Gaussians ``exp(-(d - mu_k)^2 / (2 w^2))``, centres mu_k evenly on [0, cutoff] Å,
+    width w = spacing (SchNetPack). Output ``(n_edges, num_radial)``."""
+
+    def __init__(self, cutoff: float, num_radial: int):
+        super().__init__()
+        self.register_buffer("centers", torch.linspace(0.0, cutoff, num_radial, dtype=torch.float64))
+        width = cutoff / max(num_radial - 1, 1)
+        self.coefficient = -0.5 / width ** 2
+
+    def forward(self, lengths: Tensor) -> Tensor:
+        diff = lengths.unsqueeze(1) - self.centers
+        return torch.exp(self.coefficient * diff * diff)
+
+
+def make_radial_basis(name: str, cutoff: float, num_radial: int) -> torch.nn.Module:
+    check_choice("radial_basis", name, RADIAL_BASES)
+    return BesselBasis(cutoff, num_radial) if name == "bessel" else GaussianBasis(cutoff, num_radial)
+
+
+class RadialEmbedding(torch.nn.Module):
+    """Radial basis ``(n_edges, num_radial)`` and envelope ``(n_edges,)`` of lengths ``(n_edges,)`` Å.
+
+    Multiply whatever an edge contributes by the envelope (last, after any bias) so that it is
+    exactly 0, with zero slope, for d >= cutoff.
+    """
+
+    def __init__(self, basis: str, envelope: str, cutoff: float, num_radial: int):
+        super().__init__()
+        self.basis = make_radial_basis(basis, cutoff, num_radial)
+        self.envelope = make_envelope(envelope, cutoff)
+
+    def forward(self, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.basis(lengths), self.envelope(lengths)
+
+
+# ---- dense layers -----------------------------------------------------------------------------
+class ShiftedSoftplus(torch.nn.Module):
+    """``softplus(x) - log 2`` (SchNet): smooth, zero at zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = math.log(2.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.softplus(x) - self.shift
+
+
+def make_activation(name: str) -> torch.nn.Module:
+    check_choice("activation", name, ("silu", "ssp"))
+    return torch.nn.SiLU() if name == "silu" else ShiftedSoftplus()
+
+
+def mlp(sizes: Sequence[int], activation: str = "silu", bias_last: bool = True) -> torch.nn.Sequential:
+    """Linear layers with ``activation`` between them (none after the last)."""
+    layers: List[torch.nn.Module] = []
+    for k in range(len(sizes) - 1):
+        last = k == len(sizes) - 2
+        layers.append(torch.nn.Linear(sizes[k], sizes[k + 1], bias=bias_last or not last))
+        if not last:
+            layers.append(make_activation(activation))
+    return torch.nn.Sequential(*layers)
+
+
+class ScaleShift(torch.nn.Module):
+    """Per-atom energy ``scale[species] * e + shift[species]`` eV; scale init 1, shift init 0,
+    both learnable so training can fit reference energies."""
+
+    def __init__(self, n_species: int):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(n_species))
+        self.shift = torch.nn.Parameter(torch.zeros(n_species))
+
+    def forward(self, energies: Tensor, species: Tensor) -> Tensor:
+        return energies * self.scale[species] + self.shift[species]
+
+
+class NoForceHead(torch.nn.Module):
+    """Force head of a model without direct forces: passes the outputs through."""
+
+    def forward(self, out: Dict[str, Tensor], s: Tensor, v: Tensor, edge_features: Tensor,
+                unit_vectors: Tensor, edge_index: Tensor) -> Dict[str, Tensor]:
+        return out
+
+
+# ---- model base -------------------------------------------------------------------------------
+class Potential(torch.nn.Module):
+    """Common part of every architecture: config, cutoff, ``species_z`` buffer, energy scale/shift.
+
+    Subclasses set ``architecture`` and a frozen dataclass ``Config``.
+    """
+
+    architecture = ""
+    # The dataclass config is plain Python metadata, not part of the scripted graph.
+    __jit_ignored_attributes__ = ["config"]
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.cutoff = float(config.cutoff)
+        self.register_buffer("species_z", torch.tensor(atomic_numbers(config.species), dtype=torch.int64))
+        self.scale_shift = ScaleShift(len(config.species))
+
+    def config_dict(self) -> Dict:
+        """JSON-able hyperparameters; ``type(self).Config(**d)`` rebuilds ``self.config``."""
+        import dataclasses
+
+        d = dataclasses.asdict(self.config)
+        d["species"] = list(d["species"])
+        return d
+
+    @torch.jit.unused
+    def extra_repr(self) -> str:
+        return f"species={list(self.config.species)}, cutoff={self.cutoff}"
+
+
+def validate_config(config) -> None:
+    """Common checks of a Config: species known and unique, cutoff positive, sizes positive."""
+    import dataclasses
+
+    object.__setattr__(config, "species", tuple(config.species))
+    atomic_numbers(config.species)
+    if not (isinstance(config.cutoff, (int, float)) and math.isfinite(config.cutoff) and config.cutoff > 0):
+        raise InvalidOptionError(f"cutoff={config.cutoff!r} must be a positive number of Å")
+    object.__setattr__(config, "cutoff", float(config.cutoff))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in ("features", "num_interactions", "num_radial") and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InvalidOptionError(f"{f.name}={value!r} must be a positive integer")
+    if hasattr(config, "envelope"):
+        check_choice("envelope", config.envelope, ENVELOPES)
+    if hasattr(config, "radial_basis"):
+        check_choice("radial_basis", config.radial_basis, RADIAL_BASES)

@@ -1,0 +1,147 @@
+"""PaiNN: polarizable atom interaction neural network (Schütt, Unke, Gastegger, ICML 2021).
+
+Scalar features ``s`` ``(n_atoms, F)`` and vector features ``v`` ``(n_atoms, 3, F)`` exchange
+information in alternating message (eq. 7-8) and update (eq. 9-11) blocks. Vectors only ever
+enter linearly, multiplied by invariants, or through norms and dot products, so the per-atom
+energy is O(3)-invariant and the direct forces O(3)-equivariant.
+"""
+import dataclasses
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from eqcalc import keys
+from potentials.nn import (NoForceHead, Potential, RadialEmbedding, edge_geometry, mlp,
+                           scatter_sum, validate_config)
+from potentials.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class PaiNNConfig:
+    """PaiNN hyperparameters. ``cutoff`` in Å."""
+    species: Tuple[str, ...]
+    cutoff: float = 5.0
+    features: int = 64
+    num_interactions: int = 3
+    num_radial: int = 20
+    radial_basis: str = "bessel"
+    envelope: str = "polynomial"
+    direct_forces: bool = False
+
+    def __post_init__(self):
+        validate_config(self)
+
+
+class Message(torch.nn.Module):
+    """PaiNN message block: ``ds_i = sum_j phi_s(s_j) W_s(r_ij)`` and
+    ``dv_i = sum_j v_j phi_vv(s_j) W_vv(r_ij) + r̂_ij phi_vs(s_j) W_vs(r_ij)``."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = features
+        self.phi = mlp([features, features, 3 * features])
+
+    def forward(self, s: Tensor, v: Tensor, filters: Tensor, unit_vectors: Tensor,
+                edge_index: Tensor) -> Tuple[Tensor, Tensor]:
+        """``filters`` ``(n_edges, 3F)`` already include the envelope; returns ``(ds, dv)``."""
+        F = self.features
+        n_atoms = s.shape[0]
+        # One gather of [phi(s), v] per layer instead of two.
+        atom_features = torch.cat([self.phi(s), v.reshape(n_atoms, 3 * F)], dim=1)
+        neighbors = atom_features.index_select(0, edge_index[1])
+        x = neighbors[:, : 3 * F] * filters
+        ds, gate_vv, gate_vs = torch.split(x, F, dim=1)
+        v_j = neighbors[:, 3 * F:].reshape(-1, 3, F)
+        dv = v_j * gate_vv.unsqueeze(1) + unit_vectors.unsqueeze(2) * gate_vs.unsqueeze(1)
+        # One scatter of [ds, dv] per layer instead of two.
+        summed = scatter_sum(torch.cat([ds, dv.reshape(-1, 3 * F)], dim=1), edge_index[0], n_atoms)
+        return summed[:, :F], summed[:, F:].reshape(n_atoms, 3, F)
+
+
+class Update(torch.nn.Module):
+    """PaiNN update block: ``dv = a_vv U v``, ``ds = a_ss + a_sv <U v, V v>`` with
+    ``(a_vv, a_sv, a_ss) = MLP(s, |V v|)``."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = features
+        self.uv = torch.nn.Linear(features, 2 * features, bias=False)  # U and V in one matmul
+        self.mlp = mlp([2 * features, features, 3 * features])
+
+    def forward(self, s: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        F = self.features
+        uv = self.uv(v)
+        u, w = uv[..., :F], uv[..., F:]
+        # eps keeps the norm differentiable at v = 0 (all vectors start at zero).
+        norm = torch.sqrt(torch.sum(w * w, dim=1) + 1e-8)
+        a = self.mlp(torch.cat([s, norm], dim=1))
+        a_vv, a_sv, a_ss = torch.split(a, F, dim=1)
+        return a_ss + a_sv * torch.sum(u * w, dim=1), a_vv.unsqueeze(1) * u
+
+
+class Interaction(torch.nn.Module):
+    """One PaiNN layer: message, then update, each a residual step on ``(s, v)``."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.message = Message(features)
+        self.update = Update(features)
+
+    def forward(self, s: Tensor, v: Tensor, filters: Tensor, unit_vectors: Tensor,
+                edge_index: Tensor) -> Tuple[Tensor, Tensor]:
+        ds, dv = self.message(s, v, filters, unit_vectors, edge_index)
+        s, v = s + ds, v + dv
+        ds, dv = self.update(s, v)
+        return s + ds, v + dv
+
+
+class VectorForceHead(torch.nn.Module):
+    """Direct forces ``(n_atoms, 3)`` eV/Å: a linear map of ``v`` gated by an MLP of ``s``."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.vector = torch.nn.Linear(features, features, bias=False)
+        self.gate = mlp([features, features, features])
+
+    def forward(self, out: Dict[str, Tensor], s: Tensor, v: Tensor, edge_features: Tensor,
+                unit_vectors: Tensor, edge_index: Tensor) -> Dict[str, Tensor]:
+        out[keys.FORCES] = torch.sum(self.vector(v) * self.gate(s).unsqueeze(1), dim=2)
+        return out
+
+
+@register("painn")
+class PaiNN(Potential):
+    """PaiNN energy model. ``forward(data)`` → ``{"energies": (n_atoms,) eV}`` plus
+    ``"forces": (n_atoms, 3) eV/Å`` when ``config.direct_forces``. Inputs per :mod:`eqcalc.keys`."""
+
+    architecture = "painn"
+    Config = PaiNNConfig
+
+    def __init__(self, config: PaiNNConfig):
+        super().__init__(config)
+        F, L = config.features, config.num_interactions
+        self.features = F
+        self.embedding = torch.nn.Embedding(len(config.species), F)
+        self.radial = RadialEmbedding(config.radial_basis, config.envelope, config.cutoff,
+                                      config.num_radial)
+        # The filters W(r_ij) of all layers in one matmul over the edges.
+        self.filters = torch.nn.Linear(config.num_radial, L * 3 * F)
+        self.interactions = torch.nn.ModuleList([Interaction(F) for _ in range(L)])
+        self.readout = mlp([F, F // 2, 1])
+        self.force_head = VectorForceHead(F) if config.direct_forces else NoForceHead()
+
+    def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
+        lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
+        basis, envelope = self.radial(lengths)
+        # The envelope comes last so edges at or beyond the cutoff contribute exactly nothing.
+        filters = self.filters(basis) * envelope.unsqueeze(1)
+        s = self.embedding(species)
+        v = torch.zeros(s.shape[0], 3, self.features, dtype=s.dtype, device=s.device)
+        width = 3 * self.features
+        for k, interaction in enumerate(self.interactions):
+            s, v = interaction(s, v, filters[:, k * width:(k + 1) * width], unit_vectors, edge_index)
+        energies = self.scale_shift(self.readout(s).squeeze(1), species)
+        out: Dict[str, Tensor] = {keys.ENERGIES: energies}
+        return self.force_head(out, s, v, basis * envelope.unsqueeze(1), unit_vectors, edge_index)

@@ -1,0 +1,112 @@
+"""SchNet: continuous-filter convolutional network (Schütt et al., NeurIPS 2017; JCP 2018).
+
+Atom embeddings ``h`` ``(n_atoms, F)`` are refined by interaction blocks whose continuous-filter
+convolutions weight neighbor features by a filter network of the pair distance. Only distances
+enter, so the per-atom energy is invariant under rotations, reflections and translations.
+"""
+import dataclasses
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from eqcalc import keys
+from potentials.nn import (NoForceHead, Potential, RadialEmbedding, ShiftedSoftplus,
+                           edge_geometry, mlp, scatter_sum, validate_config)
+from potentials.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class SchNetConfig:
+    """SchNet hyperparameters. ``cutoff`` in Å."""
+    species: Tuple[str, ...]
+    cutoff: float = 5.0
+    features: int = 64
+    num_interactions: int = 3
+    num_radial: int = 25
+    radial_basis: str = "gaussian"
+    envelope: str = "cosine"
+    direct_forces: bool = False
+
+    def __post_init__(self):
+        validate_config(self)
+
+
+class Interaction(torch.nn.Module):
+    """SchNet interaction block: ``h_i += f2out(sum_j in2f(h)_j * W_ij)``, residual."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.in2f = torch.nn.Linear(features, features, bias=False)
+        # Second layer of the filter network; the first is shared in one matmul by all blocks.
+        self.filter = torch.nn.Linear(features, features)
+        self.f2out = mlp([features, features, features], activation="ssp")
+
+    def forward(self, h: Tensor, filter_hidden: Tensor, envelope: Tensor, edge_index: Tensor) -> Tensor:
+        """``filter_hidden`` ``(n_edges, F)``, ``envelope`` ``(n_edges, 1)``; returns new ``h``."""
+        filters = self.filter(filter_hidden) * envelope    # envelope last: zero beyond the cutoff
+        messages = self.in2f(h).index_select(0, edge_index[1]) * filters
+        return h + self.f2out(scatter_sum(messages, edge_index[0], h.shape[0]))
+
+
+class PairForceHead(torch.nn.Module):
+    """Direct forces ``F_i = sum_j a(h_i, h_j, d_ij) r̂_ij`` ``(n_atoms, 3)`` eV/Å.
+
+    ``a = w · (ssp(A h_i + B h_j) ⊙ C e_ij)`` with ``e_ij`` the enveloped radial basis, so ``a``
+    is exactly 0 beyond the cutoff and goes there smoothly.
+    """
+
+    def __init__(self, features: int, num_radial: int):
+        super().__init__()
+        self.features = features
+        self.atoms = torch.nn.Linear(features, 2 * features)          # A and B in one matmul
+        self.radial = torch.nn.Linear(num_radial, features, bias=False)
+        self.activation = ShiftedSoftplus()
+        self.out = torch.nn.Linear(features, 1, bias=False)
+
+    def forward(self, out: Dict[str, Tensor], s: Tensor, v: Tensor, edge_features: Tensor,
+                unit_vectors: Tensor, edge_index: Tensor) -> Dict[str, Tensor]:
+        F = self.features
+        ab = self.atoms(s)
+        pair = ab[:, :F].index_select(0, edge_index[0]) + ab[:, F:].index_select(0, edge_index[1])
+        a = self.out(self.activation(pair) * self.radial(edge_features))      # (n_edges, 1)
+        out[keys.FORCES] = scatter_sum(a * unit_vectors, edge_index[0], s.shape[0])
+        return out
+
+
+@register("schnet")
+class SchNet(Potential):
+    """SchNet energy model. ``forward(data)`` → ``{"energies": (n_atoms,) eV}`` plus
+    ``"forces": (n_atoms, 3) eV/Å`` when ``config.direct_forces``. Inputs per :mod:`eqcalc.keys`."""
+
+    architecture = "schnet"
+    Config = SchNetConfig
+
+    def __init__(self, config: SchNetConfig):
+        super().__init__(config)
+        F, L = config.features, config.num_interactions
+        self.features = F
+        self.embedding = torch.nn.Embedding(len(config.species), F)
+        self.radial = RadialEmbedding(config.radial_basis, config.envelope, config.cutoff,
+                                      config.num_radial)
+        # First layer of every block's filter network, all blocks in one matmul over the edges.
+        self.filter_hidden = torch.nn.Sequential(
+            torch.nn.Linear(config.num_radial, L * F), ShiftedSoftplus())
+        self.interactions = torch.nn.ModuleList([Interaction(F) for _ in range(L)])
+        self.readout = mlp([F, F // 2, 1], activation="ssp")
+        self.force_head = PairForceHead(F, config.num_radial) if config.direct_forces else NoForceHead()
+
+    def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
+        lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
+        basis, envelope = self.radial(lengths)
+        envelope = envelope.unsqueeze(1)
+        hidden = self.filter_hidden(basis)
+        h = self.embedding(species)
+        F = self.features
+        for k, interaction in enumerate(self.interactions):
+            h = interaction(h, hidden[:, k * F:(k + 1) * F], envelope, edge_index)
+        energies = self.scale_shift(self.readout(h).squeeze(1), species)
+        out: Dict[str, Tensor] = {keys.ENERGIES: energies}
+        # SchNet has no vector features: h stands in for them and the head ignores it.
+        return self.force_head(out, h, h, basis * envelope, unit_vectors, edge_index)

@@ -1,0 +1,209 @@
+"""Physics checks for any registered architecture, as a library.
+
+Each ``check_*`` function evaluates a property that must hold for a correct potential and
+returns the worst error it saw (a float, relative unless stated), so callers can both assert
+and report. ``tests/test_physics.py`` runs them over every registered architecture in float32
+and float64; the closing figures of an issue come from :func:`report`.
+
+All evaluations go through :class:`eqcalc.EquivariantCalculator` (neighbor list, model,
+derivatives), so a check fails if any room of the data flow is wrong. Batches of displaced or
+transformed structures are evaluated in one ``predict`` call to keep the checks fast.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.build import bulk, fcc111, molecule
+
+#: Tolerances the issues ask for, per model dtype.
+TOLERANCES = {
+    "float64": {"fd_forces": 1e-6, "fd_stress": 1e-6, "symmetry": 1e-10, "consistency": 1e-10,
+                "compiled": 1e-10},
+    # float32: FD is taken on the same weights in float64, so this measures the fp32 path's error.
+    "float32": {"fd_forces": 1e-4, "fd_stress": 1e-4, "symmetry": 1e-5, "consistency": 1e-5,
+                "compiled": 5e-5},
+}
+
+
+# ---- structures ---------------------------------------------------------------------------
+def _assign(atoms: Atoms, species: Sequence[str], rng) -> Atoms:
+    atoms.set_chemical_symbols(rng.choice(list(species), size=len(atoms)))
+    return atoms
+
+
+def structures(species: Sequence[str], seed: int = 0) -> Dict[str, Atoms]:
+    """Test structures made of ``species``: rattled bulk, a strained triclinic cell smaller than a
+    5 Å cutoff, a mixed-pbc slab with an overhanging atom, and a non-periodic cluster."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 1))
+    a.rattle(0.08, seed=seed)
+    out["bulk"] = _assign(a, species, rng)
+    t = bulk("Cu", "fcc", a=3.6).repeat((2, 1, 1))  # primitive fcc: heights ~2.1 Å << cutoff
+    t.set_cell(t.cell.array @ (np.eye(3) + rng.normal(scale=0.03, size=(3, 3))), scale_atoms=True)
+    t.rattle(0.05, seed=seed + 1)
+    out["small_triclinic"] = _assign(t, species, rng)
+    s = fcc111("Cu", size=(2, 2, 3), a=3.6, vacuum=5.0)
+    s.pbc = (True, True, False)
+    s.rattle(0.05, seed=seed + 2)
+    s.positions[0] += s.cell[0] * 1.3  # outside the cell: must not matter
+    out["slab"] = _assign(s, species, rng)
+    m = molecule("CH3CH2OH")
+    m.rattle(0.05, seed=seed + 3)
+    m.positions *= 1.25  # spread out a little so any species sits comfortably
+    out["cluster"] = _assign(m, species, rng)
+    return out
+
+
+def random_orthogonal(rng, reflect: bool) -> np.ndarray:
+    """A random O(3) element, a reflection when ``reflect``."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return -q if reflect else q
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+# ---- checks -------------------------------------------------------------------------------
+def check_forces_fd(calc, atoms: Atoms, reference=None, n_components: int = 6, h: float = 1e-3,
+                    seed: int = 0) -> float:
+    """Forces vs 4th-order central differences of the energy (``reference`` calculator, default
+    ``calc``), on random components; max |ΔF| / max |F|."""
+    reference = reference or calc
+    rng = np.random.default_rng(seed)
+    picks = [(rng.integers(len(atoms)), rng.integers(3)) for _ in range(n_components)]
+    displaced = []
+    for i, k in picks:
+        for step in (h, -h, 2 * h, -2 * h):
+            d = atoms.copy()
+            d.positions[i, k] += step
+            displaced.append(d)
+    energies = np.array([r["energy"] for r in reference.predict(displaced)]).reshape(-1, 4)
+    fd = -(8 * (energies[:, 0] - energies[:, 1]) - (energies[:, 2] - energies[:, 3])) / (12 * h)
+    forces = calc.predict([atoms])[0]["forces"]
+    analytic = np.array([forces[i, k] for i, k in picks])
+    return float(np.abs(analytic - fd).max() / max(np.abs(forces).max(), 1e-12))
+
+
+def strained(atoms: Atoms, deformation: np.ndarray) -> Atoms:
+    out = atoms.copy()
+    out.set_cell(atoms.cell.array @ deformation, scale_atoms=False)
+    out.positions = atoms.positions @ deformation
+    return out
+
+
+def check_stress_fd(calc, atoms: Atoms, reference=None, h: float = 1e-4) -> float:
+    """Stress vs central differences of E under symmetric strain: σ_ab = (1/V) dE/dε_ab."""
+    reference = reference or calc
+    displaced = []
+    pairs = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]  # ASE Voigt order
+    for a, b in pairs:
+        e = np.zeros((3, 3))
+        e[a, b] += 0.5
+        e[b, a] += 0.5
+        for step in (h, -h, 2 * h, -2 * h):
+            displaced.append(strained(atoms, np.eye(3) + step * e))
+    energies = np.array([r["energy"] for r in reference.predict(displaced)]).reshape(-1, 4)
+    fd = (8 * (energies[:, 0] - energies[:, 1]) - (energies[:, 2] - energies[:, 3])) / (12 * h)
+    fd /= abs(atoms.cell.volume)
+    stress = calc.predict([atoms])[0]["stress"]
+    return _rel(stress, fd)
+
+
+def check_symmetry(calc, atoms: Atoms, n: int = 100, seed: int = 0) -> Dict[str, float]:
+    """Energy invariance and force/stress equivariance under ``n`` random O(3) elements (half of
+    them reflections) combined with a random translation and atom permutation."""
+    rng = np.random.default_rng(seed)
+    base = calc.predict([atoms])[0]
+    copies, transforms = [], []
+    for k in range(n):
+        q = random_orthogonal(rng, reflect=bool(k % 2))
+        perm = rng.permutation(len(atoms))
+        c = atoms[perm]
+        c.set_cell(atoms.cell.array @ q.T, scale_atoms=False)
+        c.positions = atoms.positions[perm] @ q.T + rng.normal(scale=3.0, size=3)
+        copies.append(c)
+        transforms.append((q, perm))
+    worst = {"energy": 0.0, "forces": 0.0, "stress": 0.0}
+    for r, (q, perm) in zip(calc.predict(copies), transforms):
+        worst["energy"] = max(worst["energy"], abs(r["energy"] - base["energy"]) / max(abs(base["energy"]), 1e-12))
+        worst["forces"] = max(worst["forces"], _rel(r["forces"], base["forces"][perm] @ q.T))
+        if "stress" in base:
+            s0 = _voigt_to_full(base["stress"])
+            worst["stress"] = max(worst["stress"], _rel(_voigt_to_full(r["stress"]), q @ s0 @ q.T))
+    return worst
+
+
+def _voigt_to_full(v: np.ndarray) -> np.ndarray:
+    xx, yy, zz, yz, xz, xy = v
+    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+
+
+def check_extensive(calc, atoms: Atoms, reps=(2, 1, 2)) -> float:
+    """Energy per atom, forces and stress of a supercell equal those of the cell."""
+    a, b = calc.predict([atoms, atoms.repeat(reps)])
+    n = int(np.prod(reps))
+    errors = [abs(b["energy"] / n - a["energy"]) / max(abs(a["energy"]), 1e-12),
+              _rel(b["forces"][: len(atoms)], a["forces"]), _rel(b["stress"], a["stress"])]
+    return max(errors)
+
+
+def check_batch(calc, systems: Sequence[Atoms]) -> float:
+    """A batch of different systems gives what each gives alone (no cross-talk)."""
+    batched = calc.predict(list(systems))
+    worst = 0.0
+    for s, b in zip(systems, batched):
+        single = calc.predict([s])[0]
+        worst = max(worst, abs(b["energy"] - single["energy"]) / max(abs(single["energy"]), 1e-12),
+                    _rel(b["forces"], single["forces"]))
+    return worst
+
+
+def check_wrapping(calc, atoms: Atoms, seed: int = 0) -> float:
+    """Moving atoms by whole lattice vectors (along periodic directions) changes nothing."""
+    rng = np.random.default_rng(seed)
+    moved = atoms.copy()
+    shifts = rng.integers(-2, 3, size=(len(atoms), 3)) * atoms.pbc
+    moved.positions += shifts @ atoms.cell.array
+    wrapped = atoms.copy()
+    wrapped.wrap()
+    a, b, c = calc.predict([atoms, moved, wrapped])
+    return max(abs(b["energy"] - a["energy"]) / abs(a["energy"]), _rel(b["forces"], a["forces"]),
+               abs(c["energy"] - a["energy"]) / abs(a["energy"]), _rel(c["forces"], a["forces"]))
+
+
+def check_cutoff(calc, species: Sequence[str]) -> Dict[str, float]:
+    """Dimer forces: exactly zero at and beyond the cutoff, and vanishing smoothly just inside."""
+    rc = calc.model.cutoff
+    pair = species[0] + (species[1] if len(species) > 1 else species[0])
+    beyond = [Atoms(pair, positions=[[0, 0, 0], [0, 0, d]]) for d in (rc, rc + 1e-9, rc + 0.5)]
+    inside = Atoms(pair, positions=[[0, 0, 0], [0, 0, rc - 1e-4]])
+    results = calc.predict(beyond + [inside])
+    isolated = sum(calc.predict([Atoms(s)])[0]["energy"] for s in pair_symbols(pair))
+    return {
+        "force_beyond": max(float(np.abs(r["forces"]).max()) for r in results[:3]),
+        "energy_beyond": max(abs(r["energy"] - isolated) for r in results[:3]),
+        "force_just_inside": float(np.abs(results[3]["forces"]).max()),
+    }
+
+
+def pair_symbols(pair: str) -> List[str]:
+    return Atoms(pair).get_chemical_symbols()
+
+
+def check_compiled(calc_compiled, calc_eager, systems: Sequence[Atoms]) -> float:
+    """A compiled calculator agrees with the eager one on new structures (dynamic shapes)."""
+    worst = 0.0
+    for a, b in zip(calc_compiled.predict(list(systems)), calc_eager.predict(list(systems))):
+        worst = max(worst, abs(a["energy"] - b["energy"]) / max(abs(b["energy"]), 1e-12),
+                    _rel(a["forces"], b["forces"]))
+        if "stress" in b:
+            worst = max(worst, _rel(a["stress"], b["stress"]))
+    return worst
