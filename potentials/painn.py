@@ -35,11 +35,16 @@ class PaiNNConfig:
 
 class Message(torch.nn.Module):
     """PaiNN message block: ``ds_i = sum_j phi_s(s_j) W_s(r_ij)`` and
-    ``dv_i = sum_j v_j phi_vv(s_j) W_vv(r_ij) + r̂_ij phi_vs(s_j) W_vs(r_ij)``."""
+    ``dv_i = sum_j v_j phi_vv(s_j) W_vv(r_ij) + r̂_ij phi_vs(s_j) W_vs(r_ij)``.
 
-    def __init__(self, features: int):
+    ``first``: the block sees ``v = 0`` (all vectors start at zero), so the ``v_j`` term is
+    skipped there; it is a constant of the architecture, not a test on data.
+    """
+
+    def __init__(self, features: int, first: bool):
         super().__init__()
         self.features = features
+        self.first = first
         self.phi = mlp([features, features, 3 * features])
 
     def forward(self, s: Tensor, v: Tensor, filters: Tensor, unit_vectors: Tensor,
@@ -47,16 +52,14 @@ class Message(torch.nn.Module):
         """``filters`` ``(n_edges, 3F)`` already include the envelope; returns ``(ds, dv)``."""
         F = self.features
         n_atoms = s.shape[0]
-        # One gather of [phi(s), v] per layer instead of two.
-        atom_features = torch.cat([self.phi(s), v.reshape(n_atoms, 3 * F)], dim=1)
-        neighbors = atom_features.index_select(0, edge_index[1])
-        x = neighbors[:, : 3 * F] * filters
+        i, j = edge_index[0], edge_index[1]
+        x = self.phi(s).index_select(0, j) * filters
         ds, gate_vv, gate_vs = torch.split(x, F, dim=1)
-        v_j = neighbors[:, 3 * F:].reshape(-1, 3, F)
-        dv = v_j * gate_vv.unsqueeze(1) + unit_vectors.unsqueeze(2) * gate_vs.unsqueeze(1)
-        # One scatter of [ds, dv] per layer instead of two.
-        summed = scatter_sum(torch.cat([ds, dv.reshape(-1, 3 * F)], dim=1), edge_index[0], n_atoms)
-        return summed[:, :F], summed[:, F:].reshape(n_atoms, 3, F)
+        dv = unit_vectors.unsqueeze(2) * gate_vs.unsqueeze(1)                 # (n_edges, 3, F)
+        if not self.first:
+            v_j = v.reshape(n_atoms, 3 * F).index_select(0, j).reshape(-1, 3, F)
+            dv = torch.addcmul(dv, v_j, gate_vv.unsqueeze(1))
+        return scatter_sum(ds, i, n_atoms), scatter_sum(dv, i, n_atoms)
 
 
 class Update(torch.nn.Module):
@@ -83,9 +86,9 @@ class Update(torch.nn.Module):
 class Interaction(torch.nn.Module):
     """One PaiNN layer: message, then update, each a residual step on ``(s, v)``."""
 
-    def __init__(self, features: int):
+    def __init__(self, features: int, first: bool):
         super().__init__()
-        self.message = Message(features)
+        self.message = Message(features, first)
         self.update = Update(features)
 
     def forward(self, s: Tensor, v: Tensor, filters: Tensor, unit_vectors: Tensor,
@@ -125,9 +128,10 @@ class PaiNN(Potential):
         self.embedding = torch.nn.Embedding(len(config.species), F)
         self.radial = RadialEmbedding(config.radial_basis, config.envelope, config.cutoff,
                                       config.num_radial)
-        # The filters W(r_ij) of all layers in one matmul over the edges.
-        self.filters = torch.nn.Linear(config.num_radial, L * 3 * F)
-        self.interactions = torch.nn.ModuleList([Interaction(F) for _ in range(L)])
+        # The filters W(r_ij) of all layers in one weight matrix, applied to [basis * envelope,
+        # envelope]: the last column acts as the bias of W, times the envelope like the rest.
+        self.filters = torch.nn.Linear(config.num_radial + 1, L * 3 * F, bias=False)
+        self.interactions = torch.nn.ModuleList([Interaction(F, k == 0) for k in range(L)])
         self.readout = mlp([F, F // 2, 1])
         self.force_head = VectorForceHead(F) if config.direct_forces else NoForceHead()
 
@@ -135,13 +139,16 @@ class PaiNN(Potential):
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
         lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
         basis, envelope = self.radial(lengths)
-        # The envelope comes last so edges at or beyond the cutoff contribute exactly nothing.
-        filters = self.filters(basis) * envelope.unsqueeze(1)
+        # Every edge feature carries the envelope: edges at or beyond the cutoff give exactly 0.
+        edge_features = torch.cat([basis, torch.ones_like(lengths).unsqueeze(1)], 1) * envelope.unsqueeze(1)
         s = self.embedding(species)
         v = torch.zeros(s.shape[0], 3, self.features, dtype=s.dtype, device=s.device)
         width = 3 * self.features
         for k, interaction in enumerate(self.interactions):
-            s, v = interaction(s, v, filters[:, k * width:(k + 1) * width], unit_vectors, edge_index)
+            # Per-layer rows of one weight: slicing the (n_edges, L*3F) product instead would
+            # cost a full-size zero fill per layer in the backward pass.
+            filters = torch.nn.functional.linear(edge_features, self.filters.weight[k * width:(k + 1) * width])
+            s, v = interaction(s, v, filters, unit_vectors, edge_index)
         energies = self.scale_shift(self.readout(s).squeeze(1), species)
         out: Dict[str, Tensor] = {keys.ENERGIES: energies}
-        return self.force_head(out, s, v, basis * envelope.unsqueeze(1), unit_vectors, edge_index)
+        return self.force_head(out, s, v, edge_features, unit_vectors, edge_index)
