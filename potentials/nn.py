@@ -179,6 +179,16 @@ def mlp(sizes: Sequence[int], activation: str = "silu", bias_last: bool = True) 
     return torch.nn.Sequential(*layers)
 
 
+def xavier_init_(module: torch.nn.Module) -> None:
+    """Glorot-uniform weights and zero biases for every Linear in ``module`` (SchNetPack's
+    Dense init), in place; uses the global RNG, so call it inside a seeded build."""
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                torch.nn.init.zeros_(layer.bias)
+
+
 class ScaleShift(torch.nn.Module):
     """Per-atom energy ``scale[species] * e + shift[species]`` eV; scale init 1, shift init 0,
     both learnable so training can fit reference energies."""

@@ -53,8 +53,9 @@ class Message(torch.nn.Module):
         F = self.features
         n_atoms = s.shape[0]
         i, j = edge_index[0], edge_index[1]
-        x = self.phi(s).index_select(0, j) * filters
-        ds, gate_vv, gate_vs = torch.split(x, F, dim=1)
+        x = (self.phi(s).index_select(0, j) * filters).reshape(-1, 3, F)
+        # Contiguous gates: broadcasting a strided (n_edges, F) view costs 3x more.
+        ds, gate_vv, gate_vs = x[:, 0].contiguous(), x[:, 1].contiguous(), x[:, 2].contiguous()
         dv = unit_vectors.unsqueeze(2) * gate_vs.unsqueeze(1)                 # (n_edges, 3, F)
         if not self.first:
             v_j = v.reshape(n_atoms, 3 * F).index_select(0, j).reshape(-1, 3, F)

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from eqcalc import keys
 from potentials.nn import (NoForceHead, Potential, RadialEmbedding, ShiftedSoftplus,
-                           edge_geometry, mlp, scatter_sum, validate_config)
+                           edge_geometry, mlp, scatter_sum, validate_config,
+                           xavier_init_)
 from potentials.registry import register
 
 
@@ -95,6 +96,9 @@ class SchNet(Potential):
         self.interactions = torch.nn.ModuleList([Interaction(F) for _ in range(L)])
         self.readout = mlp([F, F // 2, 1], activation="ssp")
         self.force_head = PairForceHead(F, config.num_radial) if config.direct_forces else NoForceHead()
+        # PyTorch's default Linear init leaves an untrained SchNet almost flat (forces ~3 meV/Å);
+        # Glorot weights give derivatives of useful size.
+        xavier_init_(self)
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]

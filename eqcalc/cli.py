@@ -1,0 +1,138 @@
+"""The ``eqcalc`` command line: thin shells over library functions.
+
+Every command has ``--help`` with an example; logs say what happened and how long it took.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+log = logging.getLogger("eqcalc")
+
+
+def _info(args) -> int:
+    from eqcalc import package
+
+    pkg = package.read(package.resolve(args.model))
+    m = pkg.metadata
+    if args.json:
+        print(json.dumps(m, indent=2, ensure_ascii=False))
+        return 0
+    print(f"model      {pkg.path}")
+    print(f"arch       {m['architecture']}  ({m.get('n_parameters', '?')} parameters, {m['dtype']})")
+    print(f"species    {' '.join(m['species'])}")
+    print(f"cutoff     {m['cutoff']} Å")
+    print(f"forces     {', '.join(m['force_modes'])}; stress {'yes' if m.get('stress', True) else 'no'}")
+    print(f"written by eqcalc {m['eqcalc_version']}, torch {m['torch_version']}, schema {m['schema_version']}")
+    print(f"weights    sha256 {m['weights_sha256'][:16]}…")
+    for k, v in (m.get("training") or {}).items():
+        print(f"training   {k}: {v}")
+    print("hyperparameters " + json.dumps(m["config"]))
+    return 0
+
+
+def _export(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from eqcalc import compile as compiled
+    from eqcalc.model import Model
+
+    start = time.perf_counter()
+    model = Model(args.model, device=args.device, forces=args.forces, compile="eager", dtype=args.dtype)
+    out = Path(args.output or f"{Path(model.package.path).stem}.{args.format}.{'pt2' if args.format == 'aoti' else 'pt'}")
+    probe = model.probe_inputs()
+    if args.format == "torchscript":
+        compiled.torchscript(model.wrapper).save(str(out))
+    else:
+        key = compiled.cache_key(model.metadata["weights_sha256"], model.forces, True, model.device, model.dtype)
+        runner = compiled.aoti(model.wrapper, probe, key, model.device)
+        error = compiled.max_relative_error(runner(*probe), model.wrapper(*probe))
+        log.info("AOTInductor vs eager on the probe: max relative error %.2e", error)
+        shutil.copyfile(compiled.cache_dir() / f"{key}.pt2", out)
+    meta = dict(model.metadata, export={
+        "format": args.format, "device": str(model.device), "dtype": model.dtype, "forces": model.forces,
+        "torch_version": torch.__version__,
+        "inputs": "positions (n_atoms,3) f64, cell (n_systems,3,3) f64, species (n_atoms,) i64, "
+                  "edge_index (2,n_edges) i64, shifts (n_edges,3) f64, system (n_atoms,) i64",
+        "outputs": "energy (n_systems,) f64 eV, energies (n_atoms,), forces (n_atoms,3) eV/Å, "
+                   "stress (n_systems,3,3) eV/Å^3"})
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    print(f"wrote {out} and {out.with_suffix('.json')} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _bench(args) -> int:
+    from eqcalc import bench
+
+    bench.main(args)
+    return 0
+
+
+EPILOGS = {
+    "info": "example:\n  eqcalc info default\n  eqcalc info my_model.eqm --json",
+    "export": "example:\n  eqcalc export default --format aoti -o painn.pt2\n"
+              "  eqcalc export my_model.eqm --format torchscript --dtype float64",
+    "bench": "example:\n  eqcalc bench --what neighbors\n  eqcalc bench --what model --model painn.eqm --atoms 864",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eqcalc", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run trained equivariant interatomic potentials inside ASE.",
+        epilog="example:\n  eqcalc info default\n  eqcalc bench --what neighbors")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, help_):
+        return sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    c = command("info", "print a model's card: architecture, species, cutoff, training metrics")
+    c.add_argument("model", help="shipped model name or .eqm path")
+    c.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+    c.set_defaults(func=_info)
+
+    c = command("export", "write a compiled model (AOTInductor .pt2 or TorchScript) plus its metadata JSON")
+    c.add_argument("model", help="shipped model name or .eqm path")
+    c.add_argument("--format", choices=["aoti", "torchscript"], default="aoti")
+    c.add_argument("-o", "--output", help="output file (default: MODEL.FORMAT.pt2/.pt)")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    c.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default: the model's own")
+    c.add_argument("--forces", choices=["auto", "conservative", "direct"], default="auto")
+    c.set_defaults(func=_export)
+
+    c = command("bench", "time neighbor lists against vesin/matscipy/ASE, or a model's step in each compiled form")
+    c.add_argument("--what", choices=["neighbors", "model"], default="neighbors")
+    c.add_argument("--model", default=None, help="model for --what model (default: an untrained PaiNN)")
+    c.add_argument("--atoms", type=int, nargs="+", default=None, help="system sizes (Cu fcc supercells)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--output-dir", default="benchmarks/results", help="where CSV and PNG go")
+    c.set_defaults(func=_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from eqcalc.errors import EqcalcError
+
+    start = time.perf_counter()
+    try:
+        code = args.func(args)
+    except EqcalcError as e:
+        print(f"eqcalc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    log.info("eqcalc %s finished in %.1f s", args.command, time.perf_counter() - start)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

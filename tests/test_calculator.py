@@ -1,0 +1,102 @@
+"""EquivariantCalculator inside ASE: caching, no side effects, constraints, pymatgen, skin reuse."""
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.build import bulk, fcc111, add_adsorbate
+from ase.constraints import FixAtoms
+from ase.md.langevin import Langevin
+from ase.optimize import BFGS
+
+from eqcalc import EquivariantCalculator
+
+
+@pytest.fixture(scope="module")
+def path(package_path):
+    return package_path("painn", "float64")
+
+
+def slab():
+    s = fcc111("Pt", (2, 2, 3), a=3.92, vacuum=6.0)
+    add_adsorbate(s, "O", 1.6, "fcc")
+    s.set_constraint(FixAtoms(indices=[a.index for a in s if a.tag == 3]))
+    return s
+
+
+def test_properties_follow_metadata(path):
+    calc = EquivariantCalculator(path, compile="eager")
+    assert set(calc.implemented_properties) == {"energy", "free_energy", "energies", "forces", "stress"}
+    assert calc.metadata["cutoff"] == 5.0 and calc.metadata["architecture"] == "painn"
+
+
+def test_results_are_cached_and_energies_sum_to_energy(path):
+    calc = EquivariantCalculator(path, compile="eager")
+    a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+    a.rattle(0.05, seed=0)
+    a.calc = calc
+    e = a.get_potential_energy()
+    calls = calc.neighbors.n_calls
+    a.get_forces(), a.get_stress(), a.get_potential_energies()
+    assert calc.neighbors.n_calls == calls  # served from ASE's cache
+    assert a.get_potential_energies().sum() == pytest.approx(e, rel=1e-12)
+    a.positions[0, 0] += 0.01
+    a.get_potential_energy()
+    assert calc.neighbors.n_calls == calls + 1
+
+
+def test_atoms_and_global_torch_state_untouched(path):
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    a = slab()
+    before = (a.positions.copy(), a.cell.array.copy(), a.pbc.copy(), a.numbers.copy())
+    a.calc = EquivariantCalculator(path, compile="torchscript", dtype="float32")
+    a.get_forces(), a.get_stress()
+    assert torch.get_default_dtype() == dtype and torch.get_num_threads() == threads
+    for x, y in zip(before, (a.positions, a.cell.array, a.pbc, a.numbers)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_float32_and_float64_agree(path):
+    a = slab()
+    r64 = EquivariantCalculator(path, compile="eager").predict([a])[0]
+    r32 = EquivariantCalculator(path, compile="eager", dtype="float32").predict([a])[0]
+    assert r32["forces"].dtype == np.float64
+    np.testing.assert_allclose(r32["forces"], r64["forces"], atol=1e-4 * np.abs(r64["forces"]).max())
+
+
+def test_pymatgen_structure_gives_the_same_answer(path):
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    a = bulk("Cu", "fcc", a=3.6, cubic=True)
+    a.rattle(0.05, seed=2)
+    calc = EquivariantCalculator(path, compile="eager")
+    structure = AseAtomsAdaptor.get_structure(a)
+    e_pmg = calc.get_potential_energy(structure)
+    f_pmg = calc.get_forces(structure)
+    a.calc = EquivariantCalculator(path, compile="eager")
+    assert e_pmg == pytest.approx(a.get_potential_energy(), rel=1e-12)
+    np.testing.assert_allclose(f_pmg, a.get_forces(), atol=1e-12)
+
+
+def test_fixatoms_hold_in_bfgs(path):
+    a = slab()
+    a.calc = EquivariantCalculator(path, compile="eager")
+    fixed = a.constraints[0].index
+    start, e0 = a.positions.copy(), a.get_potential_energy()
+    BFGS(a, logfile=None).run(fmax=0.01, steps=8)
+    np.testing.assert_array_equal(a.positions[fixed], start[fixed])
+    assert a.get_potential_energy() < e0
+
+
+def test_skin_reuses_the_list_in_md_and_changes_nothing(path):
+    a = slab()
+    a.calc = EquivariantCalculator(path, compile="eager", skin=0.5)
+    ref = EquivariantCalculator(path, compile="eager", skin=0.0)
+    fixed = a.constraints[0].index
+    start = a.positions.copy()
+    md = Langevin(a, 2 * units.fs, temperature_K=600, friction=0.02, fixcm=False, rng=np.random.default_rng(0))
+    for _ in range(10):
+        md.run(1)
+        np.testing.assert_allclose(a.get_forces(apply_constraint=False), ref.get_forces(a), atol=1e-12)
+    nl = a.calc.neighbors
+    assert nl.n_builds < nl.n_calls and nl.n_builds >= 1
+    np.testing.assert_array_equal(a.positions[fixed], start[fixed])
