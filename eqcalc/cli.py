@@ -50,7 +50,7 @@ def _export(args) -> int:
     if args.format == "torchscript":
         compiled.torchscript(model.wrapper).save(str(out))
     else:
-        key = compiled.cache_key(model.metadata["weights_sha256"], model.forces, True, model.device, model.dtype)
+        key = model.aoti_key()
         runner = compiled.aoti(model.wrapper, probe, key, model.device)
         error = compiled.max_relative_error(runner(*probe), model.wrapper(*probe))
         log.info("AOTInductor vs eager on the probe: max relative error %.2e", error)

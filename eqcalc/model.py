@@ -111,7 +111,7 @@ class Model:
             return "eager", self.wrapper
         probe = self.probe_inputs()
         reference = self.wrapper(*probe)
-        candidates = [kind] if kind != "auto" else ["eager", "torchscript", "aoti"]
+        candidates = [kind] if kind != "auto" else self._auto_candidates()
         timings = {}
         best = None
         for name in candidates:
@@ -126,17 +126,26 @@ class Model:
             timings[name] = compiled.time_runner(runner, probe)
             if best is None or timings[name] < timings[best[0]]:
                 best = (name, runner)
+        self.compile_timings = timings
         log.info("compiled forms timed on the probe (s): %s -> using %s",
                  {k: round(v, 5) for k, v in timings.items()}, best[0])
         return best
+
+    def aoti_key(self) -> str:
+        return compiled.cache_key(self.metadata["weights_sha256"], self.forces, True, self.device, self.dtype)
+
+    def _auto_candidates(self):
+        # AOTInductor costs minutes to build on a CPU: "auto" uses it once it is in the cache
+        # (eqcalc export or compile="aoti" puts it there) and on CUDA, where it pays off at once.
+        aoti_ready = (compiled.cache_dir() / f"{self.aoti_key()}.pt2").exists()
+        return ["eager", "torchscript"] + (["aoti"] if aoti_ready or self.device.type == "cuda" else [])
 
     def _build(self, name: str, probe):
         if name == "eager":
             return self.wrapper
         if name == "torchscript":
             return compiled.torchscript(self.wrapper)
-        key = compiled.cache_key(self.metadata["weights_sha256"], self.forces, True, self.device, self.dtype)
-        return compiled.aoti(self.wrapper, probe, key, self.device)
+        return compiled.aoti(self.wrapper, probe, self.aoti_key(), self.device)
 
     # ---- evaluation -------------------------------------------------------------------------
     def inputs(self, t: SystemTensors, edge_index: Tensor, shifts: Tensor):

@@ -274,139 +274,137 @@ def _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interactio
     lam = torch.linalg.eigvalsh(hbin @ hbin.transpose(1, 2))[:, 0].clamp(min=0)
     nb_i = nb.to(torch.int64)
     m_i = m.to(torch.int64)
-
     scale = 1.0 / binlen
-    if system is None:
-        bcoord = torch.floor((frac - lo) * scale).to(torch.int64)
-        bcoord = torch.minimum(bcoord.clamp(min=0), nb_i - 1)
-    else:
-        bcoord = torch.floor((frac - lo[system]) * scale[system]).to(torch.int64)
-        bcoord = torch.minimum(bcoord.clamp(min=0), nb_i[system] - 1)
+    lo_a = lo if system is None else lo[system]
+    scale_a = scale if system is None else scale[system]
+    nb_a = nb_i if system is None else nb_i[system]                             # (N|1, 3)
+    bcoord = torch.floor((frac - lo_a) * scale_a).to(torch.int64)
+    bcoord = torch.minimum(bcoord.clamp(min=0), nb_a - 1)
     n_bins_sys = nb_i.prod(1)
     bin_base = torch.cumsum(n_bins_sys, 0) - n_bins_sys
     strides = torch.stack([nb_i[:, 1] * nb_i[:, 2], nb_i[:, 2], torch.ones_like(nb_i[:, 2])], 1)
-    if system is None:
-        lin = (bcoord * strides[0]).sum(1)
-    else:
-        lin = (bcoord * strides[system]).sum(1) + bin_base[system]
+    stride_a = strides if system is None else strides[system]
+    lin = (bcoord * stride_a).sum(1)
+    if system is not None:
+        lin = lin + bin_base[system]
 
-    # ---- bin offsets per system (pruned) ------------------------------------------------
+    # ---- bin offsets per system: padded (n_systems, k_max), pruned ----------------------
     width = 2 * m_i + 1
     n_box = width.prod(1)
     sizes = torch.cat([n_box, n_bins_sys]).tolist()           # one host sync for all sizes
-    n_box_l, total_bins = sizes[:n_systems], int(sum(sizes[n_systems:]))
-    tot_box = int(sum(n_box_l))
-    if n_systems == 1:
-        k = torch.arange(tot_box, device=device)
-        sys_k = torch.zeros(tot_box, dtype=torch.int64, device=device)
-    else:
-        sys_k = torch.repeat_interleave(torch.arange(n_systems, device=device), n_box,
-                                        output_size=tot_box)
-        k = _segment_arange(n_box, tot_box)
-    w_k = width[sys_k]
-    o2 = k % w_k[:, 2]
-    o1 = (k // w_k[:, 2]) % w_k[:, 1]
-    o0 = k // (w_k[:, 2] * w_k[:, 1])
-    offs = torch.stack([o0, o1, o2], 1) - m_i[sys_k]
+    total_bins = int(sum(sizes[n_systems:]))
+    box_max = int(max(sizes[:n_systems]))
+    k = torch.arange(box_max, device=device).unsqueeze(0)                         # (1, K)
+    o2 = k % width[:, 2:3]
+    o1 = (k // width[:, 2:3]) % width[:, 1:2]
+    o0 = k // (width[:, 2:3] * width[:, 1:2])
+    offs = torch.stack([o0, o1, o2], -1) - m_i.unsqueeze(1)                       # (B, K, 3)
     gap = (offs.abs() - 1).clamp(min=0).to(dtype)
-    keep = lam[sys_k] * (gap * gap).sum(1) < cut * cut
-    offs = offs[keep]
-    sys_k = sys_k[keep]
-    n_off = torch.bincount(sys_k, minlength=n_systems)
-    off_start = torch.cumsum(n_off, 0) - n_off
+    keep = (k < n_box.unsqueeze(1)) & (lam.unsqueeze(1) * (gap * gap).sum(-1) < cut * cut)
+    # compact the kept offsets to the front of each row
+    n_keep = keep.sum(1)
+    k_max = int(n_keep.max())
+    rank = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k_max]
+    offs = offs.gather(1, rank.unsqueeze(-1).expand(n_systems, k_max, 3))
+    off_ok = torch.arange(k_max, device=device).unsqueeze(0) < n_keep.unsqueeze(1)  # (B, K)
 
     # ---- per-atom bookkeeping -----------------------------------------------------------
     order = torch.argsort(lin, stable=True)
     counts = torch.bincount(lin, minlength=total_bins)
     starts = torch.cumsum(counts, 0) - counts
-    pos_sorted = pos_w[order]
-    n_off_atom = n_off[0] if system is None else n_off[system]
-
-    if system is None:
-        n_off0 = int(offs.shape[0])
-        block = max(1, _MAX_CANDIDATES // max(n_off0, 1))
-    else:
-        n_off0 = None
-        block = max(1, _MAX_CANDIDATES // max(int(n_off.max()), 1))
+    pos_sorted = pos_w.index_select(0, order).t().contiguous()                    # (3, N)
+    px, py, pz = pos_sorted[0], pos_sorted[1], pos_sorted[2]
+    pw_t = pos_w.t()
+    cut2 = cutoff * cutoff
+    block = max(1, _MAX_CANDIDATES // (8 * k_max))
 
     out_i, out_j, out_s = [], [], []
     for a0 in range(0, n_atoms, block):
         a1 = min(n_atoms, a0 + block)
-        atoms = torch.arange(a0, a1, device=device)
+        na = a1 - a0
         if system is None:
-            e_atom = atoms.repeat_interleave(n_off0)
-            e_off = torch.arange(n_off0, device=device).repeat(a1 - a0)
-            sys_e = None
+            sl = slice(0, 1)
+            offs_a, ok_a, nb_e, pbc_e = offs[0:1], off_ok[0:1], nb_i[0:1], pbc[0:1]
+            stride_e, cell_e = strides[0:1], eff[0:1]
         else:
-            na = n_off_atom[a0:a1]
-            n_e = int(na.sum())
-            e_atom = torch.repeat_interleave(atoms, na, output_size=n_e)
-            sys_e = system[e_atom]
-            e_off = off_start[sys_e] + _segment_arange(na, n_e)
-        nbc = bcoord[e_atom] + offs[e_off]
-        if sys_e is None:
-            nb_e, pbc_e, stride_e = nb_i[0], pbc[0], strides[0]
-        else:
-            nb_e, pbc_e, stride_e = nb_i[sys_e], pbc[sys_e], strides[sys_e]
-        img = torch.div(nbc, nb_e, rounding_mode="floor")
-        nbc = nbc - img * nb_e
-        valid = ((img == 0) | pbc_e).all(1)               # open dims: stay inside the bins
-        img = img * pbc_e
-        nlin = (nbc * stride_e).sum(1)
-        if sys_e is not None:
-            nlin = nlin + bin_base[sys_e]
-        cnt = counts[nlin] * valid
-        nz = cnt > 0
-        e_atom, img, nlin, cnt = e_atom[nz], img[nz], nlin[nz], cnt[nz]
-        # entry constant: shift vector minus the centre position
-        cell_e = eff[0] if system is None else eff[system[e_atom]]
-        if system is None:
-            q = img.to(dtype) @ cell_e - pos_w[e_atom]
-        else:
-            q = torch.bmm(img.to(dtype).unsqueeze(1), cell_e).squeeze(1) - pos_w[e_atom]
+            sl = system[a0:a1]
+            offs_a, ok_a, nb_e, pbc_e = offs[sl], off_ok[sl], nb_i[sl], pbc[sl]
+            stride_e, cell_e = strides[sl], eff[sl]
+        bc = bcoord[a0:a1]
+        nlin = None if system is None else bin_base[sl].unsqueeze(1)
+        valid = ok_a
+        imgs = []
+        for d in range(3):
+            c = bc[:, d:d + 1] + offs_a[:, :, d]                                   # (na, K)
+            nbd = nb_e[:, d:d + 1]
+            img = torch.div(c, nbd, rounding_mode="floor")
+            per = pbc_e[:, d:d + 1]
+            valid = valid & ((img == 0) | per)
+            img = img * per
+            c = c - img * nbd
+            term = c * stride_e[:, d:d + 1]
+            nlin = term if nlin is None else nlin + term
+            imgs.append(img)
+        nlin = nlin.clamp(0, total_bins - 1)
+        cnt = (counts[nlin] * valid).reshape(-1)                                  # (E,)
+        base = (starts[nlin]).reshape(-1)
+        q = []
+        for d in range(3):
+            qd = (imgs[0] * cell_e[:, 0:1, d] + imgs[1] * cell_e[:, 1:2, d]
+                  + imgs[2] * cell_e[:, 2:3, d]) - pw_t[d, a0:a1].unsqueeze(1)
+            q.append(qd.reshape(-1))
         csum = torch.cumsum(cnt, 0)
-        n_cand = int(csum[-1]) if csum.numel() else 0
+        base = base - (csum - cnt)
+        n_cand = int(csum[-1])
         if n_cand == 0:
             continue
-        # entry chunks of at most _MAX_CANDIDATES candidates
         if n_cand <= _MAX_CANDIDATES:
-            bounds = [(0, cnt.shape[0], 0)]
+            bounds = [0, cnt.shape[0]]
         else:
             cuts = torch.searchsorted(csum, torch.arange(_MAX_CANDIDATES, n_cand, _MAX_CANDIDATES,
                                                          device=device), right=True).tolist()
-            edges = [0] + cuts + [cnt.shape[0]]
-            bounds = [(edges[t], edges[t + 1], None) for t in range(len(edges) - 1)
-                      if edges[t + 1] > edges[t]]
-        for e0, e1, _ in bounds:
-            c = cnt[e0:e1]
-            n_c = int(csum[e1 - 1] - (csum[e0 - 1] if e0 > 0 else 0))
-            ent = torch.repeat_interleave(torch.arange(e0, e1, device=device), c,
-                                          output_size=n_c)
-            cs = torch.cumsum(c, 0)
-            base = starts[nlin[e0:e1]] - (cs - c)
-            idx = torch.arange(n_c, device=device) + base[ent - e0]
-            diff = pos_sorted[idx] + q[ent]
-            d2 = (diff * diff).sum(1)
-            hit = d2 < cutoff * cutoff
-            ent = ent[hit]
-            jj = order[idx[hit]]
-            ii = e_atom[ent]
-            ss = img[ent] + wrap_i[ii] - wrap_i[jj]
+            bounds = sorted(set([0] + cuts + [cnt.shape[0]]))
+        ends = torch.cat([torch.zeros(1, dtype=csum.dtype, device=device), csum])
+        ends = ends[torch.tensor(bounds, device=device)].tolist()
+        k_flat = imgs[0].shape[1]
+        for t in range(len(bounds) - 1):
+            e0, e1 = bounds[t], bounds[t + 1]
+            p0, p1 = ends[t], ends[t + 1]
+            if p1 == p0:
+                continue
+            ent = torch.repeat_interleave(torch.arange(e0, e1, device=device), cnt[e0:e1],
+                                          output_size=p1 - p0)
+            idx = torch.arange(p0, p1, device=device) + base.index_select(0, ent)
+            dx = px.index_select(0, idx) + q[0].index_select(0, ent)
+            dy = py.index_select(0, idx) + q[1].index_select(0, ent)
+            dz = pz.index_select(0, idx) + q[2].index_select(0, ent)
+            d2 = dx * dx
+            d2.addcmul_(dy, dy).addcmul_(dz, dz)
+            hit = torch.nonzero(d2 < cut2).squeeze(1)
+            eh = ent.index_select(0, hit)
+            jj = order.index_select(0, idx.index_select(0, hit))
+            loc = torch.div(eh, k_flat, rounding_mode="floor")
+            kk = eh - loc * k_flat
+            ii = loc + a0
+            ss = torch.stack([img.reshape(-1).index_select(0, eh) for img in imgs], 1)
+            ss = ss + wrap_i.index_select(0, ii) - wrap_i.index_select(0, jj)
+            del kk
             out_i.append(ii)
             out_j.append(jj)
             out_s.append(ss)
     if not out_i:
         return (torch.zeros((2, 0), dtype=torch.int64, device=device),
                 torch.zeros((0, 3), dtype=torch.int64, device=device))
-    ii = torch.cat(out_i)
-    jj = torch.cat(out_j)
-    ss = torch.cat(out_s)
+    ii = torch.cat(out_i) if len(out_i) > 1 else out_i[0]
+    jj = torch.cat(out_j) if len(out_j) > 1 else out_j[0]
+    ss = torch.cat(out_s) if len(out_s) > 1 else out_s[0]
     if not self_interaction:
-        keep = (ii != jj) | (ss != 0).any(1)
-        ii, jj, ss = ii[keep], jj[keep], ss[keep]
-    # sort by (i, j); already grouped by i, stable keeps the image order deterministic
-    perm = torch.argsort(ii * n_atoms + jj, stable=True)
-    return torch.stack([ii[perm], jj[perm]]), ss[perm]
+        drop = ((ii == jj) & (ss == 0).all(1)).nonzero().squeeze(1)
+        if drop.numel():
+            keep = torch.ones_like(ii, dtype=torch.bool)
+            keep[drop] = False
+            ii, jj, ss = ii[keep], jj[keep], ss[keep]
+    return torch.stack([ii, jj]), ss
 
 
 def _all_pairs(pos_w, wrap_i, cell, n_img, cutoff, self_interaction):

@@ -47,20 +47,28 @@ class Message(torch.nn.Module):
         self.first = first
         self.phi = mlp([features, features, 3 * features])
 
-    def forward(self, s: Tensor, v: Tensor, filters: Tensor, unit_vectors: Tensor,
-                edge_index: Tensor) -> Tuple[Tensor, Tensor]:
-        """``filters`` ``(n_edges, 3F)`` already include the envelope; returns ``(ds, dv)``."""
+    def forward(self, s: Tensor, v: Tensor, edge_features: Tensor, filter_weight: Tensor,
+                unit_vectors: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor]:
+        """``edge_features`` ``(n_edges, R)`` carry the envelope, ``filter_weight`` ``(3F, R)``
+        gives ``W = (W_s, W_vv, W_vs)``; returns ``(ds (n_atoms, F), dv (n_atoms, 3, F))``."""
         F = self.features
         n_atoms = s.shape[0]
         i, j = edge_index[0], edge_index[1]
-        x = (self.phi(s).index_select(0, j) * filters).reshape(-1, 3, F)
-        # Contiguous gates: broadcasting a strided (n_edges, F) view costs 3x more.
-        ds, gate_vv, gate_vs = x[:, 0].contiguous(), x[:, 1].contiguous(), x[:, 2].contiguous()
+        phi = self.phi(s)
+        # Each gate phi(s_j) * W(r_ij) built as its own contiguous (n_edges, F) tensor: slicing
+        # one (n_edges, 3F) product instead makes every later broadcast and backward ~3x slower.
+        ds = self.gate(phi[:, :F], filter_weight[:F], edge_features, j)
+        gate_vs = self.gate(phi[:, 2 * F:], filter_weight[2 * F:], edge_features, j)
         dv = unit_vectors.unsqueeze(2) * gate_vs.unsqueeze(1)                 # (n_edges, 3, F)
         if not self.first:
+            gate_vv = self.gate(phi[:, F:2 * F], filter_weight[F:2 * F], edge_features, j)
             v_j = v.reshape(n_atoms, 3 * F).index_select(0, j).reshape(-1, 3, F)
             dv = torch.addcmul(dv, v_j, gate_vv.unsqueeze(1))
         return scatter_sum(ds, i, n_atoms), scatter_sum(dv, i, n_atoms)
+
+    @staticmethod
+    def gate(phi: Tensor, weight: Tensor, edge_features: Tensor, j: Tensor) -> Tensor:
+        return phi.contiguous().index_select(0, j) * torch.nn.functional.linear(edge_features, weight)
 
 
 class Update(torch.nn.Module):
@@ -92,9 +100,9 @@ class Interaction(torch.nn.Module):
         self.message = Message(features, first)
         self.update = Update(features)
 
-    def forward(self, s: Tensor, v: Tensor, filters: Tensor, unit_vectors: Tensor,
-                edge_index: Tensor) -> Tuple[Tensor, Tensor]:
-        ds, dv = self.message(s, v, filters, unit_vectors, edge_index)
+    def forward(self, s: Tensor, v: Tensor, edge_features: Tensor, filter_weight: Tensor,
+                unit_vectors: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor]:
+        ds, dv = self.message(s, v, edge_features, filter_weight, unit_vectors, edge_index)
         s, v = s + ds, v + dv
         ds, dv = self.update(s, v)
         return s + ds, v + dv
@@ -146,10 +154,10 @@ class PaiNN(Potential):
         v = torch.zeros(s.shape[0], 3, self.features, dtype=s.dtype, device=s.device)
         width = 3 * self.features
         for k, interaction in enumerate(self.interactions):
-            # Per-layer rows of one weight: slicing the (n_edges, L*3F) product instead would
-            # cost a full-size zero fill per layer in the backward pass.
-            filters = torch.nn.functional.linear(edge_features, self.filters.weight[k * width:(k + 1) * width])
-            s, v = interaction(s, v, filters, unit_vectors, edge_index)
+            # Layer k uses rows of the one filter weight; slicing an (n_edges, L*3F) product
+            # instead would cost a full-size zero fill per layer in the backward pass.
+            weight = self.filters.weight[k * width:(k + 1) * width]
+            s, v = interaction(s, v, edge_features, weight, unit_vectors, edge_index)
         energies = self.scale_shift(self.readout(s).squeeze(1), species)
         out: Dict[str, Tensor] = {keys.ENERGIES: energies}
         return self.force_head(out, s, v, edge_features, unit_vectors, edge_index)

@@ -36,16 +36,15 @@ class SchNetConfig:
 class Interaction(torch.nn.Module):
     """SchNet interaction block: ``h_i += f2out(sum_j in2f(h)_j * W_ij)``, residual."""
 
-    def __init__(self, features: int):
+    def __init__(self, features: int, num_radial: int):
         super().__init__()
         self.in2f = torch.nn.Linear(features, features, bias=False)
-        # Second layer of the filter network; the first is shared in one matmul by all blocks.
-        self.filter = torch.nn.Linear(features, features)
+        self.filter = mlp([num_radial, features, features], activation="ssp")
         self.f2out = mlp([features, features, features], activation="ssp")
 
-    def forward(self, h: Tensor, filter_hidden: Tensor, envelope: Tensor, edge_index: Tensor) -> Tensor:
-        """``filter_hidden`` ``(n_edges, F)``, ``envelope`` ``(n_edges, 1)``; returns new ``h``."""
-        filters = self.filter(filter_hidden) * envelope    # envelope last: zero beyond the cutoff
+    def forward(self, h: Tensor, basis: Tensor, envelope: Tensor, edge_index: Tensor) -> Tensor:
+        """``basis`` ``(n_edges, R)``, ``envelope`` ``(n_edges, 1)``; returns new ``h`` ``(n_atoms, F)``."""
+        filters = self.filter(basis) * envelope    # envelope last: zero beyond the cutoff
         messages = self.in2f(h).index_select(0, edge_index[1]) * filters
         return h + self.f2out(scatter_sum(messages, edge_index[0], h.shape[0]))
 
@@ -90,10 +89,7 @@ class SchNet(Potential):
         self.embedding = torch.nn.Embedding(len(config.species), F)
         self.radial = RadialEmbedding(config.radial_basis, config.envelope, config.cutoff,
                                       config.num_radial)
-        # First layer of every block's filter network, all blocks in one matmul over the edges.
-        self.filter_hidden = torch.nn.Sequential(
-            torch.nn.Linear(config.num_radial, L * F), ShiftedSoftplus())
-        self.interactions = torch.nn.ModuleList([Interaction(F) for _ in range(L)])
+        self.interactions = torch.nn.ModuleList([Interaction(F, config.num_radial) for _ in range(L)])
         self.readout = mlp([F, F // 2, 1], activation="ssp")
         self.force_head = PairForceHead(F, config.num_radial) if config.direct_forces else NoForceHead()
         # PyTorch's default Linear init leaves an untrained SchNet almost flat (forces ~3 meV/Å);
@@ -105,11 +101,9 @@ class SchNet(Potential):
         lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
         basis, envelope = self.radial(lengths)
         envelope = envelope.unsqueeze(1)
-        hidden = self.filter_hidden(basis)
         h = self.embedding(species)
-        F = self.features
-        for k, interaction in enumerate(self.interactions):
-            h = interaction(h, hidden[:, k * F:(k + 1) * F], envelope, edge_index)
+        for interaction in self.interactions:
+            h = interaction(h, basis, envelope, edge_index)
         energies = self.scale_shift(self.readout(h).squeeze(1), species)
         out: Dict[str, Tensor] = {keys.ENERGIES: energies}
         # SchNet has no vector features: h stands in for them and the head ignores it.

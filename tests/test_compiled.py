@@ -22,3 +22,14 @@ def test_compiled_matches_eager(package_path, arch, dtype, kind):
     assert err <= T.TOLERANCES[dtype]["compiled"], err
     single = T.check_compiled(compiled, eager, [STRUCTS["slab"]])
     assert single <= T.TOLERANCES[dtype]["compiled"], single
+
+
+def test_auto_picks_a_checked_form_and_uses_cached_aoti(package_path):
+    path = package_path("schnet", "float32")
+    calc = EquivariantCalculator(path, compile="auto", device="cpu")
+    assert calc.model.compile_kind in calc.model.compile_timings
+    EquivariantCalculator(path, compile="aoti", device="cpu")  # builds the cache entry (or reuses it)
+    again = EquivariantCalculator(path, compile="auto", device="cpu")
+    assert set(again.model.compile_timings) == {"eager", "torchscript", "aoti"}
+    err = T.check_compiled(again, EquivariantCalculator(path, compile="eager"), [STRUCTS["bulk"]])
+    assert err <= T.TOLERANCES["float32"]["compiled"]

@@ -1,0 +1,492 @@
+"""Training any registered architecture on energies, forces and stress.
+
+``train(config) -> path`` of the written ``.eqm`` model package. ``config`` is a plain dict (the
+recipes in ``potentials/recipes/*.yaml`` are such dicts); every key has a default in
+:data:`DEFAULTS`:
+
+``data``            extxyz file from :func:`potentials.data.generate` (splits in ``info``).
+``generate``        optional ``{n_structures, seed, elements}``: write ``data`` first if missing.
+``architecture``    registry name (``"painn"``, ``"schnet"``, ...); ``model``: its hyperparameters;
+                    ``cutoff`` (Å), ``dtype``, ``species`` (default: the elements in the data).
+``energy_weight``, ``forces_weight``, ``stress_weight``: loss = w_E MSE(E/N) [eV²/atom²]
+                    + w_F MSE(F) [eV²/Å²] + w_S MSE(σ) [eV²/Å⁶] (stress only on frames with it).
+                    ``forces_weight = 0`` trains on energies only (forces then need not exist).
+``lr``, ``weight_decay`` (AdamW; not on biases, embeddings and the per-species scale/shift),
+``warmup_steps``, ``min_lr_ratio`` (linear warm-up then cosine to ``lr * min_lr_ratio`` at
+``max_steps``), ``clip_grad`` (max gradient norm), ``ema_decay``, ``batch_size``,
+``val_every`` (steps), ``patience`` (validations without improvement before stopping early),
+``max_steps``, ``max_time_s`` (stop early at a wall-clock budget), ``seed``.
+``work_dir``        checkpoint, plots and metrics; ``output``: the model package path.
+``resume``          continue from ``work_dir/checkpoint.pt`` exactly where it stopped.
+``stop_after_steps`` stop (checkpoint written) after this many steps without finishing:
+                    what an interruption looks like; ``resume`` then gives the same result as
+                    an uninterrupted run.
+
+Before training the per-element reference energies are fitted by least squares on the training
+split (``E ≈ Σ_Z n_Z e_Z``) and written into the model's per-species energy shift, and the
+per-species energy scale is set to the RMS training force, so the network starts from the right
+magnitudes. Everything random draws from local ``torch.Generator`` / numpy generators seeded by
+``seed``; torch's global dtype, seed and thread count are left alone.
+
+At the end (best EMA weights on the validation split): ``learning_curve.png``,
+``energy_parity.png``, ``force_parity.png`` and ``metrics.json`` (test-split energy MAE
+meV/atom, force MAE meV/Å, stress MAE meV/Å³) in ``work_dir``, and the model in ``output``
+via :func:`potentials.save` with data summary and test metrics in ``training``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from eqcalc import keys
+from eqcalc.errors import InvalidOptionError
+
+DEFAULTS: Dict = {
+    "data": "build/potentials/emt.xyz",
+    "generate": None,
+    "architecture": "painn",
+    "model": {},
+    "cutoff": 5.0,
+    "dtype": "float32",
+    "species": None,
+    "energy_weight": 10.0,
+    "forces_weight": 1.0,
+    "stress_weight": 100.0,
+    "lr": 2e-3,
+    "weight_decay": 1e-4,
+    "warmup_steps": 100,
+    "min_lr_ratio": 0.02,
+    "clip_grad": 10.0,
+    "ema_decay": 0.99,
+    "batch_size": 8,
+    "val_every": 100,
+    "patience": 20,
+    "max_steps": 2000,
+    "max_time_s": None,
+    "stop_after_steps": None,
+    "seed": 0,
+    "work_dir": "build/potentials/run",
+    "output": "build/potentials/model.eqm",
+    "resume": False,
+    "progress": True,
+    "plots": True,
+    "max_val_frames": None,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# data → tensors
+# ----------------------------------------------------------------------------------------------
+class Frame:
+    """One structure as tensors: float64 geometry and labels, species indices."""
+
+    __slots__ = ("positions", "cell", "pbc", "species", "energy", "forces", "stress", "n")
+
+    def __init__(self, atoms, index: Dict[int, int]):
+        from potentials.data import labels
+
+        lab = labels(atoms)
+        f64 = torch.float64
+        self.n = len(atoms)
+        self.positions = torch.as_tensor(atoms.positions, dtype=f64)
+        self.cell = torch.as_tensor(np.asarray(atoms.cell.array), dtype=f64)
+        self.pbc = torch.as_tensor(np.asarray(atoms.pbc, dtype=bool))
+        self.species = torch.as_tensor([index[z] for z in atoms.numbers], dtype=torch.int64)
+        self.energy = float(lab["energy"])
+        self.forces = torch.as_tensor(lab["forces"], dtype=f64) if "forces" in lab else None
+        stress = lab.get("stress")
+        if stress is not None and atoms.pbc.all():
+            from ase.stress import voigt_6_to_full_3x3_stress
+
+            stress = np.asarray(stress)
+            stress = voigt_6_to_full_3x3_stress(stress) if stress.shape == (6,) else stress.reshape(3, 3)
+            self.stress = torch.as_tensor(stress, dtype=f64)
+        else:
+            self.stress = None
+
+
+def collate(frames: Sequence[Frame], cutoff: float) -> Dict[str, torch.Tensor]:
+    """Concatenate frames into one batch (``system`` index) with a batched neighbor list."""
+    from eqcalc.neighbors import compute_neighbors
+
+    counts = torch.tensor([f.n for f in frames])
+    positions = torch.cat([f.positions for f in frames])
+    cell = torch.stack([f.cell for f in frames])
+    pbc = torch.stack([f.pbc for f in frames])
+    system = torch.repeat_interleave(torch.arange(len(frames)), counts)
+    edge_index, shifts = compute_neighbors(positions, cell, pbc, cutoff, system)
+    batch = {
+        keys.POSITIONS: positions, keys.CELL: cell, keys.SPECIES: torch.cat([f.species for f in frames]),
+        keys.EDGE_INDEX: edge_index, keys.SHIFTS: shifts.to(torch.float64), keys.SYSTEM: system,
+        "n_atoms": counts.to(torch.float64),
+        "energy_ref": torch.tensor([f.energy for f in frames], dtype=torch.float64),
+    }
+    if all(f.forces is not None for f in frames):
+        batch["forces_ref"] = torch.cat([f.forces for f in frames])
+    has_stress = torch.tensor([f.stress is not None for f in frames])
+    batch["stress_mask"] = has_stress
+    batch["stress_ref"] = torch.stack([f.stress if f.stress is not None else torch.zeros(3, 3, dtype=torch.float64)
+                                       for f in frames])
+    return batch
+
+
+def _forward(wrapper, batch):
+    return wrapper(batch[keys.POSITIONS], batch[keys.CELL], batch[keys.SPECIES], batch[keys.EDGE_INDEX],
+                   batch[keys.SHIFTS], batch[keys.SYSTEM])
+
+
+def _loss(out, batch, weights) -> Dict[str, torch.Tensor]:
+    """Weighted MSE terms in float64 (the wrapper's energies are float64; forces too)."""
+    w_e, w_f, w_s = weights
+    n = batch["n_atoms"]
+    e_err = (out[keys.ENERGY] - batch["energy_ref"]) / n
+    terms = {"energy": (e_err ** 2).mean()}
+    total = w_e * terms["energy"]
+    if w_f > 0 and "forces_ref" in batch:
+        terms["forces"] = ((out[keys.FORCES] - batch["forces_ref"]) ** 2).mean()
+        total = total + w_f * terms["forces"]
+    mask = batch["stress_mask"]
+    if w_s > 0 and bool(mask.any()):
+        terms["stress"] = ((out[keys.STRESS][mask] - batch["stress_ref"][mask]) ** 2).mean()
+        total = total + w_s * terms["stress"]
+    terms["total"] = total
+    return terms
+
+
+# ----------------------------------------------------------------------------------------------
+# model preparation
+# ----------------------------------------------------------------------------------------------
+def _species_parameter(model: torch.nn.Module, name: str, n_species: int) -> torch.Tensor:
+    """The per-species tensor of ``model`` whose name ends in ``name`` (``shift``/``scale``)."""
+    found = [(k, p) for k, p in list(model.named_parameters()) + list(model.named_buffers())
+             if k.split(".")[-1] == name and tuple(p.shape) == (n_species,)]
+    if len(found) != 1:
+        raise InvalidOptionError(
+            f"{type(model).__name__} has {len(found)} per-species {name!r} tensors of shape "
+            f"({n_species},); expected exactly one to hold the reference energies")
+    return found[0][1]
+
+
+def fit_reference_energies(frames: Sequence[Frame], n_species: int) -> np.ndarray:
+    """Least-squares per-species energies ``e_Z`` (eV) with ``E ≈ Σ_Z n_Z e_Z``."""
+    counts = np.zeros((len(frames), n_species))
+    for k, f in enumerate(frames):
+        counts[k] = np.bincount(f.species.numpy(), minlength=n_species)
+    energies = np.array([f.energy for f in frames])
+    solution, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    solution[counts.sum(0) == 0] = 0.0  # species absent from the data keep a zero shift
+    return solution
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        leaf = name.split(".")[-1]
+        if p.dim() < 2 or "embedding" in name or leaf in ("scale", "shift"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------
+def evaluate(model: torch.nn.Module, batches: Sequence[Dict], weights) -> Dict[str, float]:
+    """Losses and MAEs (energy meV/atom, forces meV/Å, stress meV/Å³) over ``batches``."""
+    from eqcalc.derivatives import ForceStressModel
+
+    wrapper = ForceStressModel(model, create_graph=False)
+    sums = {"loss": 0.0, "energy_mae": 0.0, "forces_mae": 0.0, "stress_mae": 0.0}
+    n_sys = n_comp = n_stress = 0
+    for batch in batches:
+        out = _forward(wrapper, batch)
+        terms = _loss(out, batch, weights)
+        k = len(batch["energy_ref"])
+        sums["loss"] += float(terms["total"]) * k
+        sums["energy_mae"] += float(((out[keys.ENERGY] - batch["energy_ref"]).abs() / batch["n_atoms"]).sum())
+        n_sys += k
+        if "forces_ref" in batch:
+            sums["forces_mae"] += float((out[keys.FORCES] - batch["forces_ref"]).abs().sum())
+            n_comp += batch["forces_ref"].numel()
+        mask = batch["stress_mask"]
+        if bool(mask.any()):
+            sums["stress_mae"] += float((out[keys.STRESS][mask] - batch["stress_ref"][mask]).abs().sum())
+            n_stress += int(mask.sum()) * 9
+    return {"loss": sums["loss"] / max(n_sys, 1),
+            "energy_mae_meV_per_atom": 1000 * sums["energy_mae"] / max(n_sys, 1),
+            "forces_mae_meV_per_A": 1000 * sums["forces_mae"] / max(n_comp, 1) if n_comp else float("nan"),
+            "stress_mae_meV_per_A3": 1000 * sums["stress_mae"] / max(n_stress, 1) if n_stress else float("nan")}
+
+
+def predictions(model: torch.nn.Module, batches: Sequence[Dict]):
+    """(E/N ref, E/N pred, F ref, F pred) as numpy arrays for parity plots."""
+    from eqcalc.derivatives import ForceStressModel
+
+    wrapper = ForceStressModel(model, create_graph=False)
+    e_ref, e_pred, f_ref, f_pred = [], [], [], []
+    for batch in batches:
+        out = _forward(wrapper, batch)
+        e_ref.append((batch["energy_ref"] / batch["n_atoms"]).numpy())
+        e_pred.append((out[keys.ENERGY] / batch["n_atoms"]).numpy())
+        if "forces_ref" in batch:
+            f_ref.append(batch["forces_ref"].numpy().ravel())
+            f_pred.append(out[keys.FORCES].numpy().ravel())
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
+    return cat(e_ref), cat(e_pred), cat(f_ref), cat(f_pred)
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the parameters (buffers copied)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        # warm start: early on the average follows the weights more closely
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model: torch.nn.Module) -> torch.nn.Module:
+        ema_model = copy.deepcopy(model)
+        ema_model.load_state_dict(self.shadow)
+        return ema_model
+
+
+# ----------------------------------------------------------------------------------------------
+# the training loop
+# ----------------------------------------------------------------------------------------------
+def _batches(frames: List[Frame], size: int, cutoff: float, limit=None) -> List[Dict]:
+    frames = frames if limit is None else frames[:limit]
+    return [collate(frames[k:k + size], cutoff) for k in range(0, len(frames), size)]
+
+
+def train(config: Dict) -> Path:
+    """Train per ``config`` (see the module docstring); returns the path of the model package."""
+    import potentials
+    from eqcalc.derivatives import ForceStressModel
+    from potentials import data as datamod
+
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise InvalidOptionError(f"unknown training option(s) {unknown}; valid: {sorted(DEFAULTS)}")
+    cfg = dict(DEFAULTS, **config)
+    seed = int(cfg["seed"])
+    work = Path(cfg["work_dir"])
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    # ---- data ----
+    data_path = Path(cfg["data"])
+    if cfg["generate"] and not data_path.exists():
+        gen = dict(cfg["generate"])
+        datamod.generate(data_path, int(gen.get("n_structures", 1000)), int(gen.get("seed", seed)),
+                         elements=gen.get("elements", datamod.ELEMENTS), progress=cfg["progress"])
+    weights = (float(cfg["energy_weight"]), float(cfg["forces_weight"]), float(cfg["stress_weight"]))
+    require = ("energy", "forces") if weights[1] > 0 else ("energy",)
+    frames_ase = datamod.read_dataset(data_path, require=require)
+    species = list(cfg["species"] or sorted({s for a in frames_ase for s in a.get_chemical_symbols()},
+                                           key=lambda s: __import__("ase").data.atomic_numbers[s]))
+    from ase.data import atomic_numbers
+    index = {atomic_numbers[s]: k for k, s in enumerate(species)}
+    missing = sorted({s for a in frames_ase for s in a.get_chemical_symbols()} - set(species))
+    if missing:
+        raise InvalidOptionError(f"the data holds elements {missing} not in species={species}")
+    splits = {name: [Frame(a, index) for a in datamod.split(frames_ase, name)] for name in datamod.SPLITS}
+    if not splits["train"] or not splits["val"]:
+        raise InvalidOptionError(f"{data_path}: need frames in the train and val splits, found "
+                                 f"{ {k: len(v) for k, v in splits.items()} }")
+    cutoff = float(cfg["cutoff"])
+    bs = int(cfg["batch_size"])
+    val_batches = _batches(splits["val"], 2 * bs, cutoff, cfg["max_val_frames"])
+
+    # ---- model ----
+    model = potentials.build(cfg["architecture"], species=species, cutoff=cutoff, dtype=cfg["dtype"],
+                             seed=seed, **cfg["model"])
+    dtype = next(model.parameters()).dtype
+    refs = fit_reference_energies(splits["train"], len(species))
+    forces_rms = (float(torch.cat([f.forces for f in splits["train"] if f.forces is not None]).pow(2).mean().sqrt())
+                  if require[-1] == "forces" else 1.0)
+    with torch.no_grad():
+        _species_parameter(model, "shift", len(species)).copy_(torch.as_tensor(refs, dtype=dtype))
+        _species_parameter(model, "scale", len(species)).fill_(max(forces_rms, 1e-2))
+    wrapper = ForceStressModel(model, create_graph=True, stress=weights[2] > 0)
+    optimizer = torch.optim.AdamW(_param_groups(model, float(cfg["weight_decay"])), lr=float(cfg["lr"]))
+    ema = EMA(model, float(cfg["ema_decay"]))
+    max_steps = int(cfg["max_steps"])
+    state = {"step": 0, "best": float("inf"), "best_step": 0, "bad": 0, "history": [], "train_time": 0.0}
+    best_state = copy.deepcopy(ema.shadow)
+
+    ckpt_path = work / "checkpoint.pt"
+    if cfg["resume"] and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        ema.shadow = ckpt["ema"]
+        best_state = ckpt["best_model"]
+        state = json.loads(ckpt["state"])
+
+    def lr_at(step):
+        return float(cfg["lr"]) * _lr_factor(step, int(cfg["warmup_steps"]), max_steps, float(cfg["min_lr_ratio"]))
+
+    def save_checkpoint():
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.shadow,
+                    "best_model": best_state, "state": json.dumps(state)}, ckpt_path)
+
+    n_train = len(splits["train"])
+    per_epoch = max(1, n_train // bs)  # drop the ragged last batch: every step sees bs frames
+
+    def batch_at(step):
+        epoch, pos = divmod(step, per_epoch)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n_train, generator=g)[pos * bs:(pos + 1) * bs].tolist()
+        return collate([splits["train"][k] for k in order], cutoff)
+
+    bar = None
+    if cfg["progress"]:
+        from tqdm import tqdm
+        bar = tqdm(total=max_steps, initial=state["step"], desc=f"train {cfg['architecture']}", unit="step")
+    stop_after = cfg["stop_after_steps"]
+    stopped_early = False
+    segment_start = time.perf_counter()
+    base_time = state["train_time"]
+    running = state.get("running")
+    while state["step"] < max_steps:
+        step = state["step"]
+        if stop_after is not None and step >= int(stop_after):
+            break
+        if cfg["max_time_s"] is not None and base_time + time.perf_counter() - segment_start > float(cfg["max_time_s"]):
+            stopped_early = True
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        batch = batch_at(step)
+        model.train()
+        out = _forward(wrapper, batch)
+        terms = _loss(out, batch, weights)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["clip_grad"]))
+        optimizer.step()
+        ema.update(model, step)
+        state["step"] = step + 1
+        loss = float(terms["total"])
+        running = loss if running is None else 0.95 * running + 0.05 * loss
+        state["running"] = running
+        if state["step"] % int(cfg["val_every"]) == 0 or state["step"] == max_steps:
+            metrics = evaluate(ema.copy_to(model).eval(), val_batches, weights)
+            record = {"step": state["step"], "train_loss": running, "lr": lr_at(step),
+                      "grad_norm": float(grad_norm), **{f"val_{k}": v for k, v in metrics.items()}}
+            state["history"].append(record)
+            if metrics["loss"] < state["best"]:
+                state.update(best=metrics["loss"], best_step=state["step"], bad=0)
+                best_state = copy.deepcopy(ema.shadow)
+            else:
+                state["bad"] += 1
+            state["train_time"] = base_time + time.perf_counter() - segment_start
+            save_checkpoint()
+            if bar is not None:
+                bar.set_postfix(loss=f"{running:.3g}", val_E=f"{metrics['energy_mae_meV_per_atom']:.1f}meV/at",
+                                val_F=f"{metrics['forces_mae_meV_per_A']:.0f}meV/Å", lr=f"{lr_at(step):.1e}")
+            if state["bad"] >= int(cfg["patience"]):
+                stopped_early = True
+                break
+        if bar is not None:
+            bar.update(1)
+            if state["step"] % 10 == 0:
+                bar.set_postfix_str(f"loss={running:.3g}" + (
+                    f" val_E={state['history'][-1]['val_energy_mae_meV_per_atom']:.1f}meV/at"
+                    f" val_F={state['history'][-1]['val_forces_mae_meV_per_A']:.0f}meV/Å"
+                    if state["history"] else ""))
+    if bar is not None:
+        bar.close()
+    state["train_time"] = base_time + time.perf_counter() - segment_start
+    save_checkpoint()
+    if stop_after is not None and state["step"] >= int(stop_after) and state["step"] < max_steps and not stopped_early:
+        return ckpt_path  # interrupted on purpose: resume later with resume=True
+
+    # ---- final model: best EMA weights on validation ----
+    model.load_state_dict(best_state)
+    model.eval()
+    test_batches = _batches(splits["test"], 2 * bs, cutoff)
+    test = evaluate(model, test_batches, weights) if test_batches else {}
+    val = evaluate(model, val_batches, weights)
+    metrics = {
+        "test": test, "val": val, "steps": state["step"], "best_step": state["best_step"],
+        "stopped_early": stopped_early, "train_time_s": round(state["train_time"], 1),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "test_energy_mae_meV_per_atom": test.get("energy_mae_meV_per_atom"),
+        "test_forces_mae_meV_per_A": test.get("forces_mae_meV_per_A"),
+        "test_stress_mae_meV_per_A3": test.get("stress_mae_meV_per_A3"),
+    }
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (work / "history.json").write_text(json.dumps(state["history"], indent=1))
+    if cfg["plots"]:
+        _plots(work, state["history"], predictions(model, test_batches or val_batches))
+    summary = datamod.summary(frames_ase)
+    summary.update(file=str(data_path.name), generate=cfg["generate"])
+    training = {
+        "data": summary,
+        "reference_energies_eV": {s: round(float(e), 6) for s, e in zip(species, refs)},
+        "test_metrics": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in test.items()},
+        "recipe": {k: v for k, v in cfg.items() if k not in ("progress", "resume", "stop_after_steps")},
+        "steps": state["step"], "train_time_s": round(state["train_time"], 1), "seed": seed,
+    }
+    return Path(potentials.save(model, cfg["output"], training=training))
+
+
+def _plots(work: Path, history: List[Dict], preds) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if history:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        steps = [h["step"] for h in history]
+        ax[0].semilogy(steps, [h["train_loss"] for h in history], label="train (running)")
+        ax[0].semilogy(steps, [h["val_loss"] for h in history], label="validation (EMA)")
+        ax[0].set_xlabel("step"), ax[0].set_ylabel("loss"), ax[0].legend()
+        ax[1].semilogy(steps, [h["val_energy_mae_meV_per_atom"] for h in history], label="E MAE meV/atom")
+        ax[1].semilogy(steps, [h["val_forces_mae_meV_per_A"] for h in history], label="F MAE meV/Å")
+        ax[1].set_xlabel("step"), ax[1].set_title("validation"), ax[1].legend()
+        fig.tight_layout()
+        fig.savefig(work / "learning_curve.png", dpi=100)
+        plt.close(fig)
+    e_ref, e_pred, f_ref, f_pred = preds
+    for name, ref, pred, unit in (("energy", e_ref, e_pred, "eV/atom"), ("force", f_ref, f_pred, "eV/Å")):
+        if len(ref) == 0:
+            continue
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.scatter(ref, pred, s=3, alpha=0.5)
+        lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        mae = float(np.abs(ref - pred).mean()) * 1000
+        ax.set_xlabel(f"EMT {name} ({unit})"), ax.set_ylabel(f"model {name} ({unit})")
+        ax.set_title(f"{name} parity (test), MAE {mae:.1f} m{unit}")
+        fig.tight_layout()
+        fig.savefig(work / f"{name}_parity.png", dpi=100)
+        plt.close(fig)
