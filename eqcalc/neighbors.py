@@ -233,12 +233,13 @@ def compute_neighbors(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Te
 def _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interaction):
     device, dtype = positions.device, positions.dtype
     n_atoms = positions.shape[0]
+    i64 = torch.int64
     frac = _atom_matmul(positions, inv, system)                                   # (N, 3)
     pbc_atom = pbc[0] if system is None else pbc[system]
     wrap = torch.where(pbc_atom, torch.floor(frac), torch.zeros_like(frac))       # (N, 3)
     frac = frac - wrap
     pos_w = positions - _atom_matmul(wrap, eff, system)
-    wrap_i = wrap.to(torch.int64)
+    wrap_i = wrap.to(i64)
     heights = 1.0 / torch.linalg.norm(inv, dim=1)                                 # (B, 3)
     cut = cutoff * (1.0 + _EPS)
 
@@ -246,10 +247,9 @@ def _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interactio
         n_img = torch.where(pbc[0], torch.ceil(cut / heights[0]), torch.zeros_like(heights[0]))
         n_images = int(torch.prod(2 * n_img + 1))
         if n_atoms * n_atoms * n_images <= _ALL_PAIRS_MAX:
-            return _all_pairs(pos_w, wrap_i, eff[0], n_img.to(torch.int64), cutoff,
-                              self_interaction)
+            return _all_pairs(pos_w, wrap_i, eff[0], n_img.to(i64), cutoff, self_interaction)
 
-    # ---- bins ---------------------------------------------------------------------------
+    # ---- bins: parallelepipeds of the (effective) cell, ~cutoff/_BINS_PER_CUTOFF thick ----
     lo, hi = _segment_minmax(frac, system, n_systems)
     lo = torch.where(pbc, torch.zeros_like(lo), lo)
     extent = torch.where(pbc, heights, hi - lo)
@@ -259,102 +259,88 @@ def _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interactio
     else:
         n_per_system = torch.bincount(system, minlength=n_systems).to(dtype)
     limit = n_per_system * _MAX_BINS_PER_ATOM + 64
-    for _ in range(3):  # shrink the bin count of sparse systems (each pass only lowers nb)
+    for _ in range(3):  # sparse systems get fewer, larger bins (each pass only lowers nb)
         factor = (nb.prod(1) / limit).clamp(min=1.0) ** (1.0 / 3.0)
         nb = torch.floor(nb / factor.unsqueeze(1) + 1e-9).clamp(min=1)
-    # bin edge length along each direction (fractional units: Å along open directions)
+    # bin edge along each direction (fractional units along periodic, Å along open ones)
     binlen = torch.where(pbc, 1.0 / nb, (extent / nb * (1 + 1e-9) + 1e-12).clamp(
         min=cut / _BINS_PER_CUTOFF))
     nb = torch.where(pbc, nb, torch.floor(extent / binlen).clamp(min=0) + 1)
-    # search range in bins: enough bins to span the cutoff (perpendicular bin height)
+    # search range in bins: the perpendicular bin height times m must exceed the cutoff
     m = torch.ceil(cut / (binlen * heights) - 1e-12)
     m = torch.where(pbc, m, torch.minimum(m, nb - 1)).clamp(min=0)
-    # lower bound on the distance between bins: smallest eigenvalue of the bin metric
-    hbin = eff * binlen.unsqueeze(-1)
-    lam = torch.linalg.eigvalsh(hbin @ hbin.transpose(1, 2))[:, 0].clamp(min=0)
-    nb_i = nb.to(torch.int64)
-    m_i = m.to(torch.int64)
-    scale = 1.0 / binlen
-    lo_a = lo if system is None else lo[system]
-    scale_a = scale if system is None else scale[system]
-    nb_a = nb_i if system is None else nb_i[system]                             # (N|1, 3)
-    bcoord = torch.floor((frac - lo_a) * scale_a).to(torch.int64)
-    bcoord = torch.minimum(bcoord.clamp(min=0), nb_a - 1)
+    nb_i, m_i = nb.to(i64), m.to(i64)
+    lo_a, scale_a, nb_a = (lo, 1.0 / binlen, nb_i) if system is None else (
+        lo[system], (1.0 / binlen)[system], nb_i[system])
+    bcoord = torch.floor((frac - lo_a) * scale_a).to(i64)
+    bcoord = torch.minimum(bcoord.clamp(min=0), nb_a - 1)                         # (N, 3)
     n_bins_sys = nb_i.prod(1)
     bin_base = torch.cumsum(n_bins_sys, 0) - n_bins_sys
     strides = torch.stack([nb_i[:, 1] * nb_i[:, 2], nb_i[:, 2], torch.ones_like(nb_i[:, 2])], 1)
-    stride_a = strides if system is None else strides[system]
-    lin = (bcoord * stride_a).sum(1)
+    lin = (bcoord * (strides if system is None else strides[system])).sum(1)
     if system is not None:
         lin = lin + bin_base[system]
-
-    # ---- bin offsets per system: padded (n_systems, k_max), pruned ----------------------
-    width = 2 * m_i + 1
-    n_box = width.prod(1)
-    sizes = torch.cat([n_box, n_bins_sys]).tolist()           # one host sync for all sizes
-    total_bins = int(sum(sizes[n_systems:]))
-    box_max = int(max(sizes[:n_systems]))
-    k = torch.arange(box_max, device=device).unsqueeze(0)                         # (1, K)
-    o2 = k % width[:, 2:3]
-    o1 = (k // width[:, 2:3]) % width[:, 1:2]
-    o0 = k // (width[:, 2:3] * width[:, 1:2])
-    offs = torch.stack([o0, o1, o2], -1) - m_i.unsqueeze(1)                       # (B, K, 3)
-    gap = (offs.abs() - 1).clamp(min=0).to(dtype)
-    keep = (k < n_box.unsqueeze(1)) & (lam.unsqueeze(1) * (gap * gap).sum(-1) < cut * cut)
-    # compact the kept offsets to the front of each row
-    n_keep = keep.sum(1)
-    k_max = int(n_keep.max())
-    rank = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k_max]
-    offs = offs.gather(1, rank.unsqueeze(-1).expand(n_systems, k_max, 3))
-    off_ok = torch.arange(k_max, device=device).unsqueeze(0) < n_keep.unsqueeze(1)  # (B, K)
-
-    # ---- per-atom bookkeeping -----------------------------------------------------------
+    host = torch.cat([n_bins_sys, nb_i.reshape(-1), m_i.reshape(-1)]).tolist()  # one sync
+    total_bins = int(sum(host[:n_systems]))
+    nb_h = host[n_systems:4 * n_systems]
+    m_h = host[4 * n_systems:]
+    m_max = [max(m_h[d::3]) for d in range(3)]
     order = torch.argsort(lin, stable=True)
-    counts = torch.bincount(lin, minlength=total_bins)
+    sentinel = torch.zeros(1, dtype=i64, device=device)
+    counts = torch.cat([torch.bincount(lin, minlength=total_bins), sentinel])
     starts = torch.cumsum(counts, 0) - counts
+
+    # ---- per direction, per atom: linear-bin term, image and shift vector of each offset ---
+    # the neighbour bin of offset (o0, o1, o2) is sum_d lin_d[o_d]; invalid (outside an open
+    # direction or beyond the system's range) terms are total_bins (an empty sentinel bin)
+    lin_terms, img_terms = [], []
+    for d in range(3):
+        width = 2 * m_max[d] + 1
+        o = torch.arange(-m_max[d], m_max[d] + 1, device=device)                  # (W,)
+        c = bcoord[:, d:d + 1] + o                                                # (N, W)
+        nbd = nb_a[:, d:d + 1]
+        img = torch.div(c, nbd, rounding_mode="floor")
+        per = (pbc[0:1] if system is None else pbc_atom)[:, d:d + 1]
+        ok = per | (img == 0)
+        if system is not None:
+            ok = ok & (o.abs() <= m_i[system, d:d + 1])
+        img = img * per
+        term = (c - img * nbd) * (strides[0, d] if system is None else strides[system, d:d + 1])
+        if d == 0 and system is not None:
+            term = term + bin_base[system].unsqueeze(1)
+        lin_terms.append(torch.where(ok, term, torch.full_like(term, total_bins)))
+        img_terms.append(img)
+        del width
+    cell_a = eff if system is None else eff[system]                               # (N|1, 3, 3)
+    cut2 = cutoff * cutoff
+    w0, w1, w2 = (t.shape[1] for t in lin_terms)
+    k_tot = w0 * w1 * w2
+    # shift-vector terms minus the centre position, per Cartesian component
+    sv_terms = []
+    for x in range(3):
+        sv_terms.append([img_terms[d].to(dtype) * cell_a[:, d, x:x + 1]
+                         - (pos_w[:, x:x + 1] if d == 0 else 0.0) for d in range(3)])
+    # packed image code (components +-2**19) so a hit needs one gather to recover its image
+    code_terms = [(img_terms[d] + (1 << 19)) << (20 * (2 - d)) for d in range(3)]
+    zero_code = sum((1 << 19) << (20 * (2 - d)) for d in range(3))
+
     pos_sorted = pos_w.index_select(0, order).t().contiguous()                    # (3, N)
     px, py, pz = pos_sorted[0], pos_sorted[1], pos_sorted[2]
-    pw_t = pos_w.t()
-    cut2 = cutoff * cutoff
-    block = max(1, _MAX_CANDIDATES // (8 * k_max))
-
+    block = max(1, _MAX_CANDIDATES // (4 * k_tot))
     out_i, out_j, out_s = [], [], []
+
+    def outer(t, a0, a1):
+        return (t[0][a0:a1, :, None, None] + t[1][a0:a1, None, :, None]
+                + t[2][a0:a1, None, None, :]).reshape(-1)
+
     for a0 in range(0, n_atoms, block):
         a1 = min(n_atoms, a0 + block)
-        na = a1 - a0
-        if system is None:
-            sl = slice(0, 1)
-            offs_a, ok_a, nb_e, pbc_e = offs[0:1], off_ok[0:1], nb_i[0:1], pbc[0:1]
-            stride_e, cell_e = strides[0:1], eff[0:1]
-        else:
-            sl = system[a0:a1]
-            offs_a, ok_a, nb_e, pbc_e = offs[sl], off_ok[sl], nb_i[sl], pbc[sl]
-            stride_e, cell_e = strides[sl], eff[sl]
-        bc = bcoord[a0:a1]
-        nlin = None if system is None else bin_base[sl].unsqueeze(1)
-        valid = ok_a
-        imgs = []
-        for d in range(3):
-            c = bc[:, d:d + 1] + offs_a[:, :, d]                                   # (na, K)
-            nbd = nb_e[:, d:d + 1]
-            img = torch.div(c, nbd, rounding_mode="floor")
-            per = pbc_e[:, d:d + 1]
-            valid = valid & ((img == 0) | per)
-            img = img * per
-            c = c - img * nbd
-            term = c * stride_e[:, d:d + 1]
-            nlin = term if nlin is None else nlin + term
-            imgs.append(img)
-        nlin = nlin.clamp(0, total_bins - 1)
-        cnt = (counts[nlin] * valid).reshape(-1)                                  # (E,)
-        base = (starts[nlin]).reshape(-1)
-        q = []
-        for d in range(3):
-            qd = (imgs[0] * cell_e[:, 0:1, d] + imgs[1] * cell_e[:, 1:2, d]
-                  + imgs[2] * cell_e[:, 2:3, d]) - pw_t[d, a0:a1].unsqueeze(1)
-            q.append(qd.reshape(-1))
+        nlin = outer(lin_terms, a0, a1).clamp_(max=total_bins)                    # (E,)
+        cnt = counts.index_select(0, nlin)
         csum = torch.cumsum(cnt, 0)
-        base = base - (csum - cnt)
+        base = starts.index_select(0, nlin) - (csum - cnt)
+        q = [outer(sv_terms[x], a0, a1) for x in range(3)]
+        code = outer(code_terms, a0, a1)
         n_cand = int(csum[-1])
         if n_cand == 0:
             continue
@@ -364,47 +350,40 @@ def _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interactio
             cuts = torch.searchsorted(csum, torch.arange(_MAX_CANDIDATES, n_cand, _MAX_CANDIDATES,
                                                          device=device), right=True).tolist()
             bounds = sorted(set([0] + cuts + [cnt.shape[0]]))
-        ends = torch.cat([torch.zeros(1, dtype=csum.dtype, device=device), csum])
-        ends = ends[torch.tensor(bounds, device=device)].tolist()
-        k_flat = imgs[0].shape[1]
+        ends = torch.cat([sentinel, csum])[torch.tensor(bounds, device=device)].tolist()
         for t in range(len(bounds) - 1):
-            e0, e1 = bounds[t], bounds[t + 1]
-            p0, p1 = ends[t], ends[t + 1]
+            e0, e1, p0, p1 = bounds[t], bounds[t + 1], ends[t], ends[t + 1]
             if p1 == p0:
                 continue
-            ent = torch.repeat_interleave(torch.arange(e0, e1, device=device), cnt[e0:e1],
-                                          output_size=p1 - p0)
-            idx = torch.arange(p0, p1, device=device) + base.index_select(0, ent)
-            dx = px.index_select(0, idx) + q[0].index_select(0, ent)
-            dy = py.index_select(0, idx) + q[1].index_select(0, ent)
-            dz = pz.index_select(0, idx) + q[2].index_select(0, ent)
-            d2 = dx * dx
-            d2.addcmul_(dy, dy).addcmul_(dz, dz)
+            # entry of each candidate: count entry ends (bincount + cumsum beats repeat_interleave)
+            ent = torch.bincount(csum[e0:e1] - p0, minlength=p1 - p0 + 1)[:p1 - p0]
+            ent = torch.cumsum(ent, 0).add_(e0)
+            idx = base.index_select(0, ent).add_(torch.arange(p0, p1, device=device))
+            dx = px.index_select(0, idx).add_(q[0].index_select(0, ent))
+            dy = py.index_select(0, idx).add_(q[1].index_select(0, ent))
+            dz = pz.index_select(0, idx).add_(q[2].index_select(0, ent))
+            d2 = dx.mul_(dx).addcmul_(dy, dy).addcmul_(dz, dz)
             hit = torch.nonzero(d2 < cut2).squeeze(1)
             eh = ent.index_select(0, hit)
             jj = order.index_select(0, idx.index_select(0, hit))
-            loc = torch.div(eh, k_flat, rounding_mode="floor")
-            kk = eh - loc * k_flat
-            ii = loc + a0
-            ss = torch.stack([img.reshape(-1).index_select(0, eh) for img in imgs], 1)
-            ss = ss + wrap_i.index_select(0, ii) - wrap_i.index_select(0, jj)
-            del kk
+            ii = torch.div(eh, k_tot, rounding_mode="floor").add_(a0)
+            ch = code.index_select(0, eh)
+            if not self_interaction:
+                keep = torch.nonzero((ii != jj) | (ch != zero_code)).squeeze(1)
+                if keep.shape[0] != ii.shape[0]:
+                    ii, jj, ch = ii[keep], jj[keep], ch[keep]
+            ss = torch.stack([(ch >> 40) & 0xFFFFF, (ch >> 20) & 0xFFFFF, ch & 0xFFFFF], 1)
+            ss -= 1 << 19
+            ss += wrap_i.index_select(0, ii) - wrap_i.index_select(0, jj)
             out_i.append(ii)
             out_j.append(jj)
             out_s.append(ss)
     if not out_i:
-        return (torch.zeros((2, 0), dtype=torch.int64, device=device),
-                torch.zeros((0, 3), dtype=torch.int64, device=device))
-    ii = torch.cat(out_i) if len(out_i) > 1 else out_i[0]
-    jj = torch.cat(out_j) if len(out_j) > 1 else out_j[0]
-    ss = torch.cat(out_s) if len(out_s) > 1 else out_s[0]
-    if not self_interaction:
-        drop = ((ii == jj) & (ss == 0).all(1)).nonzero().squeeze(1)
-        if drop.numel():
-            keep = torch.ones_like(ii, dtype=torch.bool)
-            keep[drop] = False
-            ii, jj, ss = ii[keep], jj[keep], ss[keep]
-    return torch.stack([ii, jj]), ss
+        return (torch.zeros((2, 0), dtype=i64, device=device),
+                torch.zeros((0, 3), dtype=i64, device=device))
+    if len(out_i) == 1:
+        return torch.stack([out_i[0], out_j[0]]), out_s[0]
+    return torch.stack([torch.cat(out_i), torch.cat(out_j)]), torch.cat(out_s)
 
 
 def _all_pairs(pos_w, wrap_i, cell, n_img, cutoff, self_interaction):

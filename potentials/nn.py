@@ -10,7 +10,6 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from eqcalc import keys
 from eqcalc.errors import InvalidOptionError, UnknownElementError, check_choice
 
 ENVELOPES = ("polynomial", "cosine")

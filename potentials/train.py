@@ -17,6 +17,7 @@ recipes in ``potentials/recipes/*.yaml`` are such dicts); every key has a defaul
 ``val_every`` (steps), ``patience`` (validations without improvement before stopping early),
 ``max_steps``, ``max_time_s`` (stop early at a wall-clock budget), ``seed``.
 ``work_dir``        checkpoint, plots and metrics; ``output``: the model package path.
+``threads``         torch intra-op threads while training (restored afterwards); None leaves them.
 ``resume``          continue from ``work_dir/checkpoint.pt`` exactly where it stopped.
 ``stop_after_steps`` stop (checkpoint written) after this many steps without finishing:
                     what an interruption looks like; ``resume`` then gives the same result as
@@ -76,6 +77,7 @@ DEFAULTS: Dict = {
     "output": "build/potentials/model.eqm",
     "resume": False,
     "progress": True,
+    "threads": None,
     "plots": True,
     "max_val_frames": None,
 }
@@ -87,7 +89,7 @@ DEFAULTS: Dict = {
 class Frame:
     """One structure as tensors: float64 geometry and labels, species indices."""
 
-    __slots__ = ("positions", "cell", "pbc", "species", "energy", "forces", "stress", "n")
+    __slots__ = ("positions", "cell", "pbc", "species", "energy", "forces", "stress", "n", "edges")
 
     def __init__(self, atoms, index: Dict[int, int]):
         from potentials.data import labels
@@ -110,21 +112,38 @@ class Frame:
             self.stress = torch.as_tensor(stress, dtype=f64)
         else:
             self.stress = None
+        self.edges = None  # (cutoff, edge_index, shifts), computed once by collate
+
+    def neighbors(self, cutoff: float):
+        """This frame's neighbor list (``compute_neighbors``), cached: the data never move."""
+        from eqcalc.neighbors import compute_neighbors
+
+        if self.edges is None or self.edges[0] != cutoff:
+            edge_index, shifts = compute_neighbors(self.positions, self.cell.unsqueeze(0), self.pbc.unsqueeze(0),
+                                                   cutoff, torch.zeros(self.n, dtype=torch.int64))
+            self.edges = (cutoff, edge_index, shifts.to(torch.float64))
+        return self.edges[1], self.edges[2]
 
 
 def collate(frames: Sequence[Frame], cutoff: float) -> Dict[str, torch.Tensor]:
-    """Concatenate frames into one batch (``system`` index) with a batched neighbor list."""
-    from eqcalc.neighbors import compute_neighbors
+    """Concatenate frames into one batch (``system`` index, atoms contiguous, systems in order).
 
+    The neighbor list of each frame comes from ``compute_neighbors`` once and is reused
+    (offset by the atoms before it): the same edges as ``compute_neighbors`` on the whole batch,
+    without recomputing them every step.
+    """
     counts = torch.tensor([f.n for f in frames])
     positions = torch.cat([f.positions for f in frames])
     cell = torch.stack([f.cell for f in frames])
     pbc = torch.stack([f.pbc for f in frames])
     system = torch.repeat_interleave(torch.arange(len(frames)), counts)
-    edge_index, shifts = compute_neighbors(positions, cell, pbc, cutoff, system)
+    offsets = torch.cumsum(counts, 0) - counts
+    lists = [f.neighbors(cutoff) for f in frames]
+    edge_index = torch.cat([e + int(o) for (e, _), o in zip(lists, offsets)], dim=1)
+    shifts = torch.cat([s for _, s in lists])
     batch = {
         keys.POSITIONS: positions, keys.CELL: cell, keys.SPECIES: torch.cat([f.species for f in frames]),
-        keys.EDGE_INDEX: edge_index, keys.SHIFTS: shifts.to(torch.float64), keys.SYSTEM: system,
+        keys.EDGE_INDEX: edge_index, keys.SHIFTS: shifts, keys.SYSTEM: system,
         "n_atoms": counts.to(torch.float64),
         "energy_ref": torch.tensor([f.energy for f in frames], dtype=torch.float64),
     }
@@ -286,6 +305,16 @@ def _batches(frames: List[Frame], size: int, cutoff: float, limit=None) -> List[
 
 def train(config: Dict) -> Path:
     """Train per ``config`` (see the module docstring); returns the path of the model package."""
+    threads = torch.get_num_threads()
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    try:
+        return _train(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: Dict) -> Path:
     import potentials
     from eqcalc.derivatives import ForceStressModel
     from potentials import data as datamod
@@ -374,6 +403,11 @@ def train(config: Dict) -> Path:
     segment_start = time.perf_counter()
     base_time = state["train_time"]
     running = state.get("running")
+    if state["step"] == 0 and not state["history"]:
+        # the starting point of the learning curve (reference energies already in place)
+        metrics = evaluate(model.eval(), val_batches, weights)
+        state["history"].append({"step": 0, "train_loss": float("nan"), "lr": 0.0, "grad_norm": float("nan"),
+                                 **{f"val_{k}": v for k, v in metrics.items()}})
     while state["step"] < max_steps:
         step = state["step"]
         if stop_after is not None and step >= int(stop_after):
@@ -393,7 +427,7 @@ def train(config: Dict) -> Path:
         optimizer.step()
         ema.update(model, step)
         state["step"] = step + 1
-        loss = float(terms["total"])
+        loss = float(terms["total"].detach())
         running = loss if running is None else 0.95 * running + 0.05 * loss
         state["running"] = running
         if state["step"] % int(cfg["val_every"]) == 0 or state["step"] == max_steps:
@@ -451,7 +485,7 @@ def train(config: Dict) -> Path:
     training = {
         "data": summary,
         "reference_energies_eV": {s: round(float(e), 6) for s, e in zip(species, refs)},
-        "test_metrics": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in test.items()},
+        "test_metrics": {k: (round(v, 3) if math.isfinite(v) else None) for k, v in test.items()},
         "recipe": {k: v for k, v in cfg.items() if k not in ("progress", "resume", "stop_after_steps")},
         "steps": state["step"], "train_time_s": round(state["train_time"], 1), "seed": seed,
     }

@@ -1,0 +1,61 @@
+"""Worst errors of the physics test library per architecture and dtype → physics.csv.
+
+    .venv/bin/python benchmarks/physics_report.py [--output-dir benchmarks/results]
+
+The same checks as tests/test_physics.py, reported as numbers (the issue's closing figures).
+"""
+import argparse
+import csv
+import tempfile
+import time
+from pathlib import Path
+
+import potentials
+from potentials import testing as T
+from eqcalc import EquivariantCalculator
+
+SPECIES = ["Cu", "Pt", "C", "O", "H"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="benchmarks/results")
+    out = Path(p.parse_args().output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    structs = T.structures(SPECIES)
+    rows = []
+    for arch in potentials.architectures():
+        path = Path(tempfile.mkdtemp()) / f"{arch}.eqm"
+        potentials.save(potentials.build(arch, species=SPECIES, cutoff=5.0, dtype="float64", direct_forces=True), path)
+        ref = EquivariantCalculator(path, compile="eager", dtype="float64")
+        for dtype in ("float64", "float32"):
+            start = time.perf_counter()
+            calc = EquivariantCalculator(path, compile="eager", dtype=dtype)
+            direct = EquivariantCalculator(path, compile="eager", dtype=dtype, forces="direct")
+            sym = [T.check_symmetry(calc, structs[k], n=100) for k in ("bulk", "slab", "cluster")]
+            sym_direct = [T.check_symmetry(direct, structs[k], n=100) for k in ("bulk", "slab", "cluster")]
+            row = {
+                "architecture": arch, "dtype": dtype,
+                "fd_forces": max(T.check_forces_fd(calc, a, reference=ref) for a in structs.values()),
+                "fd_stress": max(T.check_stress_fd(calc, structs[k], reference=ref)
+                                 for k in ("bulk", "small_triclinic", "slab")),
+                "O3_energy": max(s["energy"] for s in sym),
+                "O3_forces": max(s["forces"] for s in sym),
+                "O3_stress": max(s["stress"] for s in sym),
+                "O3_direct_forces": max(s["forces"] for s in sym_direct),
+                "extensivity": T.check_extensive(calc, structs["small_triclinic"]),
+                "batch_vs_single": T.check_batch(calc, list(structs.values())),
+                "wrapped_vs_unwrapped": max(T.check_wrapping(calc, structs[k]) for k in ("slab", "small_triclinic")),
+                "force_beyond_cutoff": T.check_cutoff(calc, SPECIES)["force_beyond"],
+            }
+            rows.append({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()})
+            print(rows[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
+    with open(out / "physics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out / 'physics.csv'}")
+
+
+if __name__ == "__main__":
+    main()

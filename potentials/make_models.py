@@ -1,0 +1,101 @@
+"""Regenerate the shipped models from their recipes.
+
+    nice -n 15 python -m potentials.make_models            # every recipe (default, schnet)
+    nice -n 15 python -m potentials.make_models default    # one recipe
+    python -m potentials.make_models default --set max_steps=50 --set output=/tmp/m.eqm
+
+Run from the repository root. Each recipe ``potentials/recipes/NAME.yaml`` is a training
+config (see :mod:`potentials.train`); the EMT reference data is generated on first use
+(``generate:`` in the recipe) into ``build/potentials/`` and shared by the recipes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def _scalar(text: str) -> Any:
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1].strip()
+        return [_scalar(x) for x in inner.split(",")] if inner else []
+    if text in ("null", "~", ""):
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip("'\"")
+
+
+def load_recipe(path: str | Path) -> Dict[str, Any]:
+    """Read a recipe: PyYAML when installed, else the YAML subset the recipes use
+    (``key: value`` with nested mappings by indentation and ``[a, b]`` flow lists)."""
+    text = Path(path).read_text()
+    try:
+        import yaml
+    except ImportError:
+        yaml = None
+    if yaml is not None:
+        return yaml.safe_load(text)
+    root: Dict[str, Any] = {}
+    stack = [(-1, root)]
+    for raw in text.splitlines():
+        line = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        key, _, value = line.strip().partition(":")
+        while stack[-1][0] >= indent:
+            stack.pop()
+        parent = stack[-1][1]
+        if value.strip() == "":
+            parent[key] = {}
+            stack.append((indent, parent[key]))
+        else:
+            parent[key] = _scalar(value)
+    return root
+
+
+def make(name: str, overrides: Dict[str, Any] | None = None) -> Path:
+    """Train recipe ``name`` and write its model; returns the model path."""
+    from potentials.train import train
+
+    config = load_recipe(RECIPES / f"{name}.yaml")
+    config.update(overrides or {})
+    start = time.perf_counter()
+    path = train(config)
+    metrics = json.loads((Path(config["work_dir"]) / "metrics.json").read_text())
+    print(f"{name}: wrote {path} in {time.perf_counter() - start:.0f} s; test energy MAE "
+          f"{metrics['test_energy_mae_meV_per_atom']:.1f} meV/atom, force MAE "
+          f"{metrics['test_forces_mae_meV_per_A']:.0f} meV/Å, stress MAE "
+          f"{metrics['test_stress_mae_meV_per_A3']:.2f} meV/Å³ ({metrics['steps']} steps)")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipes", nargs="*", help="recipe names (default: all in potentials/recipes)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set max_steps=100")
+    args = parser.parse_args(argv)
+    names = args.recipes or sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = _scalar(value)
+    for name in names:
+        make(name, overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""EMT reference data: labels present and finite, deterministic splits, label-checking reader."""
+import ase.io
+import numpy as np
+import pytest
+from ase.build import molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from eqcalc.errors import EqcalcError, InvalidAtomsError
+from potentials import data
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "emt.xyz"
+    data.generate(path, 16, seed=3)
+    return path
+
+
+def test_generated_frames_have_finite_labels(small):
+    frames = data.read_dataset(small)
+    assert len(frames) == 16
+    for atoms in frames:
+        assert np.isfinite(atoms.get_potential_energy())
+        forces = atoms.get_forces()
+        assert forces.shape == (len(atoms), 3) and np.all(np.isfinite(forces))
+        assert atoms.info["split"] in data.SPLITS
+        if atoms.pbc.all():
+            assert np.all(np.isfinite(atoms.get_stress()))
+        else:
+            assert "stress" not in data.labels(atoms)
+    assert {s for a in frames for s in a.get_chemical_symbols()} <= set(data.ELEMENTS)
+
+
+def test_generation_and_split_are_deterministic(small, tmp_path):
+    again = data.generate(tmp_path / "again.xyz", 16, seed=3)
+    assert again.read_text() == small.read_text()
+    splits = [a.info["split"] for a in data.read_dataset(small)]
+    assert set(splits) <= set(data.SPLITS) and "train" in splits
+    # frames of one starting structure (one MD trajectory) never straddle splits
+    frames = data.read_dataset(small)
+    by_group = {}
+    for a in frames:
+        by_group.setdefault(a.info["group"], set()).add(a.info["split"])
+    assert all(len(s) == 1 for s in by_group.values())
+
+
+def _write(path, frames):
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+def _co(energy=-1.0, forces=True):
+    atoms = molecule("CO")
+    results = {"energy": energy}
+    if forces:
+        results["forces"] = np.zeros((2, 3))
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    return atoms
+
+
+def test_reader_refuses_missing_forces(tmp_path):
+    path = _write(tmp_path / "missing.xyz", [_co(), _co(forces=False)])
+    with pytest.raises(InvalidAtomsError) as info:
+        data.read_dataset(path)
+    message = str(info.value)
+    assert "missing.xyz" in message and "frame 1" in message and "'forces'" in message
+    assert isinstance(info.value, EqcalcError)
+    # energy-only training does not need forces
+    assert len(data.read_dataset(path, require=("energy",))) == 2
+
+
+def test_reader_refuses_nan_energy(tmp_path):
+    path = _write(tmp_path / "nan.xyz", [_co(), _co(), _co(energy=float("nan"))])
+    with pytest.raises(data.DataLabelError) as info:
+        data.read_dataset(path)
+    message = str(info.value)
+    assert "nan.xyz" in message and "frame 2" in message and "'energy'" in message
+    with pytest.raises(data.DataLabelError, match="frame 2"):
+        data.read_dataset(path, require=("energy",))

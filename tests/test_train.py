@@ -1,0 +1,72 @@
+"""Training: a short run lowers the validation loss, resume is exact, the demo runs end to end."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import potentials
+from potentials import data
+from potentials.train import train
+
+ELEMENTS = ("Pt", "Cu", "C", "O", "H")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train-data") / "emt.xyz"
+    data.generate(path, 40, seed=5, elements=ELEMENTS)
+    return path
+
+
+def _config(dataset, work, **extra):
+    config = dict(data=str(dataset), architecture="painn",
+                  model=dict(features=8, num_interactions=1, num_radial=8),
+                  batch_size=4, max_steps=24, warmup_steps=4, val_every=8, lr=5e-3, seed=1,
+                  work_dir=str(work), output=str(work / "model.eqm"), progress=False, plots=False,
+                  patience=100)
+    config.update(extra)
+    return config
+
+
+def test_short_training_lowers_validation_loss(dataset, tmp_path):
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    path = train(_config(dataset, tmp_path, plots=True))
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[0]["step"] == 0
+    assert min(h["val_loss"] for h in history[1:]) < history[0]["val_loss"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test_energy_mae_meV_per_atom"] > 0 and metrics["test_forces_mae_meV_per_A"] > 0
+    for name in ("learning_curve.png", "energy_parity.png", "force_parity.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    model = potentials.load(path)
+    assert model.architecture == "painn"
+    # the global torch state is left alone
+    assert torch.get_num_threads() == threads and torch.get_default_dtype() == dtype
+
+
+def test_resume_matches_uninterrupted_run(dataset, tmp_path):
+    full = train(_config(dataset, tmp_path / "full"))
+    partial = _config(dataset, tmp_path / "split", stop_after_steps=12)
+    train(partial)
+    assert not Path(partial["output"]).exists()
+    resumed = train(dict(partial, stop_after_steps=None, resume=True))
+    a, b = potentials.load(full).state_dict(), potentials.load(resumed).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_demo_end_to_end(tmp_path):
+    from eqcalc.demo import run_demo
+
+    try:
+        from eqcalc.package import resolve
+        resolve("default")
+    except Exception:
+        pytest.skip("no shipped default model yet")
+    result = run_demo(tmp_path, steps=4, relax_steps=2, trajectory_interval=2)
+    assert abs(result["model_result"]["E_ads_eV"]) < 10
+    assert result["emt_result"] is not None
+    assert (tmp_path / "md.extxyz").exists() and (tmp_path / "md.png").exists()
+    assert "E_ads" in result["summary"]
