@@ -95,14 +95,97 @@ def bench_model(model_path: str | None, sizes, device: str, output_dir: Path):
     return rows
 
 
+def one_thread(fn):
+    """``fn`` with one intra-op thread, restored afterwards (benchmark only: shows the cost
+    without OpenMP contention on a busy machine)."""
+    import torch
+
+    def run():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(n)
+
+    return run
+
+
+def _n_pairs(out) -> int:
+    first = out[0] if isinstance(out, tuple) else out
+    return int(first.shape[1] if first.dim() == 2 else first.shape[0]) if hasattr(first, "dim") else len(first)
+
+
+def bench_neighbors(sizes, output_dir: Path, cutoff: float = 5.0, repeats: int = 7, ase_max: int = 4000):
+    """Full neighbor list with shifts: eqcalc vs vesin, matscipy, ASE (and torch_cluster's open
+    radius graph as a reference point), same structures, same run; ratios to vesin."""
+    import importlib.util
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from ase.neighborlist import neighbor_list as ase_neighbor_list
+
+    from eqcalc import neighbors as nb
+
+    peers = {name: importlib.util.find_spec(name) is not None for name in ("vesin", "matscipy", "torch_cluster")}
+    rows = []
+    for size in sizes:
+        atoms = copper(size)
+        pos, cell, pbc = (torch.tensor(atoms.positions), torch.tensor(atoms.cell.array), torch.tensor(atoms.pbc))
+        ours = lambda: nb.compute_neighbors(pos, cell, pbc, cutoff)  # noqa: E731
+        methods = {"eqcalc.compute_neighbors": ours,
+                   "eqcalc.compute_neighbors (1 thread)": one_thread(ours),
+                   "eqcalc.neighbor_list(ijS)": lambda: nb.neighbor_list("ijS", atoms, cutoff)}
+        if peers["vesin"]:
+            import vesin
+
+            vnl = vesin.NeighborList(cutoff=cutoff, full_list=True)
+            methods["vesin"] = lambda: vnl.compute(atoms.positions, atoms.cell.array, periodic=True, quantities="ijS")
+        if peers["matscipy"]:
+            import matscipy.neighbours
+
+            methods["matscipy"] = lambda: matscipy.neighbours.neighbour_list("ijS", atoms, cutoff)
+        if len(atoms) <= ase_max:
+            methods["ase"] = lambda: ase_neighbor_list("ijS", atoms, cutoff)
+        else:
+            log.info("ASE skipped at %d atoms (--ase-max %d; over a second per call)", len(atoms), ase_max)
+        if peers["torch_cluster"]:
+            # no periodic images: a reference point for the fully open case only
+            methods["torch_cluster radius_graph (open, no images)"] = lambda: nb._torch_cluster_radius(pos, cutoff)
+        results = {}
+        for name, fn in methods.items():
+            results[name] = (best_time(fn, repeats=repeats), _n_pairs(fn()))
+            log.info("%6d atoms  %-46s %9.2f ms", len(atoms), name, results[name][0] * 1e3)
+        reference = results.get("vesin", results["eqcalc.compute_neighbors"])
+        for name, (t, pairs) in results.items():
+            if not name.startswith("torch_cluster") and pairs != reference[1]:
+                raise AssertionError(f"{name}: {pairs} pairs, vesin {reference[1]}")
+            rows.append({"atoms": len(atoms), "method": name, "time_ms": round(t * 1e3, 3),
+                         "ratio_to_vesin": round(t / reference[0], 2), "n_pairs": pairs,
+                         "threads": torch.get_num_threads()})
+    write_csv(rows, output_dir / "neighbors.csv")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name in dict.fromkeys(r["method"] for r in rows):
+        pts = [(r["atoms"], r["time_ms"]) for r in rows if r["method"] == name]
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="atoms (fcc Cu, rattled)", ylabel="ms per full list",
+           title=f"neighbor list, cutoff {cutoff} Å, {torch.get_num_threads()} threads")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output_dir / "neighbors.png", dpi=120)
+    return rows
+
+
 def main(args) -> None:
     out = Path(args.output_dir)
     if args.what == "model":
         rows = bench_model(args.model, args.atoms or [108, 864], args.device, out)
     else:
-        from eqcalc.neighbors_bench import run as bench_neighbors
-
-        rows = bench_neighbors(args.atoms or [864, 4000, 16384], out)
+        rows = bench_neighbors(args.atoms or [864, 4000, 16384], out, repeats=args.repeats)
     keys = list(rows[0])
     print(" | ".join(keys))
     for r in rows:

@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help="model for --what model (default: an untrained PaiNN)")
     c.add_argument("--atoms", type=int, nargs="+", default=None, help="system sizes (Cu fcc supercells)")
     c.add_argument("--device", default="cpu")
+    c.add_argument("--repeats", type=int, default=7, help="best of this many calls after a warm-up")
     c.add_argument("--output-dir", default="benchmarks/results", help="where CSV and PNG go")
     c.set_defaults(func=_bench)
     return p
