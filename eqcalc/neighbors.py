@@ -461,14 +461,12 @@ def _torch_cluster_radius(positions, cutoff, system=None):
 
 def compute_edge_vectors(positions, cell, edge_index, shifts, system=None):
     """``r_ij = positions[j] - positions[i] + shifts @ cell[system[i]]``, ``(n_edges, 3)``."""
+    from eqcalc.derivatives import edge_vectors
+
     cell = cell if cell.dim() == 3 else cell.unsqueeze(0)
-    i, j = edge_index[0], edge_index[1]
-    s = shifts.to(positions.dtype)
     if system is None:
-        sv = s @ cell[0].to(positions.dtype)
-    else:
-        sv = torch.bmm(s.unsqueeze(1), cell.to(positions.dtype)[system[i]]).squeeze(1)
-    return positions[j] - positions[i] + sv
+        system = torch.zeros(positions.shape[0], dtype=torch.int64, device=positions.device)
+    return edge_vectors(positions, cell.to(positions.dtype), edge_index, shifts.to(positions.dtype), system)
 
 
 # ----------------------------------------------------------------------------------------------
