@@ -18,6 +18,9 @@ recipes in ``potentials/recipes/*.yaml`` are such dicts); every key has a defaul
 ``max_steps``, ``max_time_s`` (stop early at a wall-clock budget), ``seed``.
 ``work_dir``        checkpoint, plots and metrics; ``output``: the model package path.
 ``threads``         torch intra-op threads while training (restored afterwards); None leaves them.
+``max_force``       drop frames with any force component above this (eV/Å) from all splits
+                    (EMT puts H atoms rattled into the surface at up to ~90 eV/Å; such outliers
+                    would dominate an MSE loss); the count goes into the metadata.
 ``resume``          continue from ``work_dir/checkpoint.pt`` exactly where it stopped.
 ``stop_after_steps`` stop (checkpoint written) after this many steps without finishing:
                     what an interruption looks like; ``resume`` then gives the same result as
@@ -80,6 +83,7 @@ DEFAULTS: Dict = {
     "threads": None,
     "plots": True,
     "max_val_frames": None,
+    "max_force": None,
 }
 
 
@@ -142,7 +146,7 @@ def collate(frames: Sequence[Frame], cutoff: float) -> Dict[str, torch.Tensor]:
     edge_index = torch.cat([e + int(o) for (e, _), o in zip(lists, offsets)], dim=1)
     shifts = torch.cat([s for _, s in lists])
     batch = {
-        keys.POSITIONS: positions, keys.CELL: cell, keys.SPECIES: torch.cat([f.species for f in frames]),
+        keys.POSITIONS: positions, keys.CELL: cell, keys.PBC: pbc, keys.SPECIES: torch.cat([f.species for f in frames]),
         keys.EDGE_INDEX: edge_index, keys.SHIFTS: shifts, keys.SYSTEM: system,
         "n_atoms": counts.to(torch.float64),
         "energy_ref": torch.tensor([f.energy for f in frames], dtype=torch.float64),
@@ -337,9 +341,16 @@ def _train(config: Dict) -> Path:
     weights = (float(cfg["energy_weight"]), float(cfg["forces_weight"]), float(cfg["stress_weight"]))
     require = ("energy", "forces") if weights[1] > 0 else ("energy",)
     frames_ase = datamod.read_dataset(data_path, require=require)
-    species = list(cfg["species"] or sorted({s for a in frames_ase for s in a.get_chemical_symbols()},
-                                           key=lambda s: __import__("ase").data.atomic_numbers[s]))
+    n_dropped = 0
+    if cfg["max_force"] is not None:
+        kept = [a for a in frames_ase if "forces" not in datamod.labels(a)
+                or np.abs(datamod.labels(a)["forces"]).max() <= float(cfg["max_force"])]
+        n_dropped = len(frames_ase) - len(kept)
+        frames_ase = kept
     from ase.data import atomic_numbers
+
+    species = list(cfg["species"] or sorted({s for a in frames_ase for s in a.get_chemical_symbols()},
+                                           key=atomic_numbers.get))
     index = {atomic_numbers[s]: k for k, s in enumerate(species)}
     missing = sorted({s for a in frames_ase for s in a.get_chemical_symbols()} - set(species))
     if missing:
@@ -481,7 +492,7 @@ def _train(config: Dict) -> Path:
     if cfg["plots"]:
         _plots(work, state["history"], predictions(model, test_batches or val_batches))
     summary = datamod.summary(frames_ase)
-    summary.update(file=str(data_path.name), generate=cfg["generate"])
+    summary.update(file=str(data_path.name), generate=cfg["generate"], dropped_max_force=n_dropped)
     training = {
         "data": summary,
         "reference_energies_eV": {s: round(float(e), 6) for s, e in zip(species, refs)},

@@ -15,14 +15,14 @@ ELEMENTS = ("Pt", "Cu", "C", "O", "H")
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     path = tmp_path_factory.mktemp("train-data") / "emt.xyz"
-    data.generate(path, 40, seed=5, elements=ELEMENTS)
+    data.generate(path, 24, seed=5, elements=ELEMENTS)
     return path
 
 
 def _config(dataset, work, **extra):
     config = dict(data=str(dataset), architecture="painn",
                   model=dict(features=8, num_interactions=1, num_radial=8),
-                  batch_size=4, max_steps=24, warmup_steps=4, val_every=8, lr=5e-3, seed=1,
+                  batch_size=4, max_steps=16, warmup_steps=4, val_every=8, lr=5e-3, seed=1,
                   work_dir=str(work), output=str(work / "model.eqm"), progress=False, plots=False,
                   patience=100)
     config.update(extra)
@@ -47,7 +47,7 @@ def test_short_training_lowers_validation_loss(dataset, tmp_path):
 
 def test_resume_matches_uninterrupted_run(dataset, tmp_path):
     full = train(_config(dataset, tmp_path / "full"))
-    partial = _config(dataset, tmp_path / "split", stop_after_steps=12)
+    partial = _config(dataset, tmp_path / "split", stop_after_steps=8)
     train(partial)
     assert not Path(partial["output"]).exists()
     resumed = train(dict(partial, stop_after_steps=None, resume=True))
