@@ -75,6 +75,7 @@ def _bench(args) -> int:
 
 
 EPILOGS = {
+    "demo": "example:\n  eqcalc demo\n  eqcalc demo --steps 2000 --temperature-K 700 --output-dir run1",
     "info": "example:\n  eqcalc info default\n  eqcalc info my_model.eqm --json",
     "export": "example:\n  eqcalc export default --format aoti -o painn.pt2\n"
               "  eqcalc export my_model.eqm --format torchscript --dtype float64",
@@ -86,13 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eqcalc", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run trained equivariant interatomic potentials inside ASE.",
-        epilog="example:\n  eqcalc info default\n  eqcalc bench --what neighbors")
+        epilog="example:\n  eqcalc demo\n  eqcalc info default\n  eqcalc bench --what neighbors")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name, help_):
         return sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS[name],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    from eqcalc import demo
+
+    c = command("demo", "Pt(111)+CO: relax with the default model vs EMT, short NVT at 500 K, plot and summary")
+    demo.add_arguments(c)
+    c.set_defaults(func=demo.main)
 
     c = command("info", "print a model's card: architecture, species, cutoff, training metrics")
     c.add_argument("model", help="shipped model name or .eqm path")

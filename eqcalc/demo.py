@@ -87,7 +87,7 @@ def _adsorption(calc_factory, systems, fmax: float, steps: int) -> Dict:
 
 def run_demo(output_dir="eqcalc-demo", model: str = "default", device: str = "auto",
              steps: int = 500, relax_steps: int = 200, fmax: float = 0.05,
-             temperature_K: float = 500.0, timestep_fs: float = 2.0, friction: float = 0.02,
+             temperature_K: float = 500.0, timestep_fs: float = 2.0, friction_per_fs: float = 0.02,
              compile: str = DEFAULT_COMPILE, compare_emt: bool = True, seed: int = 0,
              trajectory_interval: int = 5, plot: bool = True, verbose: bool = False) -> Dict:
     """Run the demo (see the module docstring); returns a dict of results and timings.
@@ -131,7 +131,7 @@ def run_demo(output_dir="eqcalc-demo", model: str = "default", device: str = "au
     atoms.calc = calc
     thermalize(atoms, temperature_K=temperature_K, rng=np.random.RandomState(seed))
     dyn = Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature_K,
-                   friction=friction, fixcm=False, rng=np.random.RandomState(seed + 1), logfile=None)
+                   friction=friction_per_fs / units.fs, fixcm=False, rng=np.random.RandomState(seed + 1), logfile=None)
     traj_path = out_dir / "md.extxyz"
     log = {"time_fs": [], "temperature_K": [], "epot_eV": [], "etot_eV": []}
     import ase.io
