@@ -211,7 +211,8 @@ class NoForceHead(torch.nn.Module):
 
 # ---- model base -------------------------------------------------------------------------------
 class Potential(torch.nn.Module):
-    """Common part of every architecture: config, cutoff, ``species_z`` buffer, energy scale/shift.
+    """Common part of every architecture: config, cutoff, ``species_z`` buffer, energy scale/shift,
+    species embedding ``(n_species, features)`` and radial embedding.
 
     Subclasses set ``architecture`` and a frozen dataclass ``Config``.
     """
@@ -226,6 +227,11 @@ class Potential(torch.nn.Module):
         self.cutoff = float(config.cutoff)
         self.register_buffer("species_z", torch.tensor(atomic_numbers(config.species), dtype=torch.int64))
         self.scale_shift = ScaleShift(len(config.species))
+        # Every architecture here starts from a species embedding and a radial basis × envelope.
+        self.features = config.features
+        self.embedding = torch.nn.Embedding(len(config.species), config.features)
+        self.radial = RadialEmbedding(config.radial_basis, config.envelope, config.cutoff,
+                                      config.num_radial)
 
     def config_dict(self) -> Dict:
         """JSON-able hyperparameters; ``type(self).Config(**d)`` rebuilds ``self.config``."""

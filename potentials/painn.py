@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from eqcalc import keys
-from potentials.nn import (NoForceHead, Potential, RadialEmbedding, edge_geometry, mlp,
+from potentials.nn import (NoForceHead, Potential, edge_geometry, mlp,
                            scatter_sum, validate_config)
 from potentials.registry import register
 
@@ -133,10 +133,6 @@ class PaiNN(Potential):
     def __init__(self, config: PaiNNConfig):
         super().__init__(config)
         F, L = config.features, config.num_interactions
-        self.features = F
-        self.embedding = torch.nn.Embedding(len(config.species), F)
-        self.radial = RadialEmbedding(config.radial_basis, config.envelope, config.cutoff,
-                                      config.num_radial)
         # The filters W(r_ij) of all layers in one weight matrix, applied to [basis * envelope,
         # envelope]: the last column acts as the bias of W, times the envelope like the rest.
         self.filters = torch.nn.Linear(config.num_radial + 1, L * 3 * F, bias=False)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from eqcalc import keys
-from potentials.nn import (NoForceHead, Potential, RadialEmbedding, ShiftedSoftplus,
+from potentials.nn import (NoForceHead, Potential, ShiftedSoftplus,
                            edge_geometry, mlp, scatter_sum, validate_config,
                            xavier_init_)
 from potentials.registry import register
@@ -85,10 +85,6 @@ class SchNet(Potential):
     def __init__(self, config: SchNetConfig):
         super().__init__(config)
         F, L = config.features, config.num_interactions
-        self.features = F
-        self.embedding = torch.nn.Embedding(len(config.species), F)
-        self.radial = RadialEmbedding(config.radial_basis, config.envelope, config.cutoff,
-                                      config.num_radial)
         self.interactions = torch.nn.ModuleList([Interaction(F, config.num_radial) for _ in range(L)])
         self.readout = mlp([F, F // 2, 1], activation="ssp")
         self.force_head = PairForceHead(F, config.num_radial) if config.direct_forces else NoForceHead()

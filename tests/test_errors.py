@@ -86,6 +86,14 @@ def test_unknown_shipped_name():
         EquivariantCalculator("no-such-model")
 
 
+def rewritten(src, dst, meta=lambda m: m, weights=lambda w: w) -> str:
+    """Copy package ``src`` to ``dst`` with its metadata dict and weight bytes transformed."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        out.writestr(package.METADATA, json.dumps(meta(json.loads(z.read(package.METADATA)))))
+        out.writestr(package.WEIGHTS, weights(z.read(package.WEIGHTS)))
+    return str(dst)
+
+
 def test_truncated_model_file(package_path, tmp_path):
     blob = open(package_path("schnet"), "rb").read()
     bad = tmp_path / "truncated.eqm"
@@ -95,15 +103,10 @@ def test_truncated_model_file(package_path, tmp_path):
 
 
 def test_modified_weights_fail_the_hash(package_path, tmp_path):
-    src = package_path("schnet")
-    bad = tmp_path / "tampered.eqm"
-    with zipfile.ZipFile(src) as z, zipfile.ZipFile(bad, "w") as out:
-        out.writestr(package.METADATA, z.read(package.METADATA))
-        w = bytearray(z.read(package.WEIGHTS))
-        w[-1] ^= 0xFF
-        out.writestr(package.WEIGHTS, bytes(w))
+    bad = rewritten(package_path("schnet"), tmp_path / "tampered.eqm",
+                    weights=lambda w: w[:-1] + bytes([w[-1] ^ 0xFF]))
     with pytest.raises(errors.ModelFileError, match="sha256"):
-        EquivariantCalculator(str(bad))
+        EquivariantCalculator(bad)
 
 
 def test_foreign_zip(tmp_path):
@@ -145,28 +148,18 @@ def test_pickle_posing_as_model_never_executes(tmp_path, via_torch):
 
 
 def test_schema_from_the_future(package_path, tmp_path):
-    src = package_path("schnet")
-    future = tmp_path / "future.eqm"
-    with zipfile.ZipFile(src) as z, zipfile.ZipFile(future, "w") as out:
-        meta = json.loads(z.read(package.METADATA))
-        meta["schema_version"] = package.SCHEMA_VERSION + 1
-        out.writestr(package.METADATA, json.dumps(meta))
-        out.writestr(package.WEIGHTS, z.read(package.WEIGHTS))
+    future = rewritten(package_path("schnet"), tmp_path / "future.eqm",
+                       meta=lambda m: {**m, "schema_version": package.SCHEMA_VERSION + 1})
     with pytest.raises(errors.ModelVersionError, match="upgrade eqcalc"):
-        EquivariantCalculator(str(future))
+        EquivariantCalculator(future)
 
 
 def test_weights_of_another_architecture(package_path, tmp_path):
-    src = package_path("schnet")
-    other = tmp_path / "mismatch.eqm"
-    with zipfile.ZipFile(src) as z, zipfile.ZipFile(other, "w") as out:
-        meta = json.loads(z.read(package.METADATA))
-        meta["architecture"] = "painn"
-        meta["config"] = potentials.build("painn", species=SPECIES).config_dict()
-        out.writestr(package.METADATA, json.dumps(meta))
-        out.writestr(package.WEIGHTS, z.read(package.WEIGHTS))
+    painn = potentials.build("painn", species=SPECIES).config_dict()
+    other = rewritten(package_path("schnet"), tmp_path / "mismatch.eqm",
+                      meta=lambda m: {**m, "architecture": "painn", "config": painn})
     with pytest.raises(errors.ModelFileError, match="do not fit architecture"):
-        EquivariantCalculator(str(other))
+        EquivariantCalculator(other)
 
 
 def test_cuda_not_available(package_path):
