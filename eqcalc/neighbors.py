@@ -26,7 +26,15 @@ wrapped along periodic directions only; the wrap is folded back into ``S`` so ``
 for the unwrapped input. Image ranges follow from the perpendicular heights
 ``h_k = V / |a_i x a_j|`` (computed as ``1 / |column k of cell^-1|``).
 
-* **cell list** (default): bins ``~cutoff/2`` thick (fractional parallelepipeds along periodic
+* **compiled cell list** (CPU, default where it was built): :mod:`eqcalc._native`, plain C
+  loaded with ctypes, built by ``pip install`` (optional: without a compiler the torch paths
+  below serve). Python prepares the same wrapped positions, bins and search ranges as the torch
+  cell list; C sorts atoms into bins and scans neighbour bins in one loop, one system at a
+  time. Measured on the quiet 2-core machine, fcc Cu, cutoff 5 Å (``eqcalc bench --what
+  neighbors``): 3.5 / 18 / 53 ms at 864 / 4000 / 16384 atoms, 1.3-1.7x vesin, faster than
+  matscipy; the torch cell list took 6.0 / 22 / 140 ms (3.2-5.9x vesin) in the same
+  conditions. Also used for open systems (torch_cluster measured slower at 16384 atoms: 73 ms).
+* **cell list** (torch; every device, and CPU without the compiled library): bins ``~cutoff/2`` thick (fractional parallelepipeds along periodic
   directions, Å slabs along open ones; sparse systems get coarser bins, at most
   ``4 n_atoms + 64`` per system), atoms sorted by bin. Each atom is expanded over the
   ``(2m+1)^3`` neighbour-bin offsets (``m = ceil(cutoff / bin height)``, 2 for large cells, more
@@ -42,7 +50,8 @@ for the unwrapped input. Image ranges follow from the perpendicular heights
   distance tensor, no binning. Measured (1 thread, all pairs vs cell list): 10-atom molecule
   0.67 vs 1.9 ms, 80-atom molecule (6400) 1.0 vs 2.7 ms, 32-atom Cu cell with 27 images
   (27648) 1.8 vs 2.3 ms, 108-atom Cu cell (314928) 11.2 vs 3.2 ms: crossover ~4e4.
-* **torch_cluster** (optional, imported lazily): used for fully non-periodic systems on CPU with
+* **torch_cluster** (optional, imported lazily): when the compiled library is missing, used for
+  fully non-periodic systems on CPU with
   at least ``_TORCH_CLUSTER_MIN_ATOMS`` atoms, where it measured faster than the torch cell list
   (random gas, 1 thread: 30 atoms 0.13 vs 0.75 ms, 1000 atoms 4.6 vs 7.4 ms, 16000 atoms 103
   vs 115 ms; its edges are re-filtered to ``< cutoff`` and sorted). It is never used on GPU
@@ -71,6 +80,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from eqcalc import _native as native
 from eqcalc.errors import CellError, InvalidAtomsError, InvalidOptionError
 
 __all__ = ["compute_neighbors", "neighbor_list", "NeighborList", "compute_edge_vectors"]
@@ -252,7 +262,7 @@ def compute_neighbors(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Te
                 torch.zeros((0, 3), dtype=torch.int64, device=device))
     eff, inv, any_pbc = _effective_cell(positions, cell, pbc, system)
     if (not any_pbc and device.type == "cpu" and n_atoms >= _TORCH_CLUSTER_MIN_ATOMS
-            and not self_interaction):
+            and not self_interaction and native.library() is None):
         edge_index = _torch_cluster_radius(positions, cutoff, system)
         if edge_index is not None:
             return edge_index, torch.zeros((edge_index.shape[1], 3), dtype=torch.int64,
@@ -317,6 +327,9 @@ def _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interactio
             f"positions lie {host[-1]} cell lengths outside the cell; wrap them into the cell "
             "(ase: atoms.wrap()) before computing neighbors")
     total_bins = int(sum(host[:n_systems]))
+    if device.type == "cpu" and native.library() is not None:
+        return _native_search(pos_w, bcoord, wrap_i, eff, pbc, host, cutoff, system, n_systems,
+                              self_interaction)
     m_h = host[4 * n_systems:7 * n_systems]
     m_max = [max(m_h[d::3]) for d in range(3)]
     order = torch.argsort(lin, stable=True)
@@ -418,6 +431,33 @@ def _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interactio
     if len(out_i) == 1:
         return torch.stack([out_i[0], out_j[0]]), out_s[0]
     return torch.stack([torch.cat(out_i), torch.cat(out_j)]), torch.cat(out_s)
+
+
+def _native_search(pos_w, bcoord, wrap_i, eff, pbc, host, cutoff, system, n_systems,
+                   self_interaction):
+    """The compiled cell list (:mod:`eqcalc._native`), one system at a time, same bins as the
+    torch path; wraps are folded back into the shifts as there."""
+    nb = np.asarray(host[n_systems:4 * n_systems], dtype=np.int64).reshape(n_systems, 3)
+    m = np.asarray(host[4 * n_systems:7 * n_systems], dtype=np.int64).reshape(n_systems, 3)
+    pos, bins, wrap = pos_w.numpy(), bcoord.numpy(), wrap_i.numpy()
+    cells, periodic = eff.numpy(), pbc.numpy()
+    bounds = [0, len(pos)] if system is None else np.searchsorted(
+        system.numpy(), np.arange(n_systems + 1)).tolist()
+    parts = []
+    for k in range(n_systems):
+        a, b = bounds[k], bounds[k + 1]
+        if a == b:
+            continue
+        # ~4/3 pi rc^3 * 0.1 atoms/Å^3 neighbours per atom as a first guess of the size
+        guess = (b - a) * int(0.42 * cutoff ** 3 + 8)
+        i, j, s = native.cell_list(pos[a:b], bins[a:b], cells[k], periodic[k], nb[k], m[k],
+                                   cutoff, self_interaction, guess)
+        s = s - wrap[a:b][j] + wrap[a:b][i]  # r_ij for the unwrapped input positions
+        parts.append((i + a, j + a, s))
+    if not parts:
+        return (torch.zeros((2, 0), dtype=torch.int64), torch.zeros((0, 3), dtype=torch.int64))
+    i, j, s = (np.concatenate(x) for x in zip(*parts))
+    return torch.from_numpy(np.stack([i, j])), torch.from_numpy(s)
 
 
 def _all_pairs(pos_w, wrap_i, cell, n_img, cutoff, self_interaction):

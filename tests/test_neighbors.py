@@ -10,7 +10,34 @@ from ase.neighborlist import neighbor_list as ase_neighbor_list
 
 import eqcalc.neighbors as nbmod
 from eqcalc.errors import CellError, InvalidAtomsError, InvalidOptionError
+from eqcalc import _native
 from eqcalc.neighbors import NeighborList, compute_neighbors, neighbor_list
+
+BUILT_LIBRARY = _native.library()
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def search_path(request, monkeypatch):
+    """Every test runs on the compiled CPU cell list and on the pure-torch search."""
+    if request.param == "torch":
+        monkeypatch.setattr(_native, "library", lambda: None)
+    return request.param
+
+
+def test_native_library_is_built():
+    # install.sh builds it; without it the torch path would silently carry all CPU work
+    assert BUILT_LIBRARY is not None
+
+
+def test_native_and_torch_paths_give_the_same_list_on_large_cells(monkeypatch):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((6, 5, 4))
+    atoms.rattle(0.05, seed=0)
+    atoms.positions[:7] += 2.3 * atoms.cell[0]  # unwrapped atoms
+    pos, cell, pbc = (torch.tensor(atoms.positions), torch.tensor(atoms.cell.array), torch.tensor([True, True, False]))
+    native = compute_neighbors(pos, cell, pbc, 5.0)
+    monkeypatch.setattr(_native, "library", lambda: None)
+    plain = compute_neighbors(pos, cell, pbc, 5.0)
+    assert edge_set(native[0][0], native[0][1], native[1]) == edge_set(plain[0][0], plain[0][1], plain[1])
 
 
 def edge_set(i, j, S):
