@@ -100,3 +100,13 @@ def test_skin_reuses_the_list_in_md_and_changes_nothing(path):
     nl = a.calc.neighbors
     assert nl.n_builds < nl.n_calls and nl.n_builds >= 1
     np.testing.assert_array_equal(a.positions[fixed], start[fixed])
+
+
+def test_import_eqcalc_pulls_no_training_code_or_optional_packages():
+    import subprocess
+    import sys
+
+    code = ("import sys, eqcalc; bad = [m for m in ('potentials', 'pymatgen', 'torch_cluster', 'matplotlib') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

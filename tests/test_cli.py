@@ -58,3 +58,17 @@ def test_bench_neighbors_writes_csv_and_png(tmp_path, capsys):
                  "--output-dir", str(tmp_path)]) == 0
     assert (tmp_path / "neighbors.csv").exists() and (tmp_path / "neighbors.png").exists()
     assert "ratio_to_vesin" in (tmp_path / "neighbors.csv").read_text()
+
+
+def test_export_aoti_writes_a_loadable_package(package_path, tmp_path):
+    path = package_path("schnet", "float32")
+    out = tmp_path / "schnet.pt2"
+    assert main(["export", path, "--format", "aoti", "--device", "cpu", "-o", str(out)]) == 0
+    loaded = torch._inductor.aoti_load_package(str(out))
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 3))
+    atoms.rattle(0.05, seed=1)
+    t = to_tensors([atoms])
+    edge_index, shifts = compute_neighbors(t.positions, t.cell, t.pbc, 5.0, t.system)
+    got = loaded(t.positions, t.cell, torch.zeros_like(t.numbers), edge_index, shifts.double(), t.system)
+    ref = EquivariantCalculator(path, compile="eager").predict([atoms])[0]
+    np.testing.assert_allclose(got["forces"].numpy(), ref["forces"], atol=5e-5 * np.abs(ref["forces"]).max())
