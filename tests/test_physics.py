@@ -88,3 +88,16 @@ def test_direct_forces_differ_from_conservative_but_stress_agrees(calcs, arch):
     assert abs(a["energy"] - b["energy"]) < 1e-12
     assert T._rel(b["stress"], a["stress"]) < 1e-12
     assert T._rel(b["forces"], a["forces"]) > 1e-3  # an untrained head is not the gradient
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["default", "schnet"])
+def test_shipped_models_pass_the_physics_checks(name, dtype):
+    calc = EquivariantCalculator(name, compile="eager", dtype=dtype, device="cpu")
+    ref = EquivariantCalculator(name, compile="eager", dtype="float64", device="cpu")
+    tol = T.TOLERANCES[dtype]
+    for key in ("bulk", "slab", "small_triclinic"):
+        assert T.check_forces_fd(calc, STRUCTS[key], reference=ref) <= tol["fd_forces"], key
+        assert T.check_stress_fd(calc, STRUCTS[key], reference=ref) <= tol["fd_stress"], key
+    assert max(T.check_symmetry(calc, STRUCTS["slab"], n=100).values()) <= tol["symmetry"]
+    assert T.check_batch(calc, list(STRUCTS.values())) <= tol["consistency"]
