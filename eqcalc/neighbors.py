@@ -28,12 +28,13 @@ for the unwrapped input. Image ranges follow from the perpendicular heights
 
 * **compiled cell list** (CPU, default where it was built): :mod:`eqcalc._native`, plain C
   loaded with ctypes, built by ``pip install`` (optional: without a compiler the torch paths
-  below serve). Python prepares the same wrapped positions, bins and search ranges as the torch
-  cell list; C sorts atoms into bins and scans neighbour bins in one loop, one system at a
-  time. Measured on the quiet 2-core machine, fcc Cu, cutoff 5 Å (``eqcalc bench --what
-  neighbors``): 3.5 / 18 / 53 ms at 864 / 4000 / 16384 atoms, 1.3-1.7x vesin, faster than
-  matscipy; the torch cell list took 6.0 / 22 / 140 ms (3.2-5.9x vesin) in the same
-  conditions. Also used for open systems (torch_cluster measured slower at 16384 atoms: 73 ms).
+  below serve). Python prepares the wrapped positions, bins (about one cutoff thick: 27
+  neighbour bins, measured faster in C than half-cutoff bins) and search ranges; C sorts atoms
+  into bins, scans neighbour bins and writes pairs with their final shifts straight into the
+  output buffer, one system after another. Quiet 2-core machine, fcc Cu, cutoff 5 Å
+  (``eqcalc bench --what neighbors``): 1.9-3.1 / 5.6 / 20.7 ms at 864 / 4000 / 16384 atoms,
+  0.8-1.7x vesin (1.9 / 6.0 / 25.5 ms in the same run), 3-5x faster than matscipy; the torch
+  cell list below took 6.0 / 22 / 140 ms there. Also used for open systems.
 * **cell list** (torch; every device, and CPU without the compiled library): bins ``~cutoff/2`` thick (fractional parallelepipeds along periodic
   directions, Å slabs along open ones; sparse systems get coarser bins, at most
   ``4 n_atoms + 64`` per system), atoms sorted by bin. Each atom is expanded over the
@@ -270,6 +271,39 @@ def compute_neighbors(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Te
     return _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interaction)
 
 
+def _bins(frac, heights, pbc, system, n_systems, n_atoms, cut, per_cutoff):
+    """Bins: parallelepipeds of the (effective) cell about ``cut / per_cutoff`` thick.
+
+    Returns bins per direction ``nb`` ``(n_systems, 3)``, the search range ``m`` ``(n_systems, 3)``
+    (bins to scan on each side) and each atom's bin ``(n_atoms, 3)``, all int64.
+    """
+    dtype, device, i64 = frac.dtype, frac.device, torch.int64
+    lo, hi = _segment_minmax(frac, system, n_systems)
+    lo = torch.where(pbc, torch.zeros_like(lo), lo)
+    extent = torch.where(pbc, heights, hi - lo)
+    nb = torch.floor(extent * per_cutoff / cut).clamp(min=1)
+    if system is None:
+        n_per_system = torch.full((1,), float(n_atoms), dtype=dtype, device=device)
+    else:
+        n_per_system = torch.bincount(system, minlength=n_systems).to(dtype)
+    limit = n_per_system * _MAX_BINS_PER_ATOM + 64
+    for _ in range(3):  # sparse systems get fewer, larger bins (each pass only lowers nb)
+        factor = (nb.prod(1) / limit).clamp(min=1.0) ** (1.0 / 3.0)
+        nb = torch.floor(nb / factor.unsqueeze(1) + 1e-9).clamp(min=1)
+    # bin edge along each direction (fractional units along periodic, Å along open ones)
+    binlen = torch.where(pbc, 1.0 / nb, (extent / nb * (1 + 1e-9) + 1e-12).clamp(
+        min=cut / per_cutoff))
+    nb = torch.where(pbc, nb, torch.floor(extent / binlen).clamp(min=0) + 1)
+    # search range in bins: the perpendicular bin height times m must exceed the cutoff
+    m = torch.ceil(cut / (binlen * heights) - 1e-12)
+    m = torch.where(pbc, m, torch.minimum(m, nb - 1)).clamp(min=0)
+    nb_i, m_i = nb.to(i64), m.to(i64)
+    lo_a, scale_a, nb_a = (lo, 1.0 / binlen, nb_i) if system is None else (
+        lo[system], (1.0 / binlen)[system], nb_i[system])
+    bcoord = torch.floor((frac - lo_a) * scale_a).to(i64)
+    return nb_i, m_i, torch.minimum(bcoord.clamp(min=0), nb_a - 1)
+
+
 def _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interaction):
     device, dtype = positions.device, positions.dtype
     n_atoms = positions.shape[0]
@@ -289,47 +323,28 @@ def _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interactio
         if n_atoms * n_atoms * n_images <= _ALL_PAIRS_MAX:
             return _all_pairs(pos_w, wrap_i, eff[0], n_img.to(i64), cutoff, self_interaction)
 
-    # ---- bins: parallelepipeds of the (effective) cell, ~cutoff/_BINS_PER_CUTOFF thick ----
-    lo, hi = _segment_minmax(frac, system, n_systems)
-    lo = torch.where(pbc, torch.zeros_like(lo), lo)
-    extent = torch.where(pbc, heights, hi - lo)
-    nb = torch.floor(extent * _BINS_PER_CUTOFF / cut).clamp(min=1)
-    if system is None:
-        n_per_system = torch.full((1,), float(n_atoms), dtype=dtype, device=device)
-    else:
-        n_per_system = torch.bincount(system, minlength=n_systems).to(dtype)
-    limit = n_per_system * _MAX_BINS_PER_ATOM + 64
-    for _ in range(3):  # sparse systems get fewer, larger bins (each pass only lowers nb)
-        factor = (nb.prod(1) / limit).clamp(min=1.0) ** (1.0 / 3.0)
-        nb = torch.floor(nb / factor.unsqueeze(1) + 1e-9).clamp(min=1)
-    # bin edge along each direction (fractional units along periodic, Å along open ones)
-    binlen = torch.where(pbc, 1.0 / nb, (extent / nb * (1 + 1e-9) + 1e-12).clamp(
-        min=cut / _BINS_PER_CUTOFF))
-    nb = torch.where(pbc, nb, torch.floor(extent / binlen).clamp(min=0) + 1)
-    # search range in bins: the perpendicular bin height times m must exceed the cutoff
-    m = torch.ceil(cut / (binlen * heights) - 1e-12)
-    m = torch.where(pbc, m, torch.minimum(m, nb - 1)).clamp(min=0)
-    nb_i, m_i = nb.to(i64), m.to(i64)
-    lo_a, scale_a, nb_a = (lo, 1.0 / binlen, nb_i) if system is None else (
-        lo[system], (1.0 / binlen)[system], nb_i[system])
-    bcoord = torch.floor((frac - lo_a) * scale_a).to(i64)
-    bcoord = torch.minimum(bcoord.clamp(min=0), nb_a - 1)                         # (N, 3)
+    # The compiled loop is fastest with bins of about one cutoff (27 neighbour bins, fewer
+    # visits); the torch path with half-cutoff bins (fewer candidates per atom).
+    native_cpu = device.type == "cpu" and native.library() is not None
+    nb_i, m_i, bcoord = _bins(frac, heights, pbc, system, n_systems, n_atoms, cut,
+                              1 if native_cpu else _BINS_PER_CUTOFF)
     n_bins_sys = nb_i.prod(1)
-    bin_base = torch.cumsum(n_bins_sys, 0) - n_bins_sys
-    strides = torch.stack([nb_i[:, 1] * nb_i[:, 2], nb_i[:, 2], torch.ones_like(nb_i[:, 2])], 1)
-    lin = (bcoord * (strides if system is None else strides[system])).sum(1)
-    if system is not None:
-        lin = lin + bin_base[system]
     host = torch.cat([n_bins_sys, nb_i.reshape(-1), m_i.reshape(-1),
                       wrap_i.abs().max().reshape(1)]).tolist()                  # one sync
     if host[-1] >= (1 << 18):
         raise InvalidAtomsError(
             f"positions lie {host[-1]} cell lengths outside the cell; wrap them into the cell "
             "(ase: atoms.wrap()) before computing neighbors")
-    total_bins = int(sum(host[:n_systems]))
-    if device.type == "cpu" and native.library() is not None:
+    if native_cpu:
         return _native_search(pos_w, bcoord, wrap_i, eff, pbc, host, cutoff, system, n_systems,
                               self_interaction)
+    nb_a = nb_i if system is None else nb_i[system]
+    bin_base = torch.cumsum(n_bins_sys, 0) - n_bins_sys
+    strides = torch.stack([nb_i[:, 1] * nb_i[:, 2], nb_i[:, 2], torch.ones_like(nb_i[:, 2])], 1)
+    lin = (bcoord * (strides if system is None else strides[system])).sum(1)
+    if system is not None:
+        lin = lin + bin_base[system]
+    total_bins = int(sum(host[:n_systems]))
     m_h = host[4 * n_systems:7 * n_systems]
     m_max = [max(m_h[d::3]) for d in range(3)]
     order = torch.argsort(lin, stable=True)
@@ -435,29 +450,20 @@ def _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interactio
 
 def _native_search(pos_w, bcoord, wrap_i, eff, pbc, host, cutoff, system, n_systems,
                    self_interaction):
-    """The compiled cell list (:mod:`eqcalc._native`), one system at a time, same bins as the
-    torch path; wraps are folded back into the shifts as there."""
+    """The compiled cell list (:mod:`eqcalc._native`) over the bins of :func:`_bins`; wraps are
+    folded back into the shifts as in the torch path."""
     nb = np.asarray(host[n_systems:4 * n_systems], dtype=np.int64).reshape(n_systems, 3)
     m = np.asarray(host[4 * n_systems:7 * n_systems], dtype=np.int64).reshape(n_systems, 3)
-    pos, bins, wrap = pos_w.numpy(), bcoord.numpy(), wrap_i.numpy()
-    cells, periodic = eff.numpy(), pbc.numpy()
+    pos, bins, cells, periodic = pos_w.numpy(), bcoord.numpy(), eff.numpy(), pbc.numpy()
+    wrap = wrap_i.numpy() if host[-1] > 0 else None  # atoms inside the cell need no fix-up
     bounds = [0, len(pos)] if system is None else np.searchsorted(
         system.numpy(), np.arange(n_systems + 1)).tolist()
-    parts = []
-    for k in range(n_systems):
-        a, b = bounds[k], bounds[k + 1]
-        if a == b:
-            continue
-        # ~4/3 pi rc^3 * 0.1 atoms/Å^3 neighbours per atom as a first guess of the size
-        guess = (b - a) * int(0.42 * cutoff ** 3 + 8)
-        i, j, s = native.cell_list(pos[a:b], bins[a:b], cells[k], periodic[k], nb[k], m[k],
-                                   cutoff, self_interaction, guess)
-        s = s - wrap[a:b][j] + wrap[a:b][i]  # r_ij for the unwrapped input positions
-        parts.append((i + a, j + a, s))
-    if not parts:
-        return (torch.zeros((2, 0), dtype=torch.int64), torch.zeros((0, 3), dtype=torch.int64))
-    i, j, s = (np.concatenate(x) for x in zip(*parts))
-    return torch.from_numpy(np.stack([i, j])), torch.from_numpy(s)
+    systems = [(a, pos[a:b], bins[a:b], None if wrap is None else wrap[a:b], cells[k], periodic[k],
+                nb[k], m[k]) for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+    # ~4/3 pi rc^3 * 0.1 atoms/Å^3 neighbours per atom as a first guess of the size
+    edge_index, shifts = native.cell_list(systems, cutoff, self_interaction,
+                                          len(pos) * int(0.42 * cutoff ** 3 + 8))
+    return torch.from_numpy(edge_index), torch.from_numpy(shifts)
 
 
 def _all_pairs(pos_w, wrap_i, cell, n_img, cutoff, self_interaction):

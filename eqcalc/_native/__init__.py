@@ -28,7 +28,7 @@ def library() -> Optional[ctypes.CDLL]:
             continue
         lib.eqcalc_cell_list.restype = ctypes.c_int64
         lib.eqcalc_cell_list.argtypes = [ctypes.c_int64, _F64, _I64, _F64, _I32, _I64, _I64,
-                                         ctypes.c_double, ctypes.c_int32, ctypes.c_int64,
+                                         _I64, ctypes.c_int64, ctypes.c_double, ctypes.c_int32, ctypes.c_int64,
                                          _I64, _I64, _I64]
         return lib
     return None
@@ -38,28 +38,37 @@ def _ptr(array: np.ndarray, kind):
     return array.ctypes.data_as(kind)
 
 
-def cell_list(positions: np.ndarray, bins: np.ndarray, cell: np.ndarray, periodic: np.ndarray,
-              n_bins: np.ndarray, search: np.ndarray, cutoff: float, self_interaction: bool,
-              capacity: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs ``(i, j, shift)`` of one system with ``|pos[j] - pos[i] + shift @ cell| < cutoff``.
+def cell_list(systems, cutoff: float, self_interaction: bool, capacity: int
+              ) -> Tuple[np.ndarray, np.ndarray]:
+    """Pairs of a batch: ``edge_index`` ``(2, n_edges)`` and ``shifts`` ``(n_edges, 3)``, int64.
 
-    ``positions`` ``(n, 3)`` float64 (wrapped along periodic directions), ``bins`` ``(n, 3)``
-    int64 bin of each atom, ``n_bins`` ``(3,)``, ``search`` ``(3,)`` bins to scan on each side.
+    ``systems``: one tuple per system of ``(offset, positions (n, 3) float64 wrapped along
+    periodic directions, bins (n, 3) int64, wrap (n, 3) int64 or None, cell (3, 3), periodic (3,),
+    n_bins (3,), search (3,))``; ``|pos[j] - pos[i] + shift @ cell| < cutoff`` with shifts
+    for the unwrapped positions. ``capacity`` is a first guess of the pair count.
     """
     lib = library()
-    args = [np.ascontiguousarray(positions, dtype=np.float64), np.ascontiguousarray(bins, dtype=np.int64),
-            np.ascontiguousarray(cell, dtype=np.float64), np.ascontiguousarray(periodic, dtype=np.int32),
-            np.ascontiguousarray(n_bins, dtype=np.int64), np.ascontiguousarray(search, dtype=np.int64)]
-    for _ in range(2):  # the second pass has the exact size
-        i, j, s = (np.empty(capacity, np.int64), np.empty(capacity, np.int64),
-                   np.empty((capacity, 3), np.int64))
-        count = lib.eqcalc_cell_list(len(positions), _ptr(args[0], _F64), _ptr(args[1], _I64),
-                                     _ptr(args[2], _F64), _ptr(args[3], _I32), _ptr(args[4], _I64),
-                                     _ptr(args[5], _I64), float(cutoff), int(self_interaction),
-                                     capacity, _ptr(i, _I64), _ptr(j, _I64), _ptr(s, _I64))
-        if count < 0:
-            raise MemoryError("the native cell list ran out of memory")
-        if count <= capacity:
-            return i[:count], j[:count], s[:count]
-        capacity = count
-    raise RuntimeError("native cell list: pair count changed between passes")  # unreachable
+    prepared = []
+    for offset, pos, bins, wrap, cell, periodic, n_bins, search in systems:
+        prepared.append((offset, np.ascontiguousarray(pos, np.float64), np.ascontiguousarray(bins, np.int64),
+                         None if wrap is None else np.ascontiguousarray(wrap, np.int64),
+                         np.ascontiguousarray(cell, np.float64), np.ascontiguousarray(periodic, np.int32),
+                         np.ascontiguousarray(n_bins, np.int64), np.ascontiguousarray(search, np.int64)))
+    while True:
+        edge_index, shifts = np.empty((2, capacity), np.int64), np.empty((capacity, 3), np.int64)
+        total = 0
+        for offset, pos, bins, wrap, cell, periodic, n_bins, search in prepared:
+            room = max(capacity - total, 0)
+            count = lib.eqcalc_cell_list(
+                len(pos), _ptr(pos, _F64), _ptr(bins, _I64), _ptr(cell, _F64), _ptr(periodic, _I32),
+                _ptr(n_bins, _I64), _ptr(search, _I64), None if wrap is None else _ptr(wrap, _I64),
+                offset, float(cutoff), int(self_interaction), room,
+                _ptr(edge_index[0, total:], _I64), _ptr(edge_index[1, total:], _I64),
+                _ptr(shifts[total:], _I64))
+            if count < 0:
+                raise MemoryError("the compiled cell list ran out of memory")
+            total += count
+        if total <= capacity:
+            # Row views of the buffer: edge_index[0] and [1] are each contiguous.
+            return edge_index[:, :total], shifts[:total]
+        capacity = total  # the exact size: the second pass fits

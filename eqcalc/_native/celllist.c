@@ -6,6 +6,10 @@
  * neighbour bins. Periodic directions wrap bin indices and produce cell shifts; open directions
  * do not. Pairs come out sorted by the centre atom i.
  *
+ * `wrap` (n*3, or NULL) is each atom's wrap: the caller moved atom a by -wrap[a] @ cell, and
+ * the shifts written are for the unwrapped positions: s - wrap[j] + wrap[i]. Atom indices are
+ * written plus `offset` (the system's first atom in a batch).
+ *
  * Returns the number of pairs |r_ij| < cutoff; writes at most `capacity` of them into
  * out_i, out_j, out_shift (3 per pair). The caller retries with a larger buffer when the
  * return value exceeds capacity. Returns -1 when memory runs out.
@@ -20,6 +24,7 @@ static int64_t floordiv(int64_t a, int64_t b) {
 
 int64_t eqcalc_cell_list(int64_t n, const double *pos, const int64_t *bins, const double *cell,
                          const int32_t *periodic, const int64_t *nbins, const int64_t *m,
+                         const int64_t *wrap, int64_t offset,
                          double cutoff, int32_t self_interaction, int64_t capacity,
                          int64_t *out_i, int64_t *out_j, int64_t *out_shift) {
     const int64_t n0 = nbins[0], n1 = nbins[1], n2 = nbins[2];
@@ -80,9 +85,14 @@ int64_t eqcalc_cell_list(int64_t n, const double *pos, const int64_t *bins, cons
                         const int64_t j = order[k];
                         if (j == i && zero_shift && !self_interaction) continue;
                         if (count < capacity) {
-                            out_i[count] = i; out_j[count] = j;
-                            out_shift[3 * count] = s0; out_shift[3 * count + 1] = s1;
-                            out_shift[3 * count + 2] = s2;
+                            int64_t *o = out_shift + 3 * count;
+                            out_i[count] = i + offset; out_j[count] = j + offset;
+                            o[0] = s0; o[1] = s1; o[2] = s2;
+                            if (wrap) {
+                                o[0] += wrap[3 * i] - wrap[3 * j];
+                                o[1] += wrap[3 * i + 1] - wrap[3 * j + 1];
+                                o[2] += wrap[3 * i + 2] - wrap[3 * j + 2];
+                            }
                         }
                         count++;
                     }
