@@ -273,3 +273,11 @@ def test_torch_cluster_agrees_if_available(monkeypatch):
         assert ei2 is not None
         assert edge_set(ei[0], ei[1], S) == edge_set(ei2[0], ei2[1], torch.zeros((ei2.shape[1], 3),
                                                                                 dtype=torch.int64))
+
+
+def test_outputs_are_contiguous_tensors():
+    # torch.export and AOTInductor guard on strides: a view of a larger buffer breaks them.
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3)
+    ei, S = compute_neighbors(torch.tensor(atoms.positions), torch.tensor(atoms.cell.array),
+                              torch.tensor(atoms.pbc), 5.0)
+    assert ei.is_contiguous() and S.is_contiguous()

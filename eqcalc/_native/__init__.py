@@ -69,6 +69,6 @@ def cell_list(systems, cutoff: float, self_interaction: bool, capacity: int
                 raise MemoryError("the compiled cell list ran out of memory")
             total += count
         if total <= capacity:
-            # Row views of the buffer: edge_index[0] and [1] are each contiguous.
-            return edge_index[:, :total], shifts[:total]
+            # Contiguous, so no consumer (torch.export guards on strides) sees the buffer size.
+            return np.ascontiguousarray(edge_index[:, :total]), shifts[:total]
         capacity = total  # the exact size: the second pass fits
