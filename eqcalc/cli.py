@@ -74,12 +74,45 @@ def _bench(args) -> int:
     return 0
 
 
+def _datagen(args) -> int:
+    from potentials import data
+
+    start = time.perf_counter()
+    kwargs = {"elements": args.elements} if args.elements else {}
+    path = data.generate(args.output, args.n_structures, seed=args.seed, progress=args.progress, **kwargs)
+    print(f"wrote {args.n_structures} EMT-labelled frames to {path} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _train(args) -> int:
+    from pathlib import Path
+
+    from eqcalc.errors import InvalidOptionError
+    from potentials.make_models import load_recipe, parse_overrides
+    from potentials.train import train
+
+    if not Path(args.config).is_file():
+        raise InvalidOptionError(f"recipe {args.config!r} does not exist; see potentials/recipes/*.yaml for examples")
+    config = load_recipe(args.config)
+    if not isinstance(config, dict):
+        raise InvalidOptionError(f"recipe {args.config!r} is not a mapping of training options (key: value)")
+    config.update(parse_overrides(args.set))
+    start = time.perf_counter()
+    path = train(config)
+    print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 EPILOGS = {
     "demo": "example:\n  eqcalc demo\n  eqcalc demo --steps 2000 --temperature-K 700 --output-dir run1",
     "info": "example:\n  eqcalc info default\n  eqcalc info my_model.eqm --json",
     "export": "example:\n  eqcalc export default --format aoti -o painn.pt2\n"
               "  eqcalc export my_model.eqm --format torchscript --dtype float64",
     "bench": "example:\n  eqcalc bench --what neighbors\n  eqcalc bench --what model --model painn.eqm --atoms 864",
+    "datagen": "example:\n  eqcalc datagen emt.xyz --n-structures 200 --seed 0\n"
+               "  eqcalc datagen cu.xyz --n-structures 50 --seed 1 --elements Cu C O",
+    "train": "example:\n  eqcalc train potentials/recipes/schnet.yaml\n"
+             "  eqcalc train my_recipe.yaml --set max_steps=100 --set output=my_model.eqm",
 }
 
 
@@ -123,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repeats", type=int, default=7, help="best of this many calls after a warm-up")
     c.add_argument("--output-dir", default="benchmarks/results", help="where CSV and PNG go")
     c.set_defaults(func=_bench)
+
+    c = command("datagen", "write EMT-labelled reference frames (slabs, adsorbates, bulk, molecules) to extxyz")
+    c.add_argument("output", help="output .xyz file (extxyz)")
+    c.add_argument("--n-structures", type=int, required=True, help="number of frames to write")
+    c.add_argument("--seed", type=int, default=0, help="same seed and arguments give an identical file")
+    c.add_argument("--elements", nargs="+", default=None,
+                   help="elements to use (default: Al Ni Cu Pd Ag Pt Au H C N O)")
+    c.add_argument("--progress", action="store_true", help="show a progress bar")
+    c.set_defaults(func=_datagen)
+
+    c = command("train", "train a model from a YAML recipe (see potentials/recipes) and write its .eqm package")
+    c.add_argument("config", help="YAML training recipe (keys of potentials.train.DEFAULTS)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set max_steps=100")
+    c.set_defaults(func=_train)
     return p
 
 

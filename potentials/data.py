@@ -285,14 +285,40 @@ def labels(atoms) -> Dict[str, np.ndarray]:
     return out
 
 
+def _read_db(path: Path, index) -> tuple:
+    """Frames of an ASE database with their places (``"row ID"``); ``key_value_pairs`` go into
+    ``info`` (``split``, ``group``, ``kind`` as :func:`generate` sets them), labels stay in ``calc``."""
+    import ase.db
+    from ase.io.formats import string2index
+
+    try:
+        with ase.db.connect(path, type="db", serial=True) as db:
+            rows = list(db.select())
+    except Exception as e:  # sqlite3.DatabaseError and friends: not a database
+        raise DataLabelError(f"{path}: not a readable ASE database ({type(e).__name__}: {e}); "
+                             "write one with ase.db.connect(path).write(atoms)") from e
+    if isinstance(index, str):
+        index = string2index(index)
+    rows = rows[index] if isinstance(index, slice) else [rows[index]]
+    frames, places = [], []
+    for row in rows:
+        atoms = row.toatoms()
+        atoms.info.update(row.key_value_pairs)
+        frames.append(atoms)
+        places.append(f"row {row.id}")
+    return frames, places
+
+
 def read_dataset(path: str | os.PathLike, require: Sequence[str] = ("energy", "forces"),
                  index=":") -> List:
-    """Frames of ``path`` (any ASE-readable file, extxyz for generated data) with checked labels.
+    """Frames of ``path`` (any ASE-readable file, extxyz for generated data, or an ASE database
+    ``.db``) with checked labels.
 
     Every frame must carry each key of ``require`` (``"energy"``, ``"forces"``, ``"stress"``;
     stress only on fully periodic frames) with finite values, else :class:`DataLabelError`
-    names file, frame index and key. Labels present but not required must still be finite.
-    Frames without ``info["split"]`` are assigned one by frame index (seed 0).
+    names file, frame index (row id for a ``.db``) and key. Labels present but not required must
+    still be finite. Frames without ``info["split"]`` (``key_value_pairs`` in a ``.db``) are
+    assigned one by frame index (seed 0).
     """
     import ase.io
 
@@ -303,9 +329,13 @@ def read_dataset(path: str | os.PathLike, require: Sequence[str] = ("energy", "f
     for key in require:
         if key not in LABELS:
             raise DataLabelError(f"require={tuple(require)!r}: {key!r} is not a label; use {LABELS}")
-    frames = ase.io.read(path, index=index)
-    if not isinstance(frames, list):
-        frames = [frames]
+    if path.suffix.lower() == ".db":
+        frames, places = _read_db(path, index)
+    else:
+        frames = ase.io.read(path, index=index)
+        if not isinstance(frames, list):
+            frames = [frames]
+        places = [f"frame {k}" for k in range(len(frames))]
     if len(frames) == 0:
         raise DataLabelError(f"{path}: the file holds no frames")
     missing_split = [k for k, a in enumerate(frames) if "split" not in a.info]
@@ -322,17 +352,17 @@ def read_dataset(path: str | os.PathLike, require: Sequence[str] = ("energy", "f
                     hint = ("train energy-only with require=('energy',)" if key == "forces"
                             else "relabel the frame or drop it")
                     raise DataLabelError(
-                        f"{path}: frame {k}: label {key!r} is missing (found "
+                        f"{path}: {places[k]}: label {key!r} is missing (found "
                         f"{sorted(found) or 'no labels'}); {hint}")
                 continue
             value = found[key]
             expected = {"energy": (), "forces": (len(atoms), 3)}.get(key)
             if expected is not None and value.shape != expected:
-                raise DataLabelError(f"{path}: frame {k}: label {key!r} has shape {value.shape}, "
+                raise DataLabelError(f"{path}: {places[k]}: label {key!r} has shape {value.shape}, "
                                      f"expected {expected}")
             if not np.all(np.isfinite(value)):
                 if key in require:
-                    raise DataLabelError(f"{path}: frame {k}: label {key!r} is NaN or inf; relabel "
+                    raise DataLabelError(f"{path}: {places[k]}: label {key!r} is NaN or inf; relabel "
                                          "or drop the frame")
                 # not needed (e.g. NaN forces in energy-only training): drop the broken label
                 if atoms.calc is not None:

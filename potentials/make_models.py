@@ -65,6 +65,18 @@ def load_recipe(path: str | Path) -> Dict[str, Any]:
     return root
 
 
+def parse_overrides(items) -> Dict[str, Any]:
+    """``["key=value", ...]`` (``--set`` arguments) as a dict, values parsed like recipe scalars."""
+    overrides: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            from eqcalc.errors import InvalidOptionError
+            raise InvalidOptionError(f"--set {item!r}: expected KEY=VALUE, e.g. --set max_steps=100")
+        overrides[key.strip()] = _scalar(value)
+    return overrides
+
+
 def make(name: str, overrides: Dict[str, Any] | None = None) -> Path:
     """Train recipe ``name`` and write its model; returns the model path."""
     from potentials.train import train
@@ -88,10 +100,7 @@ def main(argv=None) -> int:
                         help="override a recipe key, e.g. --set max_steps=100")
     args = parser.parse_args(argv)
     names = args.recipes or sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = _scalar(value)
+    overrides = parse_overrides(args.set)
     for name in names:
         make(name, overrides)
     return 0

@@ -32,6 +32,16 @@ per-species energy scale is set to the RMS training force, so the network starts
 magnitudes. Everything random draws from local ``torch.Generator`` / numpy generators seeded by
 ``seed``; torch's global dtype, seed and thread count are left alone.
 
+Data-parallel training: under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1`` in the
+environment) ``torch.distributed`` is initialised with the gloo backend (and torn down again
+afterwards unless the caller had initialised it). Every rank draws the same global batch of
+``batch_size`` frames per step and computes the loss on its share (frames ``rank::world_size``;
+``batch_size >= world_size``), the gradients are averaged with ``all_reduce`` before clipping, so
+all ranks take identical optimizer steps and hold identical weights; validation runs on every
+rank (early-stopping decisions agree), and only rank 0 generates data and writes checkpoints,
+plots, metrics and the model (``metrics.json`` gets ``world_size`` and each rank's
+``rank_weights_sha256``, see :func:`weights_sha256`). Every rank returns the model path.
+
 At the end (best EMA weights on the validation split): ``learning_curve.png``,
 ``energy_parity.png``, ``force_parity.png`` and ``metrics.json`` (test-split energy MAE
 meV/atom, force MAE meV/Å, stress MAE meV/Å³) in ``work_dir``, and the model in ``output``
@@ -40,8 +50,10 @@ via :func:`potentials.save` with data summary and test metrics in ``training``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -307,18 +319,98 @@ def _batches(frames: List[Frame], size: int, cutoff: float, limit=None) -> List[
     return [collate(frames[k:k + size], cutoff) for k in range(0, len(frames), size)]
 
 
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes, bytes in key order): equal hashes
+    mean bit-identical weights (used to check that data-parallel ranks agree)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+class _Dist:
+    """The data-parallel context: ``rank``/``world`` (0/1 without torch.distributed)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.owned = False
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():
+            if not dist.is_initialized():
+                dist.init_process_group(backend="gloo")
+                self.owned = True
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.on:
+            self.dist.barrier()
+
+    def average_gradients(self, params: List[torch.nn.Parameter], loss: float) -> float:
+        """Average the gradients (and the loss, returned) over the ranks in one all_reduce.
+        A gradient missing on every rank stays None; missing on some only, it counts as zero."""
+        if not self.on:
+            return loss
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
+        self.dist.all_reduce(has, op=self.dist.ReduceOp.MAX)
+        active = [p for p, h in zip(params, has.tolist()) if h > 0]
+        for p in active:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1).to(torch.float64) for p in active]
+                         + [torch.tensor([loss], dtype=torch.float64)])
+        self.dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in active:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+        return float(flat[-1])
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any (keeps stop decisions in step)."""
+        if not self.on:
+            return flag
+        t = torch.tensor([float(flag)])
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather(self, obj) -> list:
+        if not self.on:
+            return [obj]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owned and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
 def train(config: Dict) -> Path:
-    """Train per ``config`` (see the module docstring); returns the path of the model package."""
+    """Train per ``config`` (see the module docstring); returns the path of the model package.
+
+    Under ``torchrun`` with ``WORLD_SIZE > 1`` trains data-parallel (module docstring)."""
     threads = torch.get_num_threads()
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
+    ddp = _Dist()
     try:
-        return _train(config)
+        return _train(config, ddp)
     finally:
+        ddp.close()
         torch.set_num_threads(threads)
 
 
-def _train(config: Dict) -> Path:
+def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     import potentials
     from eqcalc.derivatives import ForceStressModel
     from potentials import data as datamod
@@ -327,6 +419,12 @@ def _train(config: Dict) -> Path:
     if unknown:
         raise InvalidOptionError(f"unknown training option(s) {unknown}; valid: {sorted(DEFAULTS)}")
     cfg = dict(DEFAULTS, **config)
+    ddp = ddp or _Dist()
+    main = ddp.rank == 0
+    if int(cfg["batch_size"]) < ddp.world:
+        raise InvalidOptionError(f"batch_size={cfg['batch_size']} is smaller than the {ddp.world} data-parallel "
+                                 "ranks; use batch_size >= world size (it is the global batch)")
+    cfg["progress"] = bool(cfg["progress"]) and main
     seed = int(cfg["seed"])
     work = Path(cfg["work_dir"])
     work.mkdir(parents=True, exist_ok=True)
@@ -334,10 +432,11 @@ def _train(config: Dict) -> Path:
 
     # ---- data ----
     data_path = Path(cfg["data"])
-    if cfg["generate"] and not data_path.exists():
+    if cfg["generate"] and not data_path.exists() and main:
         gen = dict(cfg["generate"])
         datamod.generate(data_path, int(gen.get("n_structures", 1000)), int(gen.get("seed", seed)),
                          elements=gen.get("elements", datamod.ELEMENTS), progress=cfg["progress"])
+    ddp.barrier()  # the other ranks read the data rank 0 may just have written
     weights = (float(cfg["energy_weight"]), float(cfg["forces_weight"]), float(cfg["stress_weight"]))
     require = ("energy", "forces") if weights[1] > 0 else ("energy",)
     frames_ase = datamod.read_dataset(data_path, require=require)
@@ -393,6 +492,8 @@ def _train(config: Dict) -> Path:
         return float(cfg["lr"]) * _lr_factor(step, int(cfg["warmup_steps"]), max_steps, float(cfg["min_lr_ratio"]))
 
     def save_checkpoint():
+        if not main:
+            return
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.shadow,
                     "best_model": best_state, "state": json.dumps(state)}, ckpt_path)
 
@@ -403,6 +504,7 @@ def _train(config: Dict) -> Path:
         epoch, pos = divmod(step, per_epoch)
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(n_train, generator=g)[pos * bs:(pos + 1) * bs].tolist()
+        order = order[ddp.rank::ddp.world]  # this rank's share of the global batch
         return collate([splits["train"][k] for k in order], cutoff)
 
     bar = None
@@ -423,7 +525,8 @@ def _train(config: Dict) -> Path:
         step = state["step"]
         if stop_after is not None and step >= int(stop_after):
             break
-        if cfg["max_time_s"] is not None and base_time + time.perf_counter() - segment_start > float(cfg["max_time_s"]):
+        if cfg["max_time_s"] is not None and ddp.any(
+                base_time + time.perf_counter() - segment_start > float(cfg["max_time_s"])):
             stopped_early = True
             break
         for group in optimizer.param_groups:
@@ -434,11 +537,12 @@ def _train(config: Dict) -> Path:
         terms = _loss(out, batch, weights)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
+        loss = ddp.average_gradients([p for p in model.parameters() if p.requires_grad],
+                                     float(terms["total"].detach()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["clip_grad"]))
         optimizer.step()
         ema.update(model, step)
         state["step"] = step + 1
-        loss = float(terms["total"].detach())
         running = loss if running is None else 0.95 * running + 0.05 * loss
         state["running"] = running
         if state["step"] % int(cfg["val_every"]) == 0 or state["step"] == max_steps:
@@ -471,11 +575,16 @@ def _train(config: Dict) -> Path:
     state["train_time"] = base_time + time.perf_counter() - segment_start
     save_checkpoint()
     if stop_after is not None and state["step"] >= int(stop_after) and state["step"] < max_steps and not stopped_early:
+        ddp.barrier()  # the checkpoint is on disk before any rank returns
         return ckpt_path  # interrupted on purpose: resume later with resume=True
 
     # ---- final model: best EMA weights on validation ----
     model.load_state_dict(best_state)
     model.eval()
+    rank_hashes = ddp.gather(weights_sha256(model))
+    if not main:
+        ddp.barrier()  # rank 0 writes metrics, plots and the model
+        return Path(cfg["output"])
     test_batches = _batches(splits["test"], 2 * bs, cutoff)
     test = evaluate(model, test_batches, weights) if test_batches else {}
     val = evaluate(model, val_batches, weights)
@@ -487,6 +596,8 @@ def _train(config: Dict) -> Path:
         "test_forces_mae_meV_per_A": test.get("forces_mae_meV_per_A"),
         "test_stress_mae_meV_per_A3": test.get("stress_mae_meV_per_A3"),
     }
+    if ddp.on:
+        metrics.update(world_size=ddp.world, rank_weights_sha256=rank_hashes)
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (work / "history.json").write_text(json.dumps(state["history"], indent=1))
     if cfg["plots"]:
@@ -500,7 +611,9 @@ def _train(config: Dict) -> Path:
         "recipe": {k: v for k, v in cfg.items() if k not in ("progress", "resume", "stop_after_steps")},
         "steps": state["step"], "train_time_s": round(state["train_time"], 1), "seed": seed,
     }
-    return Path(potentials.save(model, cfg["output"], training=training))
+    path = Path(potentials.save(model, cfg["output"], training=training))
+    ddp.barrier()
+    return path
 
 
 def _plots(work: Path, history: List[Dict], preds) -> None:

@@ -77,3 +77,62 @@ def test_reader_refuses_nan_energy(tmp_path):
     assert "nan.xyz" in message and "frame 2" in message and "'energy'" in message
     with pytest.raises(data.DataLabelError, match="frame 2"):
         data.read_dataset(path, require=("energy",))
+
+
+# ---- ASE database (.db) files ------------------------------------------------------------------
+def _write_db(path, frames, **key_value_pairs):
+    import ase.db
+
+    with ase.db.connect(path, append=False) as db:
+        for atoms in frames:
+            db.write(atoms, **key_value_pairs)
+    return path
+
+
+def test_db_reader_matches_extxyz(small, tmp_path):
+    frames = data.read_dataset(small)
+    db = tmp_path / "emt.db"
+    import ase.db
+
+    with ase.db.connect(db) as con:
+        for atoms in frames:
+            con.write(atoms, split=atoms.info["split"], group=int(atoms.info["group"]), kind=atoms.info["kind"])
+    again = data.read_dataset(db)
+    assert len(again) == len(frames)
+    for a, b in zip(frames, again):
+        assert a.get_chemical_symbols() == b.get_chemical_symbols()
+        np.testing.assert_allclose(a.positions, b.positions)
+        assert b.info["split"] == a.info["split"] and b.info["group"] == a.info["group"]
+        la, lb = data.labels(a), data.labels(b)
+        assert sorted(la) == sorted(lb)
+        for key in la:
+            np.testing.assert_allclose(la[key], lb[key])
+    assert len(data.read_dataset(db, index="2:5")) == 3
+
+
+def test_db_reader_refuses_missing_forces_naming_the_row(tmp_path):
+    path = _write_db(tmp_path / "missing.db", [_co(), _co(forces=False)])
+    with pytest.raises(data.DataLabelError) as info:
+        data.read_dataset(path)
+    message = str(info.value)
+    assert "missing.db" in message and "row 2" in message and "'forces'" in message
+    # energy-only training does not need forces; rows without a split get one
+    frames = data.read_dataset(path, require=("energy",))
+    assert len(frames) == 2 and all(f.info["split"] in data.SPLITS for f in frames)
+
+
+def test_db_reader_refuses_nonfinite_and_missing_energy(tmp_path):
+    path = _write_db(tmp_path / "inf.db", [_co(), _co(), _co(energy=float("inf"))])
+    with pytest.raises(data.DataLabelError, match=r"inf\.db: row 3: label 'energy'"):
+        data.read_dataset(path, require=("energy",))
+    bare = molecule("CO")
+    path = _write_db(tmp_path / "bare.db", [_co(), bare])
+    with pytest.raises(data.DataLabelError, match=r"bare\.db: row 2: label 'energy' is missing"):
+        data.read_dataset(path)
+
+
+def test_db_reader_refuses_a_file_that_is_not_a_database(tmp_path):
+    path = tmp_path / "junk.db"
+    path.write_text("this is not sqlite\n" * 10)
+    with pytest.raises(data.DataLabelError, match="junk.db"):
+        data.read_dataset(path)
