@@ -97,7 +97,8 @@ class ForceStressModel(torch.nn.Module):
                 result[keys.FORCES] = -g if g is not None else torch.zeros_like(positions)
             if self.stress:
                 g = grads[-1]
-                volume = torch.linalg.det(cell).abs()
+                # Triple product rather than det: AOTInductor has no native kernel for det.
+                volume = torch.linalg.cross(cell[:, 0], cell[:, 1], dim=-1).mul(cell[:, 2]).sum(-1).abs()
                 # Cells without volume (molecules) get zero stress, never inf/NaN.
                 safe = torch.where(volume > 0, volume, torch.ones_like(volume))
                 s = g if g is not None else torch.zeros_like(cell)
