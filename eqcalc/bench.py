@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
+from eqcalc.compile import best_time
 
 log = logging.getLogger("eqcalc")
 
@@ -23,17 +23,6 @@ def copper(n_atoms: int, seed: int = 0):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(n)
     atoms.rattle(0.05, seed=seed)
     return atoms
-
-
-def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def write_csv(rows, path: Path) -> None:

@@ -59,18 +59,8 @@ class EquivariantCalculator(Calculator):
                 "or ask only for energy and forces")
         t = to_tensors([atoms], self.model.device)
         edge_index, shifts = self.neighbors.update(t.positions, t.cell, t.pbc, t.system, t.numbers)
-        lengths = edge_vectors(t.positions, t.cell, edge_index, shifts.to(torch.float64), t.system).norm(dim=1)
-        check_overlaps(lengths, edge_index)
-        out = self.model(t, edge_index, shifts)
-        energy = float(out[keys.ENERGY][0])
-        self.results = {
-            "energy": energy,
-            "free_energy": energy,
-            "energies": out[keys.ENERGIES].detach().double().cpu().numpy(),
-            "forces": out[keys.FORCES].detach().double().cpu().numpy(),
-        }
-        if atoms.pbc.any() and abs(atoms.cell.volume) > 0:
-            self.results["stress"] = full_to_voigt(out[keys.STRESS][0].detach().double().cpu().numpy())
+        self.results = self._evaluate([atoms], t, edge_index, shifts)[0]
+        self.results["free_energy"] = self.results["energy"]
 
     def predict(self, structures: Sequence[Atoms]) -> List[Dict[str, np.ndarray]]:
         """Evaluate many structures as one batch; a list of dicts like ``results``."""
@@ -81,6 +71,12 @@ class EquivariantCalculator(Calculator):
             validate(s, self.model.species)
         t = to_tensors(structures, self.model.device)
         edge_index, shifts = compute_neighbors(t.positions, t.cell, t.pbc, self.model.cutoff, t.system)
+        return self._evaluate(structures, t, edge_index, shifts)
+
+    def _evaluate(self, structures: Sequence[Atoms], t, edge_index, shifts) -> List[Dict[str, np.ndarray]]:
+        """Overlap check, model, and one results dict per structure (stress where periodic)."""
+        lengths = edge_vectors(t.positions, t.cell, edge_index, shifts.to(torch.float64), t.system).norm(dim=1)
+        check_overlaps(lengths, edge_index)
         out = self.model(t, edge_index, shifts)
         counts = [len(s) for s in structures]
         energies = out[keys.ENERGIES].double().cpu().split(counts)

@@ -51,10 +51,10 @@ def _export(args) -> int:
         compiled.torchscript(model.wrapper).save(str(out))
     else:
         key = model.aoti_key()
-        runner = compiled.aoti(model.wrapper, probe, key, model.device)
+        runner = compiled.aoti(model.wrapper, probe, key)
         error = compiled.max_relative_error(runner(*probe), model.wrapper(*probe))
         log.info("AOTInductor vs eager on the probe: max relative error %.2e", error)
-        shutil.copyfile(compiled.cache_dir() / f"{key}.pt2", out)
+        shutil.copyfile(compiled.aoti_path(key), out)
     meta = dict(model.metadata, export={
         "format": args.format, "device": str(model.device), "dtype": model.dtype, "forces": model.forces,
         "torch_version": torch.__version__,

@@ -87,19 +87,15 @@ def export_aoti(wrapper: torch.nn.Module, example: Inputs, path: Path) -> Path:
     return path
 
 
-def load_aoti(path: Path, device: torch.device) -> Runner:
-    """Load a ``.pt2`` package this machine built (compiled code: load only trusted files)."""
-    loaded = torch._inductor.aoti_load_package(str(path))
-
-    def run(*inputs: Tensor) -> Dict[str, Tensor]:
-        return loaded(*inputs)
-
-    return run
+def aoti_path(key: str) -> Path:
+    """Where the AOTInductor package of cache ``key`` lives."""
+    return cache_dir() / f"{key}.pt2"
 
 
-def aoti(wrapper: torch.nn.Module, example: Inputs, key: str, device: torch.device) -> Runner:
-    """AOTInductor runner from the cache, compiling it first if needed."""
-    path = cache_dir() / f"{key}.pt2"
+def aoti(wrapper: torch.nn.Module, example: Inputs, key: str) -> Runner:
+    """AOTInductor runner from the cache, compiling it first if needed. The package holds
+    compiled code: only files this machine built are loaded."""
+    path = aoti_path(key)
     if not path.exists():
         start = time.perf_counter()
         log.info("compiling the model with AOTInductor (once per model, device and dtype)...")
@@ -110,7 +106,7 @@ def aoti(wrapper: torch.nn.Module, example: Inputs, key: str, device: torch.devi
                 f"AOTInductor compilation failed ({type(e).__name__}: {str(e)[:300]}); "
                 "use compile='torchscript' or compile='eager'") from e
         log.info("AOTInductor compile took %.1f s -> %s", time.perf_counter() - start, path)
-    return load_aoti(path, device)
+    return torch._inductor.aoti_load_package(str(path))
 
 
 def max_relative_error(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> float:
@@ -128,13 +124,14 @@ def tolerance(dtype: torch.dtype) -> float:
     return 5e-5 if dtype == torch.float32 else 1e-10
 
 
-def time_runner(runner: Runner, inputs: Inputs, repeats: int = 3) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up, seconds."""
-    runner(*inputs)
+def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Best wall time of ``repeats`` calls of ``fn`` after ``warmup`` calls, seconds. ``fn``
+    must wait for its result (e.g. move it to the CPU) so that CUDA work is counted."""
+    for _ in range(warmup):
+        fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        out = runner(*inputs)
-        _ = out["energy"].cpu()  # synchronise on CUDA
+        fn()
         best = min(best, time.perf_counter() - start)
     return best

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from typing import Dict, Sequence
+from typing import Dict
 
 import numpy as np
 import torch
@@ -123,7 +122,7 @@ class Model:
                     raise CompileError(msg + "; use compile='eager'")
                 log.warning("%s; not using it", msg)
                 continue
-            timings[name] = compiled.time_runner(runner, probe)
+            timings[name] = compiled.best_time(lambda: runner(*probe)[keys.ENERGY].cpu())
             if best is None or timings[name] < timings[best[0]]:
                 best = (name, runner)
         self.compile_timings = timings
@@ -137,7 +136,7 @@ class Model:
     def _auto_candidates(self):
         # AOTInductor costs minutes to build on a CPU: "auto" uses it once it is in the cache
         # (eqcalc export or compile="aoti" puts it there) and on CUDA, where it pays off at once.
-        aoti_ready = (compiled.cache_dir() / f"{self.aoti_key()}.pt2").exists()
+        aoti_ready = compiled.aoti_path(self.aoti_key()).exists()
         return ["eager", "torchscript"] + (["aoti"] if aoti_ready or self.device.type == "cuda" else [])
 
     def _build(self, name: str, probe):
@@ -145,7 +144,7 @@ class Model:
             return self.wrapper
         if name == "torchscript":
             return compiled.torchscript(self.wrapper)
-        return compiled.aoti(self.wrapper, probe, self.aoti_key(), self.device)
+        return compiled.aoti(self.wrapper, probe, self.aoti_key())
 
     # ---- evaluation -------------------------------------------------------------------------
     def inputs(self, t: SystemTensors, edge_index: Tensor, shifts: Tensor):
@@ -168,9 +167,3 @@ class Model:
         m = self.metadata
         return (f"{m['architecture']} model, species {','.join(self.species)}, cutoff {self.cutoff} Å, "
                 f"{self.dtype}, forces={self.forces}, compiled={self.compile_kind}, device={self.device}")
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start

@@ -7,10 +7,10 @@ by side here, and every reading failure names the file and the fix.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict
@@ -90,7 +90,7 @@ def read(path: str | os.PathLike) -> Package:
                     f"{path!r} is a zip file without {METADATA} and {WEIGHTS}: not an eqcalc model "
                     f"package.{hint} Write packages with potentials.save(model, path)")
             meta_bytes, blob = z.read(METADATA), z.read(WEIGHTS)
-    except (zipfile.BadZipFile, EOFError, zlib_error()) as e:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise ModelFileError(
             f"{path!r} is corrupt or truncated ({e}); download or copy it again, or re-export it") from e
     try:
@@ -102,20 +102,13 @@ def read(path: str | os.PathLike) -> Package:
         raise ModelFileError(
             f"{path!r}: the weights do not match the sha256 in the metadata; the file is corrupt "
             "or was modified. Copy it again from its source")
-    from safetensors import SafetensorError
     from safetensors.torch import load
 
     try:
         weights = load(blob)
-    except (SafetensorError, Exception) as e:  # safetensors raises several types on bad bytes
+    except Exception as e:  # safetensors raises several types on bad bytes
         raise ModelFileError(f"{path!r}: the weights cannot be read ({e}); the file is corrupt") from e
     return Package(path=path, metadata=meta, weights=weights)
-
-
-def zlib_error():
-    import zlib
-
-    return zlib.error
 
 
 def _check_metadata(meta: Dict[str, Any], path: str) -> None:
