@@ -52,6 +52,10 @@ class PropertyNotAvailableError(EqcalcError, _ASEPropertyError):
     """A property this model or structure cannot give (e.g. stress of a molecule)."""
 
 
+class MissingDependencyError(EqcalcError, ImportError):
+    """An optional package a feature needs is not installed (the message says which extra)."""
+
+
 class NonFiniteOutputError(EqcalcError, FloatingPointError):
     """The model produced NaN or inf; the structure is far outside what it was trained on."""
 

@@ -241,6 +241,7 @@ def generate(path: str | os.PathLike, n_structures: int, seed: int = 0,
         for f in new[: n_structures - len(frames)]:
             f.info["group"] = group
             f.info["kind"] = kind
+            f.info["reference"] = "ASE EMT"
             if "site" in atoms.info:
                 f.info["site"] = atoms.info["site"]
             frames.append(f)
@@ -389,5 +390,6 @@ def summary(frames: Sequence) -> Dict:
         "elements": symbols,
         "atoms_per_frame": [int(min(len(f) for f in frames)), int(max(len(f) for f in frames))],
         "n_with_stress": int(sum("stress" in labels(f) for f in frames)),
-        "reference": "ASE EMT",
+        # Files written before frames carried info["reference"] count as "unknown".
+        "reference": ", ".join(sorted({str(f.info.get("reference", "unknown")) for f in frames})),
     }

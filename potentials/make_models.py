@@ -83,14 +83,35 @@ def make(name: str, overrides: Dict[str, Any] | None = None) -> Path:
 
     config = load_recipe(RECIPES / f"{name}.yaml")
     config.update(overrides or {})
+    check = bool(config.pop("adsorption_check", False))
     start = time.perf_counter()
     path = train(config)
+    if check:
+        add_adsorption_check(path)
     metrics = json.loads((Path(config["work_dir"]) / "metrics.json").read_text())
     print(f"{name}: wrote {path} in {time.perf_counter() - start:.0f} s; test energy MAE "
           f"{metrics['test_energy_mae_meV_per_atom']:.1f} meV/atom, force MAE "
           f"{metrics['test_forces_mae_meV_per_A']:.0f} meV/Å, stress MAE "
           f"{metrics['test_stress_mae_meV_per_A3']:.2f} meV/Å³ ({metrics['steps']} steps)")
     return path
+
+
+def add_adsorption_check(path: Path) -> Dict[str, Any]:
+    """Run :mod:`potentials.adsorption_check` on the model at ``path`` and store its summary
+    in the package's ``training["adsorption_vs_emt"]`` (shown by ``eqcalc info``)."""
+    import potentials
+    from eqcalc import EquivariantCalculator, package
+    from eqcalc.model import Model
+    from potentials import adsorption_check
+
+    model = Model(str(path), compile="eager")
+    rows = adsorption_check.run_cases(lambda: EquivariantCalculator(model))
+    result = adsorption_check.summary(rows)
+    training = dict(package.read(path).metadata.get("training") or {})
+    training["adsorption_vs_emt"] = result
+    potentials.save(potentials.load(path), path, training=training)
+    print(f"adsorption vs EMT: {result}")
+    return result
 
 
 def main(argv=None) -> int:
