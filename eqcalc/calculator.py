@@ -5,13 +5,11 @@ import os
 from typing import Dict, List, Sequence
 
 import numpy as np
-import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from eqcalc import keys
-from eqcalc.atoms import check_overlaps, to_ase, to_tensors, validate
-from eqcalc.derivatives import edge_vectors
+from eqcalc.atoms import to_ase, to_tensors, validate
 from eqcalc.errors import PropertyNotAvailableError
 from eqcalc.model import Model
 
@@ -74,9 +72,8 @@ class EquivariantCalculator(Calculator):
         return self._evaluate(structures, t, edge_index, shifts)
 
     def _evaluate(self, structures: Sequence[Atoms], t, edge_index, shifts) -> List[Dict[str, np.ndarray]]:
-        """Overlap check, model, and one results dict per structure (stress where periodic)."""
-        lengths = edge_vectors(t.positions, t.cell, edge_index, shifts.to(torch.float64), t.system).norm(dim=1)
-        check_overlaps(lengths, edge_index)
+        """Model (which also checks for overlapping atoms), and one results dict per structure
+        (stress where periodic)."""
         out = self.model(t, edge_index, shifts)
         counts = [len(s) for s in structures]
         energies = out[keys.ENERGIES].double().cpu().split(counts)

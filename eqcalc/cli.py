@@ -13,6 +13,22 @@ import time
 log = logging.getLogger("eqcalc")
 
 
+def _speed_structure(species):
+    """About 100 atoms of the model's heaviest element with an ASE reference crystal, rattled."""
+    from ase.build import bulk
+    from ase.data import atomic_numbers
+
+    for symbol in sorted(species, key=lambda s: -atomic_numbers[s]):
+        try:
+            atoms = bulk(symbol, cubic=True)
+        except (ValueError, KeyError, RuntimeError):  # no reference crystal structure (H, N, O...)
+            continue
+        atoms = atoms.repeat([max(1, round((100 / len(atoms)) ** (1 / 3)))] * 3)
+        atoms.rattle(0.05, seed=0)
+        return atoms
+    return None
+
+
 def _info(args) -> int:
     from eqcalc import package
 
@@ -21,17 +37,44 @@ def _info(args) -> int:
     if args.json:
         print(json.dumps(m, indent=2, ensure_ascii=False))
         return 0
+    training = dict(m.get("training") or {})
+    data = training.pop("data", None) or {}
+    metrics = training.pop("test_metrics", None) or {}
     print(f"model      {pkg.path}")
-    print(f"arch       {m['architecture']}  ({m.get('n_parameters', '?')} parameters, {m['dtype']})")
+    print(f"arch       {m['architecture']}  ({m.get('n_parameters', '?')} parameters, {m['dtype']}"
+          f", frame averaging {m.get('frame_averaging', 'none')})")
     print(f"species    {' '.join(m['species'])}")
     print(f"cutoff     {m['cutoff']} Å")
     print(f"forces     {', '.join(m['force_modes'])}; stress {'yes' if m.get('stress', True) else 'no'}")
     print(f"written by eqcalc {m['eqcalc_version']}, torch {m['torch_version']}, schema {m['schema_version']}")
     print(f"weights    sha256 {m['weights_sha256'][:16]}…")
-    for k, v in (m.get("training") or {}).items():
+    if data:
+        print(f"data       {data.get('n_frames')} frames of {data.get('reference', '?')} "
+              f"({data.get('file', '?')}), splits {data.get('splits')}, kinds {data.get('kinds')}")
+    if metrics:
+        print("test       " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k != "loss"))
+    for k, v in training.items():
         print(f"training   {k}: {v}")
     print("hyperparameters " + json.dumps(m["config"]))
+    atoms = None if args.no_speed else _speed_structure(m["species"])
+    if atoms is not None:
+        from eqcalc.calculator import EquivariantCalculator
+        from eqcalc.compile import best_time
+
+        calc = EquivariantCalculator(args.model, compile="eager")
+        atoms.calc = calc
+        step = lambda: calc.calculate(atoms, ["energy", "forces", "stress"])  # noqa: E731
+        seconds = best_time(step, repeats=5)
+        print(f"speed      {seconds * 1e3:.1f} ms per energy+forces+stress step on "
+              f"{atoms.get_chemical_formula()}, rattled crystal ({len(atoms) / seconds:,.0f} atom-steps/s; "
+              f"{calc.model.device}, eager, {torch_threads()} threads, measured now)")
     return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _export(args) -> int:
@@ -75,12 +118,20 @@ def _bench(args) -> int:
 
 
 def _datagen(args) -> int:
-    from potentials import data
-
     start = time.perf_counter()
-    kwargs = {"elements": args.elements} if args.elements else {}
-    path = data.generate(args.output, args.n_structures, seed=args.seed, progress=args.progress, **kwargs)
-    print(f"wrote {args.n_structures} EMT-labelled frames to {path} in {time.perf_counter() - start:.1f} s")
+    if args.reference == "xtb":
+        from potentials.molecules import generate_molecules
+
+        path = generate_molecules(args.output, args.n_structures, molecules=args.molecules or ("CH3CH2OH",),
+                                  seed=args.seed, temperature_K=args.temperature_K, progress=args.progress)
+        label = "GFN2-xTB"
+    else:
+        from potentials import data
+
+        kwargs = {"elements": args.elements} if args.elements else {}
+        path = data.generate(args.output, args.n_structures, seed=args.seed, progress=args.progress, **kwargs)
+        label = "EMT"
+    print(f"wrote {args.n_structures} {label}-labelled frames to {path} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -105,14 +156,23 @@ def _train(args) -> int:
 
 EPILOGS = {
     "demo": "example:\n  eqcalc demo\n  eqcalc demo --steps 2000 --temperature-K 700 --output-dir run1",
-    "info": "example:\n  eqcalc info default\n  eqcalc info my_model.eqm --json",
+    "info": "example:\n  eqcalc info default\n  eqcalc info my_model.eqm --json\n  eqcalc info schnet --no-speed",
     "export": "example:\n  eqcalc export default --format aoti -o painn.pt2\n"
               "  eqcalc export my_model.eqm --format torchscript --dtype float64",
     "bench": "example:\n  eqcalc bench --what neighbors\n  eqcalc bench --what model --model painn.eqm --atoms 864",
     "datagen": "example:\n  eqcalc datagen emt.xyz --n-structures 200 --seed 0\n"
-               "  eqcalc datagen cu.xyz --n-structures 50 --seed 1 --elements Cu C O",
+               "  eqcalc datagen cu.xyz --n-structures 50 --seed 1 --elements Cu C O\n"
+               "  eqcalc datagen ethanol.xyz --reference xtb --molecules CH3CH2OH --n-structures 500",
     "train": "example:\n  eqcalc train potentials/recipes/schnet.yaml\n"
              "  eqcalc train my_recipe.yaml --set max_steps=100 --set output=my_model.eqm",
+    "md": "example:\n  eqcalc md slab.extxyz bulk.extxyz --ensemble nvt --thermostat bussi --temperature-K 500 "
+          "--timestep-fs 1 --steps 5000 --interval 50 --output-dir run1\n"
+          "  eqcalc md run1/slab.extxyz --ensemble nve --steps 1000 --checkpoint-interval 100 --output-dir run2\n"
+          "  eqcalc md slab.extxyz --steps 10000 --output-dir run2 --checkpoint-interval 100 --restart run2/checkpoint.pt",
+    "relax": "example:\n  eqcalc relax slab.extxyz co.xyz --fmax 0.02 --output-dir relaxed\n"
+             "  eqcalc relax Cu.cif --cell --fmax 0.01 --optimizer lbfgs --output-dir relaxed",
+    "adsorption": "example:\n  eqcalc adsorption pt111.extxyz --adsorbate CO --fmax 0.05 --output-dir co_pt111\n"
+                  "  eqcalc adsorption cu111.extxyz --adsorbate O --sites ontop hollow --distance 1.5",
 }
 
 
@@ -134,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(c)
     c.set_defaults(func=demo.main)
 
-    c = command("info", "print a model's card: architecture, species, cutoff, training metrics")
+    c = command("info", "print a model's card: architecture, species, cutoff, data, test metrics, speed")
     c.add_argument("model", help="shipped model name or .eqm path")
     c.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+    c.add_argument("--no-speed", action="store_true", help="skip timing a step on this machine")
     c.set_defaults(func=_info)
 
     c = command("export", "write a compiled model (AOTInductor .pt2 or TorchScript) plus its metadata JSON")
@@ -157,12 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output-dir", default="benchmarks/results", help="where CSV and PNG go")
     c.set_defaults(func=_bench)
 
-    c = command("datagen", "write EMT-labelled reference frames (slabs, adsorbates, bulk, molecules) to extxyz")
+    c = command("datagen", "write reference frames to extxyz: EMT catalysts (slabs, adsorbates, bulk, gas) "
+                           "or GFN2-xTB molecules from MD (needs the xtb extra)")
     c.add_argument("output", help="output .xyz file (extxyz)")
     c.add_argument("--n-structures", type=int, required=True, help="number of frames to write")
     c.add_argument("--seed", type=int, default=0, help="same seed and arguments give an identical file")
     c.add_argument("--elements", nargs="+", default=None,
-                   help="elements to use (default: Al Ni Cu Pd Ag Pt Au H C N O)")
+                   help="EMT: elements to use (default: Al Ni Cu Pd Ag Pt Au H C N O)")
+    c.add_argument("--reference", choices=["emt", "xtb"], default="emt",
+                   help="emt: catalyst domain (ASE EMT); xtb: organic molecules by GFN2-xTB MD (tblite)")
+    c.add_argument("--molecules", nargs="+", default=None,
+                   help="xtb: ASE g2 molecule names (default: CH3CH2OH)")
+    c.add_argument("--temperature-K", type=float, default=500.0, help="xtb: MD temperature (default 500)")
     c.add_argument("--progress", action="store_true", help="show a progress bar")
     c.set_defaults(func=_datagen)
 
@@ -171,6 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set max_steps=100")
     c.set_defaults(func=_train)
+
+    from eqcalc import drivers  # the engine's shells: eqcalc md, relax, adsorption
+
+    c = command("md", "batched MD of all inputs on the device (NVE, or NVT with Langevin/Bussi/Nose-Hoover), "
+                      "extxyz trajectories, log, checkpoints")
+    drivers.add_md_arguments(c)
+    c.set_defaults(func=drivers.md_main)
+
+    c = command("relax", "relax all inputs as one batch (FIRE, FixAtoms, optional cell for bulk)")
+    drivers.add_relax_arguments(c)
+    c.set_defaults(func=drivers.relax_main)
+
+    c = command("adsorption", "adsorption energies of a molecule on every site of a slab, relaxed as one batch")
+    from eqcalc import adsorption
+    adsorption.add_arguments(c)
+    c.set_defaults(func=adsorption.main)
     return p
 
 

@@ -26,6 +26,9 @@ def test_info_prints_the_card_of_the_shipped_model(capsys):
     assert main(["info", "default"]) == 0
     out = capsys.readouterr().out
     assert "painn" in out and "cutoff     5.0 Å" in out and "forces_mae_meV_per_A" in out
+    assert "frames of ASE EMT" in out  # the data the model was trained on
+    speed = next(line for line in out.splitlines() if line.startswith("speed"))
+    assert float(speed.split()[1]) > 0 and "atom-steps/s" in speed
     assert main(["info", "default", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["architecture"] == "painn"
 

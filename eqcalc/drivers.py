@@ -1,0 +1,334 @@
+"""Run loops around :mod:`eqcalc.md`: trajectories, logs, progress, checkpoints and restart.
+
+``run_md`` moves a batch of ASE structures with one integrator and writes, in ``output_dir``:
+
+* ``NAME.extxyz`` per structure, a frame every ``interval`` steps (step 0 included) with
+  energy, forces, momenta, stress (bulk) and FixAtoms (``move_mask``), through ``ase.io``;
+* ``md.log``: ``step time_ps system temperature_K epot_eV etot_eV`` per system and record;
+* ``checkpoint.pt`` every ``checkpoint_interval`` steps: plain tensors only (state, thermostat
+  variables, the generator's state), read back with ``torch.load(weights_only=True)``.
+
+Restart (``restart=path``) continues from the checkpoint and reproduces the uninterrupted run
+exactly: the checkpoint holds the forces at its positions, the generator state and the
+thermostat variables, and the neighbor list is rebuilt after each checkpoint in both runs, so
+the same floating-point operations happen in the same order. Frames and log lines written after
+the checkpoint by the interrupted run are dropped from the files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from eqcalc import md
+from eqcalc.errors import InvalidOptionError, ModelFileError
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "md.log"
+_STATE_FIELDS = ("positions", "momenta", "masses", "numbers", "cell", "pbc", "system", "fixed",
+                 "energy", "forces", "stress", "dof")
+
+
+@dataclass
+class MDRun:
+    """What :func:`run_md` returns: the final state and the per-record log arrays
+    ``(n_records, n_systems)`` (``step`` is ``(n_records,)``)."""
+
+    state: md.MDState
+    log: Dict[str, np.ndarray]
+    files: List[str]
+    seconds: float
+    steps_run: int
+
+
+def integrator_to_dict(integrator) -> Dict:
+    return {"kind": type(integrator).__name__, **{k: (list(v) if isinstance(v, (list, tuple)) else v)
+                                                   for k, v in asdict(integrator).items()}}
+
+
+def integrator_from_dict(d: Dict):
+    kinds = {c.__name__: c for c in (md.NVE, md.Langevin, md.Bussi, md.NoseHooverChain)}
+    d = dict(d)
+    cls = kinds.get(d.pop("kind", None))
+    if cls is None:
+        raise ModelFileError("checkpoint names an unknown integrator; it was not written by eqcalc.drivers")
+    return cls(**d)
+
+
+def save_checkpoint(path, state: md.MDState, integrator, generator: torch.Generator) -> None:
+    """Write ``state``, ``integrator`` settings and ``generator`` state as plain tensors."""
+    data = {k: getattr(state, k).cpu() for k in _STATE_FIELDS if getattr(state, k) is not None}
+    data.update({f"thermostat.{k}": v.cpu() for k, v in state.thermostat.items()})
+    data["step"] = torch.tensor(state.step)
+    data["rng_state"] = generator.get_state()
+    data["integrator"] = json.dumps(integrator_to_dict(integrator))
+    tmp = Path(str(path) + ".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint
+
+
+def load_checkpoint(path, device="cpu"):
+    """``(state, integrator, generator_state)`` from :func:`save_checkpoint`'s file (safe load)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        state = md.MDState(**{k: data[k].to(device) for k in _STATE_FIELDS if k in data},
+                           step=int(data["step"]),
+                           thermostat={k.split(".", 1)[1]: v.to(device) for k, v in data.items()
+                                       if k.startswith("thermostat.")})
+        integrator = integrator_from_dict(json.loads(data["integrator"]))
+        return state, integrator, data["rng_state"]
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # corrupt, foreign or unsafe file
+        raise ModelFileError(f"{path} is not an eqcalc MD checkpoint ({e}); restart from a file "
+                             f"written by run_md (checkpoint_interval=...)") from e
+
+
+def _names(structures, names) -> List[str]:
+    if names is None:
+        names = [f"system{k}" for k in range(len(structures))]
+    if len(names) != len(structures) or len(set(names)) != len(names):
+        raise InvalidOptionError(f"names={names!r} must be {len(structures)} distinct names, one per structure")
+    return list(names)
+
+
+def _truncate_after(output_dir: Path, names, step: int) -> None:
+    """Drop frames and log lines beyond ``step`` (written by a run that was interrupted)."""
+    import ase.io
+
+    for name in names:
+        path = output_dir / f"{name}.extxyz"
+        if path.exists():
+            frames = [f for f in ase.io.read(path, ":", format="extxyz") if f.info.get("step", 0) <= step]
+            ase.io.write(path, frames, format="extxyz")
+    log = output_dir / LOG
+    if log.exists():
+        lines = log.read_text().splitlines(keepends=True)
+        keep = [l for l in lines if l.startswith("#") or int(l.split()[0]) <= step]
+        log.write_text("".join(keep))
+
+
+def run_md(structures: Sequence, potential, integrator, steps: int, *,
+           temperature_K: Optional[md.PerSystem] = None, seed: int = 0, interval: int = 10,
+           log_interval: Optional[int] = None, output_dir=None, names: Optional[Sequence[str]] = None,
+           checkpoint_interval: Optional[int] = None, restart=None, progress: bool = False) -> MDRun:
+    """Run ``integrator`` on ``structures`` (ASE Atoms, one batch) until ``steps`` steps are done.
+
+    ``potential`` is a :class:`~eqcalc.md.ModelPotential` (or any callable of the same shape);
+    ``temperature_K`` (one value or per system) draws Maxwell–Boltzmann momenta with ``seed``
+    where a structure has none; ``interval`` is the trajectory stride, ``log_interval`` the log
+    stride (default ``interval``); files go to ``output_dir`` (none written if ``None``);
+    ``restart`` a checkpoint path to continue from.
+    """
+    if not (isinstance(steps, int) and steps >= 0):
+        raise InvalidOptionError(f"steps={steps!r} must be an integer >= 0")
+    for name, value in (("interval", interval), ("log_interval", log_interval),
+                        ("checkpoint_interval", checkpoint_interval)):
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise InvalidOptionError(f"{name}={value!r} must be an integer >= 1")
+    log_interval = log_interval or interval
+    import ase.io
+
+    structures = [s.copy() for s in structures]
+    names = _names(structures, names)
+    device = getattr(getattr(potential, "model", None), "device", "cpu")
+    species = getattr(potential, "species", None)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    out_dir = Path(output_dir) if output_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    if restart is not None:
+        state, saved, rng_state = load_checkpoint(restart, device)
+        if integrator_to_dict(saved) != integrator_to_dict(integrator):
+            raise InvalidOptionError(f"the checkpoint was written by {saved}, not {integrator}; "
+                                     "restart with the same integrator settings")
+        fresh = md.state_from_atoms(structures, device, species)
+        if not torch.equal(fresh.numbers, state.numbers) or not torch.equal(fresh.system, state.system):
+            raise InvalidOptionError(f"checkpoint {restart} holds other structures than the inputs; "
+                                     "restart with the same input files in the same order")
+        generator.set_state(rng_state)
+        if out_dir is not None:
+            _truncate_after(out_dir, names, state.step)
+    else:
+        state = md.state_from_atoms(structures, device, species)
+        if temperature_K is not None and not bool(state.momenta.any()):
+            state = md.maxwell_boltzmann(state, temperature_K, generator, integrator.conserves_momentum)
+    state = integrator.init(state, potential)
+
+    records: Dict[str, list] = {"step": [], "temperature_K": [], "epot_eV": [], "etot_eV": [],
+                                "conserved_eV": []}
+    handles = {}
+    files = []
+    if out_dir is not None:
+        mode = "a" if restart is not None else "w"
+        files = [str(out_dir / f"{n}.extxyz") for n in names] + [str(out_dir / LOG)]
+        handles = {n: open(out_dir / f"{n}.extxyz", mode) for n in names}
+        handles[LOG] = open(out_dir / LOG, mode)
+        if restart is None:
+            handles[LOG].write("# step time_ps system temperature_K epot_eV etot_eV\n")
+
+    def record(state):
+        if state.step % log_interval == 0:
+            T = md.temperature(state)
+            ekin = md.kinetic_energy(state)
+            rows = torch.stack([T, state.energy, state.energy + ekin,
+                                md.conserved_energy(state, integrator)]).cpu().numpy()
+            records["step"].append(state.step)
+            for key, row in zip(("temperature_K", "epot_eV", "etot_eV", "conserved_eV"), rows):
+                records[key].append(row)
+            if LOG in handles:
+                time_ps = state.step * integrator.timestep_fs / 1000.0
+                handles[LOG].write("".join(
+                    f"{state.step:8d} {time_ps:10.4f} {s:4d} {rows[0, s]:10.2f} {rows[1, s]:16.6f} "
+                    f"{rows[2, s]:16.6f}\n" for s in range(state.n_systems)))
+        if state.step % interval == 0 and handles:
+            for name, atoms in zip(names, md.to_atoms(state, structures)):
+                atoms.info["step"] = state.step
+                atoms.info["time_fs"] = state.step * integrator.timestep_fs
+                ase.io.write(handles[name], atoms, format="extxyz")
+                handles[name].flush()
+            handles[LOG].flush()
+
+    from tqdm.auto import tqdm
+
+    start, first_step = time.perf_counter(), state.step
+    try:
+        if restart is None:
+            record(state)
+        with tqdm(total=steps, initial=min(state.step, steps), disable=not progress, unit="step") as bar:
+            while state.step < steps:
+                state = integrator.step(state, potential, generator)
+                record(state)
+                if out_dir is not None and checkpoint_interval and state.step % checkpoint_interval == 0:
+                    save_checkpoint(out_dir / CHECKPOINT, state, integrator, generator)
+                    potential.reset()  # the restarted run starts from a fresh list too: identical
+                bar.update(1)
+    finally:
+        for h in handles.values():
+            h.close()
+    log = {k: np.asarray(v) for k, v in records.items()}
+    return MDRun(state=state, log=log, files=files, seconds=time.perf_counter() - start,
+                 steps_run=state.step - first_step)
+
+
+def read_structures(paths: Sequence[str]) -> List:
+    """Last frame of each input file (any format ASE reads; constraints kept where the format has them)."""
+    import ase.io
+
+    from eqcalc.errors import InvalidAtomsError
+
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise InvalidAtomsError(f"input file {p!r} does not exist; give structure files ASE can read")
+        try:
+            out.append(ase.io.read(p))
+        except Exception as e:
+            raise InvalidAtomsError(f"cannot read {p!r} as a structure ({e}); use extxyz, POSCAR, cif, ...") from e
+    return out
+
+
+def unique_names(paths: Sequence[str]) -> List[str]:
+    """File stems, made unique with their index where two inputs share a stem."""
+    stems = [Path(p).stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}_{k}" for k, s in enumerate(stems)]
+
+
+# ----------------------------------------------------------------------------------------------
+# command line shells (eqcalc md / eqcalc relax)
+# ----------------------------------------------------------------------------------------------
+def add_model_arguments(parser) -> None:
+    parser.add_argument("--model", default="default", help="shipped model name or .eqm path (default: default)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--compile", default="eager", help="eager | torchscript | aoti | auto")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default: the model's own")
+
+
+def add_md_arguments(parser) -> None:
+    """Options of ``eqcalc md``."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="structure files (extxyz, POSCAR, ...), run as one batch")
+    add_model_arguments(parser)
+    parser.add_argument("--ensemble", choices=["nve", "nvt"], default="nvt")
+    parser.add_argument("--thermostat", default="langevin", help="langevin | bussi | nose-hoover (NVT)")
+    parser.add_argument("--temperature-K", type=float, default=300.0,
+                        help="NVT target and initial Maxwell-Boltzmann temperature, K")
+    parser.add_argument("--timestep-fs", type=float, default=1.0, help="time step, fs")
+    parser.add_argument("--steps", type=int, default=1000, help="number of steps")
+    parser.add_argument("--interval", type=int, default=10, help="write a frame every K steps")
+    parser.add_argument("--friction-per-fs", type=float, default=0.01, help="Langevin friction, 1/fs")
+    parser.add_argument("--tau-fs", type=float, default=100.0, help="Bussi / Nose-Hoover time constant, fs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initial velocities and noise")
+    parser.add_argument("--checkpoint-interval", type=int, default=None, help="write checkpoint.pt every K steps")
+    parser.add_argument("--restart", default=None, help="continue from this checkpoint.pt")
+    parser.add_argument("--skin", type=float, default=0.5, help="neighbor-list skin, Å")
+    parser.add_argument("--output-dir", default="eqcalc-md", help="folder for trajectories, md.log, checkpoint.pt")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def md_main(args) -> int:
+    structures = read_structures(args.inputs)
+    integrator = md.make_integrator(args.ensemble, args.timestep_fs, args.thermostat, args.temperature_K,
+                                    args.friction_per_fs, args.tau_fs)
+    potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile,
+                                  dtype=args.dtype, skin=args.skin)
+    run = run_md(structures, potential, integrator, args.steps, temperature_K=args.temperature_K,
+                 seed=args.seed, interval=args.interval, output_dir=args.output_dir,
+                 names=unique_names(args.inputs), checkpoint_interval=args.checkpoint_interval,
+                 restart=args.restart, progress=not args.no_progress)
+    n_atoms = len(run.state.system)
+    print(f"{args.ensemble.upper()} {run.steps_run} steps of {args.timestep_fs} fs (now at step {run.state.step}), "
+          f"{len(structures)} systems ({n_atoms} atoms) in {run.seconds:.1f} s "
+          f"({n_atoms * run.steps_run / max(run.seconds, 1e-9):.0f} atom-steps/s)")
+    last = {k: v[-1] for k, v in run.log.items() if k != "step"}
+    for s, name in enumerate(unique_names(args.inputs)):
+        print(f"  {name:20s} T {last['temperature_K'][s]:8.1f} K  E_pot {last['epot_eV'][s]:12.4f} eV  "
+              f"E_tot {last['etot_eV'][s]:12.4f} eV")
+    print(f"wrote {', '.join(run.files)}")
+    return 0
+
+
+def _device(device: str) -> str:
+    from eqcalc.model import resolve_device
+
+    return str(resolve_device(device))
+
+
+def add_relax_arguments(parser) -> None:
+    """Options of ``eqcalc relax``."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="structure files, relaxed as one batch")
+    add_model_arguments(parser)
+    parser.add_argument("--fmax", type=float, default=0.05, help="force threshold per system, eV/Å")
+    parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps at most")
+    parser.add_argument("--cell", action="store_true", help="also relax the cell of fully periodic (bulk) systems")
+    parser.add_argument("--optimizer", default="fire", help="fire | lbfgs (ASE's algorithms, batched)")
+    parser.add_argument("--output-dir", default="eqcalc-relax", help="folder for the relaxed structures")
+
+
+def relax_main(args) -> int:
+    import ase.io
+
+    from eqcalc.relax import relax
+
+    structures = read_structures(args.inputs)
+    potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile,
+                                  dtype=args.dtype, skin=0.5)
+    result = relax(structures, potential, fmax=args.fmax, max_steps=args.max_steps, cell=args.cell,
+                   optimizer=args.optimizer)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, atoms, ok, n, f in zip(unique_names(args.inputs), result.structures, result.converged,
+                                     result.steps, result.fmax):
+        path = out / f"{name}.extxyz"
+        ase.io.write(path, atoms, format="extxyz")
+        print(f"  {name:20s} E {atoms.get_potential_energy():12.4f} eV  fmax {f:.4f} eV/Å  {n:4d} steps  "
+              f"{'converged' if ok else 'NOT converged'} -> {path}")
+    print(f"relaxed {len(structures)} systems as one batch ({args.optimizer}) in {result.seconds:.1f} s")
+    return 0 if all(result.converged) else 1

@@ -1,0 +1,103 @@
+"""eqcalc md / relax / adsorption on tiny inputs: files written hold the physics they claim."""
+import csv
+
+import ase.io
+import numpy as np
+import pytest
+from ase.build import add_adsorbate, bulk, fcc111, molecule
+from ase.constraints import FixAtoms
+
+from eqcalc import EquivariantCalculator
+from eqcalc.cli import build_parser, main
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    slab = fcc111("Pt", (2, 2, 3), vacuum=6.0)
+    add_adsorbate(slab, "O", 1.8, "fcc")
+    slab.info.pop("adsorbate_info")
+    slab.set_constraint(FixAtoms(mask=slab.get_tags() == 3))
+    ase.io.write(tmp_path / "slab.extxyz", slab)
+    cu = bulk("Cu", "fcc", a=3.7, cubic=True)
+    cu.rattle(0.03, seed=0)
+    ase.io.write(tmp_path / "cu.extxyz", cu)
+    co = molecule("CO")
+    co.center(vacuum=4.0)
+    ase.io.write(tmp_path / "co.xyz", co)
+    return tmp_path
+
+
+@pytest.mark.parametrize("command", ["md", "relax", "adsorption"])
+def test_help_has_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"example:\n  eqcalc {command}" in capsys.readouterr().out
+
+
+def test_md_writes_one_trajectory_per_input(inputs, package_path, capsys):
+    model = package_path("painn", "float64", features=8, num_interactions=2)
+    out = inputs / "run"
+    args = ["md", str(inputs / "slab.extxyz"), str(inputs / "cu.extxyz"), str(inputs / "co.xyz"), "--model", model,
+            "--thermostat", "bussi", "--temperature-K", "400", "--steps", "10", "--interval", "5",
+            "--output-dir", str(out), "--checkpoint-interval", "5", "--no-progress"]
+    assert main(args) == 0
+    assert "3 systems (19 atoms)" in capsys.readouterr().out
+    frames = ase.io.read(out / "slab.extxyz", ":")
+    assert [f.info["step"] for f in frames] == [0, 5, 10]
+    last = frames[-1]
+    fixed = last.constraints[0].index
+    assert len(fixed) == 4 and not last.get_momenta()[fixed].any()  # constraints read from the input
+    ref = last.copy()
+    ref.calc = EquivariantCalculator(model, compile="eager")
+    np.testing.assert_allclose(last.get_forces(), ref.get_forces(), atol=1e-8)  # forces stored are the model's
+    assert len(ase.io.read(out / "cu.extxyz", ":")) == 3 and (out / "checkpoint.pt").exists()
+    log = np.loadtxt(out / "md.log")
+    assert log.shape == (3 * 3, 6) and (log[:, 3] > 0).all()  # step time system T Epot Etot
+    # continue the same run from its checkpoint
+    assert main(args[:args.index("--steps")] + ["--steps", "15", "--interval", "5", "--output-dir", str(out),
+                                                 "--restart", str(out / "checkpoint.pt"), "--no-progress",
+                                                 "--checkpoint-interval", "5"]) == 0
+    assert [f.info["step"] for f in ase.io.read(out / "slab.extxyz", ":")] == [0, 5, 10, 15]
+
+
+def test_md_bad_options_exit_2(inputs, capsys):
+    assert main(["md", str(inputs / "cu.extxyz"), "--thermostat", "berendsen", "--steps", "1"]) == 2
+    assert "thermostat" in capsys.readouterr().err
+    assert main(["md", str(inputs / "cu.extxyz"), "--timestep-fs", "-1"]) == 2
+    assert main(["md", str(inputs / "missing.xyz")]) == 2
+
+
+def test_relax_writes_relaxed_structures(inputs, capsys):
+    out = inputs / "relaxed"
+    assert main(["relax", str(inputs / "slab.extxyz"), str(inputs / "cu.extxyz"), "--cell", "--fmax", "0.03",
+                 "--output-dir", str(out), "--optimizer", "lbfgs"]) == 0
+    assert capsys.readouterr().out.count("converged ->") == 2
+    for name in ("slab", "cu"):
+        atoms = ase.io.read(out / f"{name}.extxyz")
+        assert np.abs(atoms.get_forces()).max() <= 0.03
+    assert ase.io.read(out / "cu.extxyz").get_volume() < ase.io.read(inputs / "cu.extxyz").get_volume()
+
+
+def test_adsorption_table(inputs, capsys):
+    slab = fcc111("Pt", (2, 2, 3), vacuum=6.0)
+    slab.info.pop("adsorbate_info")
+    slab.set_constraint(FixAtoms(mask=slab.get_tags() == 3))
+    ase.io.write(inputs / "pt.extxyz", slab)
+    out = inputs / "ads"
+    assert main(["adsorption", str(inputs / "pt.extxyz"), "--adsorbate", "O", "--fmax", "0.05",
+                 "--output-dir", str(out)]) == 0
+    assert "E_ads" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "adsorption.csv")))
+    assert {r["site"] for r in rows} == {"ontop", "bridge", "hollow-fcc", "hollow-hcp"}
+    e_slab = ase.io.read(out / "slab.extxyz").get_potential_energy()
+    e_gas = ase.io.read(out / "gas.extxyz").get_potential_energy()
+    placements = ase.io.read(out / "placements.extxyz", ":")
+    for row, atoms in zip(rows, placements):
+        assert row["converged"] == "True"
+        assert float(row["E_ads_eV"]) == pytest.approx(atoms.get_potential_energy() - e_slab - e_gas, abs=1e-6)
+        assert float(row["E_ads_eV"]) < 0  # atomic O binds to Pt
+        assert len(atoms.constraints[0].index) == 4  # the slab's bottom layer stayed fixed
+    hollow = min(float(r["E_ads_eV"]) for r in rows if r["site"].startswith("hollow"))
+    ontop = float(next(r for r in rows if r["site"] == "ontop")["E_ads_eV"])
+    assert hollow < ontop  # O prefers the hollow sites of Pt(111)

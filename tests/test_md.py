@@ -1,0 +1,263 @@
+"""The batched MD engine (eqcalc.md, eqcalc.drivers) and ASE's own dynamics with the calculator.
+
+Physics checked: NVE equals ASE's VelocityVerlet step for step, energy conservation, each
+thermostat's mean temperature and canonical fluctuations with FixAtoms and per-system targets,
+mixed-periodicity batches equal separate runs, exact restart, typed errors on bad input.
+Thermostat statistics use a cheap Morse potential (tests/md_potentials.py) so thousands of steps
+stay fast; everything comparing to ASE uses a real (small, float64) PaiNN package.
+"""
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.build import add_adsorbate, bulk, fcc100, fcc111, molecule
+from ase.constraints import FixAtoms, FixBondLength
+
+from eqcalc import EquivariantCalculator, md
+from eqcalc.drivers import load_checkpoint, run_md
+from eqcalc.errors import InvalidOptionError, NonFiniteOutputError
+from eqcalc.model import Model
+from tests.md_potentials import MorsePotential
+
+
+@pytest.fixture(scope="module")
+def model(package_path):
+    return Model(package_path("painn", "float64", features=8, num_interactions=2), device="cpu", compile="eager")
+
+
+def pt_slab(rattle=0.05, seed=1):
+    s = fcc111("Pt", (2, 2, 3), a=3.92, vacuum=6.0)
+    add_adsorbate(s, "O", 1.6, "fcc")
+    s.info.pop("adsorbate_info")  # not storable in extxyz
+    s.set_constraint(FixAtoms(mask=s.get_tags() == 3))
+    s.rattle(rattle, seed=seed)
+    return s
+
+
+def cu_slab():
+    s = fcc100("Cu", (2, 2, 3), a=3.61, vacuum=6.0)
+    s.set_constraint(FixAtoms(mask=s.get_tags() == 3))  # bottom layer: 4 of 12 atoms fixed
+    return s
+
+
+def thermal(atoms, temperature_K, seed):
+    rng = np.random.default_rng(seed)
+    p = rng.normal(size=(len(atoms), 3)) * np.sqrt(atoms.get_masses()[:, None] * units.kB * temperature_K)
+    atoms.set_momenta(p)  # ASE applies FixAtoms: fixed atoms get none
+    return atoms
+
+
+def test_nve_matches_ase_velocity_verlet(model):
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = thermal(pt_slab(), 600, seed=0)
+    ref = atoms.copy()
+    ref.calc = EquivariantCalculator(model)
+    VelocityVerlet(ref, 1.0 * units.fs, logfile=None).run(50)
+    potential = md.ModelPotential(model)
+    integrator = md.NVE(1.0)
+    state = integrator.init(md.state_from_atoms([atoms]), potential)
+    for _ in range(50):
+        state = integrator.step(state, potential)
+    assert np.abs(state.positions.numpy() - ref.positions).max() < 1e-6
+    assert np.abs(state.momenta.numpy() - ref.get_momenta()).max() < 1e-6
+    assert np.abs(state.positions.numpy() - atoms.positions).max() > 1e-2  # it did move
+    assert potential.neighbors.n_builds < 50  # skin reuse across steps
+
+
+def test_nve_conserves_energy_and_momentum():
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    potential = MorsePotential()
+    run = run_md([atoms], potential, md.NVE(2.0), 500, temperature_K=600, seed=1, log_interval=1)
+    etot, epot = run.log["etot_eV"][:, 0], run.log["epot_eV"][:, 0]
+    assert run.state.dof[0] == 3 * 32 - 3  # momentum conserved: centre of mass removed
+    assert np.std(etot) < 0.01 * np.std(epot)  # energy exchanged, total kept (Euler would drift)
+    assert abs(etot[-1] - etot[0]) < 1e-3 * len(atoms)
+    total_p = run.state.momenta.sum(0)
+    assert torch.abs(total_p).max() < 1e-9
+
+
+@pytest.mark.parametrize("integrator", [
+    md.Langevin(4.0, [400.0, 800.0] * 8, friction_per_fs=0.02),
+    md.Bussi(4.0, [400.0, 800.0] * 8, tau_fs=50.0),
+    md.NoseHooverChain(4.0, [400.0, 800.0] * 8, tau_fs=50.0),
+], ids=["langevin", "bussi", "nose-hoover"])
+def test_thermostat_temperature_with_fixed_atoms(integrator):
+    """16 replicas of a Cu slab (8 free, 4 fixed atoms) at 400 K and 800 K alternating, 4 ps.
+    Counting the fixed atoms' dof would read 33 % low, a wrong centre-of-mass rule 12 %."""
+    targets = np.array(integrator.temperature_K)
+    potential = MorsePotential()
+    run = run_md([cu_slab() for _ in targets], potential, integrator, 1000, temperature_K=targets,
+                 seed=0, log_interval=1)
+    expected_dof = 3 * 8 - 0  # fixed atoms break momentum conservation: nothing removed
+    assert (run.state.dof == expected_dof).all()
+    T = run.log["temperature_K"][200:] / targets  # after 0.8 ps of equilibration
+    for group in (T[:, 0::2], T[:, 1::2]):  # per-system targets are honoured
+        assert abs(group.mean() - 1) < 0.05
+    # canonical kinetic-energy fluctuations: std(T)/T = sqrt(2 / dof)
+    assert T.std() == pytest.approx(np.sqrt(2 / expected_dof), rel=0.08)
+    fixed = run.state.fixed
+    assert fixed.sum() == 4 * len(targets)
+    assert torch.count_nonzero(run.state.momenta[fixed]) == 0
+    start = md.state_from_atoms([cu_slab() for _ in targets])
+    assert torch.equal(run.state.positions[fixed], start.positions[fixed])
+
+
+def test_deterministic_thermostats_conserve_their_energy():
+    atoms = [cu_slab(), bulk("Cu", "fcc", a=3.61, cubic=True)]
+    for integrator in (md.NoseHooverChain(2.0, 500.0, 50.0), md.Bussi(2.0, 500.0, 50.0)):
+        run = run_md(atoms, MorsePotential(), integrator, 400, temperature_K=500, seed=3, log_interval=1)
+        conserved, epot = run.log["conserved_eV"], run.log["epot_eV"]
+        assert (np.abs(conserved - conserved[0]).max(0) < 0.05 * np.std(epot, axis=0)).all()
+
+
+def test_mixed_pbc_batch_equals_separate_runs(model):
+    slab = pt_slab()
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cu.rattle(0.05, seed=2)
+    co = molecule("CO")
+    co.center(vacuum=4.0)
+    systems = [slab, cu, co]
+    batch = md.ModelPotential(model)(md.state_from_atoms(systems))
+    for k, s in enumerate(systems):
+        alone = md.ModelPotential(model)(md.state_from_atoms([s]))
+        start = sum(len(x) for x in systems[:k])
+        assert torch.allclose(batch["forces"][start:start + len(s)], alone["forces"], atol=1e-10)
+        assert torch.allclose(batch["energy"][k], alone["energy"][0], atol=1e-10)
+    # and the dynamics: 10 NVE steps of the batch move each system as it moves alone
+    systems = [thermal(s, 400, seed=k) for k, s in enumerate(systems)]
+    together = run_md(systems, md.ModelPotential(model), md.NVE(1.0), 10).state.positions
+    alone = torch.cat([run_md([s], md.ModelPotential(model), md.NVE(1.0), 10).state.positions for s in systems])
+    assert torch.allclose(together, alone, atol=1e-9)
+    assert (together - md.state_from_atoms(systems).positions).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("integrator", [md.Langevin(2.0, 500.0), md.NoseHooverChain(2.0, 500.0),
+                                        md.Bussi(2.0, 500.0)], ids=["langevin", "nose-hoover", "bussi"])
+def test_restart_reproduces_uninterrupted_run(tmp_path, integrator):
+    import ase.io
+
+    atoms = [cu_slab(), bulk("Cu", "fcc", a=3.61, cubic=True)]
+    full = run_md(atoms, MorsePotential(), integrator, 30, temperature_K=500, seed=7, interval=5,
+                  output_dir=tmp_path / "full", checkpoint_interval=10)
+    part = run_md(atoms, MorsePotential(), integrator, 20, temperature_K=500, seed=7, interval=5,
+                  output_dir=tmp_path / "part", checkpoint_interval=10)
+    (tmp_path / "part" / "checkpoint.pt").replace(tmp_path / "ck.pt")
+    run_md(atoms, MorsePotential(), integrator, 25, temperature_K=500, seed=7, interval=5,  # "killed" at 25
+           output_dir=tmp_path / "part", checkpoint_interval=10)
+    resumed = run_md(atoms, MorsePotential(), integrator, 30, seed=123, interval=5,  # seed ignored: saved RNG
+                     output_dir=tmp_path / "part", checkpoint_interval=10, restart=tmp_path / "ck.pt")
+    assert part.state.step == 20 and resumed.state.step == 30
+    assert torch.equal(resumed.state.positions, full.state.positions)
+    assert torch.equal(resumed.state.momenta, full.state.momenta)
+    frames = ase.io.read(tmp_path / "part" / "system0.extxyz", ":")
+    assert [f.info["step"] for f in frames] == [0, 5, 10, 15, 20, 25, 30]  # no duplicates after restart
+    ref = ase.io.read(tmp_path / "full" / "system0.extxyz", ":")
+    np.testing.assert_array_equal(frames[-1].positions, ref[-1].positions)
+    state, _, _ = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    assert state.step == 30
+
+
+def test_trajectory_holds_energy_forces_momenta_constraints(tmp_path):
+    import ase.io
+
+    run = run_md([cu_slab()], MorsePotential(), md.Langevin(2.0, 300.0), 10, temperature_K=300, interval=5,
+                 output_dir=tmp_path, names=["slab"])
+    frames = ase.io.read(tmp_path / "slab.extxyz", ":")
+    assert len(frames) == 3
+    last = frames[-1]
+    np.testing.assert_allclose(last.positions, run.state.positions.numpy(), atol=1e-7)
+    np.testing.assert_allclose(last.get_momenta(), run.state.momenta.numpy(), atol=1e-7)
+    np.testing.assert_allclose(last.get_forces(), run.state.forces.numpy(), atol=1e-6)
+    assert last.get_potential_energy() == pytest.approx(float(run.state.energy[0]), abs=1e-6)
+    assert isinstance(last.constraints[0], FixAtoms) and len(last.constraints[0].index) == 4
+    log = (tmp_path / "md.log").read_text().splitlines()
+    assert log[0].startswith("# step") and len(log) == 1 + 3
+
+
+def test_bad_inputs_raise_typed_errors():
+    with pytest.raises(InvalidOptionError, match="thermostat"):
+        md.make_integrator("nvt", 1.0, thermostat="berendsen")
+    with pytest.raises(InvalidOptionError, match="timestep_fs"):
+        md.NVE(-1.0)
+    with pytest.raises(InvalidOptionError, match="temperature_K"):
+        md.Langevin(1.0, temperature_K=-5)
+    with pytest.raises(InvalidOptionError, match="2 systems"):
+        run_md([cu_slab(), cu_slab()], MorsePotential(), md.Langevin(1.0, [300, 400, 500]), 2)
+    constrained = molecule("CO")
+    constrained.set_constraint(FixBondLength(0, 1))
+    with pytest.raises(InvalidOptionError, match="FixBondLength"):
+        md.state_from_atoms([constrained])
+
+
+def test_exploding_step_stops_with_an_error():
+    class Exploding(MorsePotential):
+        def __call__(self, state):
+            out = super().__call__(state)
+            return dict(out, forces=out["forces"] * float("inf"))  # a model gone wrong
+
+    state = md.NVE(1.0).init(md.state_from_atoms([cu_slab()]), MorsePotential())
+    before = state.positions.clone()
+    with pytest.raises(NonFiniteOutputError, match="step 1"):
+        state = md.NVE(1.0).step(state, Exploding())
+    assert torch.equal(state.positions, before)  # the failed step never replaced the last good state
+
+
+# ---- ASE's own drivers with EquivariantCalculator ------------------------------------------------
+def test_ase_velocity_verlet_conserves_energy(model):
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = thermal(pt_slab(), 500, seed=1)
+    atoms.calc = EquivariantCalculator(model)
+    fixed = atoms.positions[atoms.constraints[0].index].copy()
+    etot, epot = [], []
+    dyn = VelocityVerlet(atoms, 1.0 * units.fs, logfile=None)
+    dyn.attach(lambda: (etot.append(atoms.get_total_energy()), epot.append(atoms.get_potential_energy())))
+    dyn.run(40)
+    assert np.std(etot) < 0.02 * np.std(epot)
+    np.testing.assert_array_equal(atoms.positions[atoms.constraints[0].index], fixed)
+
+
+@pytest.mark.parametrize("driver", ["langevin", "bussi", "nose-hoover-chain"])
+def test_ase_thermostats_run_with_the_calculator(model, driver):
+    """Smoke plus physics: fixed atoms stay, the kinetic energy stays finite and non-zero."""
+    from ase.md.bussi import Bussi
+    from ase.md.langevin import Langevin
+    from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+    atoms = thermal(pt_slab(), 500, seed=2)
+    if driver == "nose-hoover-chain":
+        atoms.set_constraint()  # unsafe with FixAtoms (ASE 3.29 settles near 0 K), see README
+    atoms.calc = EquivariantCalculator(model)
+    rng = np.random.RandomState(0)
+    dyn = {"langevin": lambda: Langevin(atoms, 1 * units.fs, temperature_K=500, friction=0.02 / units.fs, fixcm=False, rng=rng),
+           "bussi": lambda: Bussi(atoms, 1 * units.fs, temperature_K=500, taut=50 * units.fs, rng=rng),
+           "nose-hoover-chain": lambda: NoseHooverChainNVT(atoms, 1 * units.fs, temperature_K=500, tdamp=50 * units.fs),
+           }[driver]()
+    start = atoms.positions.copy()
+    dyn.run(20)
+    assert 10 < atoms.get_temperature() < 5000
+    moved = np.abs(atoms.positions - start).max(1)
+    if atoms.constraints:
+        assert (moved[atoms.constraints[0].index] == 0).all() and moved.max() > 1e-3
+
+
+def test_engine_leaves_global_torch_state_alone():
+    rng, dtype, threads = torch.random.get_rng_state(), torch.get_default_dtype(), torch.get_num_threads()
+    for integrator in (md.Langevin(1.0, 300.0), md.Bussi(1.0, 300.0)):
+        run_md([cu_slab()], MorsePotential(), integrator, 3, temperature_K=300, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # noise only from the run's own generator
+    assert torch.get_default_dtype() == dtype and torch.get_num_threads() == threads
+    a = run_md([cu_slab()], MorsePotential(), md.Langevin(1.0, 300.0), 5, temperature_K=300, seed=4).state
+    b = run_md([cu_slab()], MorsePotential(), md.Langevin(1.0, 300.0), 5, temperature_K=300, seed=4).state
+    assert torch.equal(a.positions, b.positions)  # same seed, same trajectory
+
+
+def test_overlapping_atoms_raise_before_the_model_runs(model):
+    from ase import Atoms
+
+    from eqcalc.errors import InvalidAtomsError
+
+    atoms = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 0.05]], cell=[8, 8, 8], pbc=True)
+    with pytest.raises(InvalidAtomsError, match="overlap"):
+        run_md([atoms], md.ModelPotential(model), md.NVE(1.0), 1)
