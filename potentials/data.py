@@ -222,7 +222,6 @@ def generate(path: str | os.PathLike, n_structures: int, seed: int = 0,
 
     Deterministic for a given ``(n_structures, seed, elements)``. Returns the path.
     """
-    import ase.io
 
     unknown = sorted(set(elements) - set(ELEMENTS))
     if unknown:
@@ -250,7 +249,15 @@ def generate(path: str | os.PathLike, n_structures: int, seed: int = 0,
         group += 1
     if bar is not None:
         bar.close()
-    split_of_group = _split_groups(group, seed)
+    return write_split(path, frames, group, seed)
+
+
+def write_split(path: str | os.PathLike, frames: List, n_groups: int, seed: int) -> Path:
+    """Give each frame the split of its ``info["group"]`` (fixed by ``seed``) and write all
+    frames to ``path`` (extxyz); returns the path."""
+    import ase.io
+
+    split_of_group = _split_groups(n_groups, seed)
     for f in frames:
         f.info["split"] = split_of_group[f.info["group"]]
     path = Path(path)

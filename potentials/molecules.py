@@ -58,14 +58,13 @@ def generate_molecules(path: str | os.PathLike, n_frames: int, molecules: Sequen
     Langevin MD (friction 0.01 /fs, ``timestep_fs``), then one frame every ``interval`` steps.
     Deterministic for given arguments. Returns the path.
     """
-    import ase.io
     from ase import units
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from tqdm import tqdm
 
-    from potentials.data import _split_groups
+    from potentials.data import write_split
 
     if n_frames < 1 or interval < 1 or block < 1 or timestep_fs <= 0 or temperature_K <= 0:
         raise InvalidOptionError(
@@ -96,10 +95,4 @@ def generate_molecules(path: str | os.PathLike, n_frames: int, molecules: Sequen
             bar.update(1)
         group += -(-count // block)
     bar.close()
-    split_of_group = _split_groups(group, seed)
-    for f in frames:
-        f.info["split"] = split_of_group[f.info["group"]]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ase.io.write(path, frames, format="extxyz")
-    return path
+    return write_split(path, frames, group, seed)
