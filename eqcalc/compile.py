@@ -42,7 +42,8 @@ def cache_dir() -> Path:
 def cache_key(weights_sha256: str, forces: str, stress: bool, device: torch.device, dtype: str) -> str:
     from eqcalc import __version__
 
-    text = f"{weights_sha256}|{forces}|{stress}|{device}|{dtype}|{torch.__version__}|{__version__}"
+    # "simd8": packages built before the vector-width fix (see aoti()) must not be reused.
+    text = f"{weights_sha256}|{forces}|{stress}|{device}|{dtype}|{torch.__version__}|{__version__}|simd8"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -82,7 +83,11 @@ def export_aoti(wrapper: torch.nn.Module, example: Inputs, path: Path) -> Path:
                     graph.register_buffer(node.target, value.detach().clone())
         program = torch.export.export(graph, example, dynamic_shapes=_dynamic_shapes(), strict=False)
         tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.pt2")
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+        # torch 2.13's Inductor CPU code at AVX-512 width (16 lanes) corrupts the heap for MACE
+        # with >= 16 channels (crash on first call, bisected to the vector width); 8 lanes (AVX2)
+        # runs correctly. CPU code only; a context patch leaves Inductor's global config alone.
+        with torch._inductor.config.patch({"cpp.simdlen": 8}):
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
     os.replace(tmp, path)
     return path
 

@@ -166,7 +166,10 @@ def build_eager(pkg: Package, dtype: str | None = None) -> torch.nn.Module:
     from potentials.registry import from_config  # the one lazy lookup of the registry
 
     dtype = dtype or pkg.metadata["dtype"]
-    model = from_config(pkg.metadata["architecture"], pkg.metadata["config"], dtype=dtype)
+    # Files written before frame averaging existed have no such field: "none", as they were.
+    model = from_config(pkg.metadata["architecture"], pkg.metadata["config"], dtype=dtype,
+                        frame_averaging=pkg.metadata.get("frame_averaging", "none"),
+                        frame_source=pkg.metadata.get("frame_source", "edges"))
     torch_dtype = getattr(torch, dtype)
     weights = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in pkg.weights.items()}
     try:

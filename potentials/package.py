@@ -24,8 +24,12 @@ def metadata_of(model: torch.nn.Module, extra: Optional[Dict[str, Any]] = None) 
         "force_modes": modes,
         "stress": True,
         "n_parameters": sum(p.numel() for p in model.parameters()),
+        # potentials.frames: "none" unless the model is wrapped in frame averaging
+        "frame_averaging": getattr(model, "frame_averaging", "none"),
         "training": {},
     }
+    if getattr(model, "frame_source", "edges") != "edges":
+        meta["frame_source"] = model.frame_source
     meta.update(extra or {})
     return meta
 

@@ -3,9 +3,13 @@
 Every registered class has a class attribute ``architecture`` (its registry name), a frozen
 dataclass ``Config`` (fields ``species``, ``cutoff``, then its own hyperparameters), takes a
 ``Config`` in its constructor and offers ``config_dict()``.
+
+Any architecture can be wrapped in frame averaging (:mod:`potentials.frames`) with
+``frame_averaging="full" | "se3" | "2d" | "stochastic" | "none"``; a class may set
+``default_frame_averaging`` (FAENet: ``"stochastic"``), the others default to ``"none"``.
 """
 import dataclasses
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -64,32 +68,42 @@ def _make_config(cls: type, name: str, values: Dict):
         raise InvalidOptionError(f"{name}: {error}") from None
 
 
-def _construct(cls: type, config, dtype, seed: int) -> torch.nn.Module:
+def _construct(cls: type, config, dtype, seed: int, frame_averaging: str = "none",
+               frame_source: str = "edges") -> torch.nn.Module:
+    from potentials.frames import wrap
+
     # fork_rng restores the global RNG afterwards: building a model never perturbs the caller.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = cls(config)
-    return model.to(_dtype(dtype))
+    return wrap(model.to(_dtype(dtype)), frame_averaging, frame_source)
 
 
 def build(name: str, species: Sequence[str], cutoff: float = 5.0, dtype="float32", seed: int = 0,
+          frame_averaging: Optional[str] = None, frame_source: str = "edges",
           **hyperparameters) -> torch.nn.Module:
     """An untrained model of architecture ``name`` for ``species`` (chemical symbols), seeded.
 
-    ``cutoff`` in Å; ``dtype`` "float32" or "float64"; other keywords are the architecture's
+    ``cutoff`` in Å; ``dtype`` "float32" or "float64"; ``frame_averaging`` "full" | "se3" | "2d" |
+    "stochastic" | "none" (None: the architecture's default) and ``frame_source`` "edges" |
+    "positions" (see :mod:`potentials.frames`); other keywords are the architecture's
     hyperparameters (see its ``Config``). Same arguments and seed → identical weights.
     """
     cls = get(name)
     if isinstance(species, str):
         species = [species]
     config = _make_config(cls, name, dict(hyperparameters, species=tuple(species), cutoff=cutoff))
-    return _construct(cls, config, dtype, seed)
+    if frame_averaging is None:
+        frame_averaging = getattr(cls, "default_frame_averaging", "none")
+    return _construct(cls, config, dtype, seed, frame_averaging, frame_source)
 
 
-def from_config(name: str, config_dict: Dict, dtype="float32") -> torch.nn.Module:
-    """Rebuild a model from ``model.config_dict()`` (weights still to be loaded)."""
+def from_config(name: str, config_dict: Dict, dtype="float32", frame_averaging: str = "none",
+                frame_source: str = "edges") -> torch.nn.Module:
+    """Rebuild a model from ``model.config_dict()`` and the metadata's ``frame_averaging`` and
+    ``frame_source`` (weights still to be loaded)."""
     cls = get(name)
     values = dict(config_dict)
     if "species" in values:
         values["species"] = tuple(values["species"])
-    return _construct(cls, _make_config(cls, name, values), dtype, 0)
+    return _construct(cls, _make_config(cls, name, values), dtype, 0, frame_averaging, frame_source)

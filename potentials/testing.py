@@ -26,6 +26,27 @@ TOLERANCES = {
                 "compiled": 5e-5},
 }
 
+#: Frame-averaged models (potentials.frames) in float32: forces and stress through the calculator
+#: are equivariant to 1e-4 relative (the issue's target), not 1e-5. The pair vectors are rounded to
+#: float32 before the PCA, and near-degenerate eigenvalues (the rattled cubic "bulk" test cell is
+#: almost isotropic) amplify that rounding by eigenvalue / gap in the frame and in the conservative
+#: forces through it (measured 2.1e-5 on "bulk"; supercell vs cell 1.7e-5). Energies stay within
+#: 1e-5; float64 is unchanged. Direct forces of an UNTRAINED head nearly cancel over the 8 frames
+#: (the average is ~100x smaller than each frame's output), so their relative error looks ~100x
+#: larger (3e-4 measured): 1e-3 for those; a trained head meets 1e-4 (tests/test_faenet.py).
+FRAME_AVERAGED = {"float64": {"symmetry": 1e-10, "consistency": 1e-10, "direct_symmetry": 1e-10},
+                  "float32": {"symmetry": 1e-4, "consistency": 1e-4, "direct_symmetry": 1e-3}}
+
+
+def tolerance(metadata, dtype: str, check: str, forces: str = "conservative") -> float:
+    """Tolerance of ``check`` ("symmetry", "consistency", ...) for a model (its package
+    ``metadata``) evaluated in ``dtype``: :data:`TOLERANCES`, or :data:`FRAME_AVERAGED` for
+    frame-averaged models."""
+    if metadata.get("frame_averaging", "none") != "none" and check in ("symmetry", "consistency"):
+        key = "direct_symmetry" if check == "symmetry" and forces == "direct" else check
+        return FRAME_AVERAGED[dtype][key]
+    return TOLERANCES[dtype][check]
+
 
 # ---- structures ---------------------------------------------------------------------------
 def _assign(atoms: Atoms, species: Sequence[str], rng) -> Atoms:

@@ -11,9 +11,18 @@ recipes in ``potentials/recipes/*.yaml`` are such dicts); every key has a defaul
 ``energy_weight``, ``forces_weight``, ``stress_weight``: loss = w_E MSE(E/N) [eV²/atom²]
                     + w_F MSE(F) [eV²/Å²] + w_S MSE(σ) [eV²/Å⁶] (stress only on frames with it).
                     ``forces_weight = 0`` trains on energies only (forces then need not exist).
+``force_mode``      ``"conservative"`` (default: the force loss is on ``-dE/dr``) or ``"direct"``
+                    (the force loss is on the model's force head; needs ``direct_forces: true``;
+                    metrics then also report the conservative forces of the same model).
+``energy_grad_weight`` w_G of the energy-gradient consistency term of FAENet (paper Eq. 9),
+                    direct mode only: + w_G MSE(F_direct - (-dE/dr)) [eV²/Å²], which pulls the
+                    force head and the energy gradient together (conservative forces usable).
 ``lr``, ``weight_decay`` (AdamW; not on biases, embeddings and the per-species scale/shift),
 ``warmup_steps``, ``min_lr_ratio`` (linear warm-up then cosine to ``lr * min_lr_ratio`` at
 ``max_steps``), ``clip_grad`` (max gradient norm), ``ema_decay``, ``batch_size``,
+``schedule``        ``"cosine"`` (above) or ``"plateau"``: after the warm-up the learning rate
+                    is multiplied by ``plateau_factor`` whenever ``plateau_patience`` validations
+                    in a row did not improve, down to ``lr * min_lr_ratio``.
 ``val_every`` (steps), ``patience`` (validations without improvement before stopping early),
 ``max_steps``, ``max_time_s`` (stop early at a wall-clock budget), ``seed``.
 ``work_dir``        checkpoint, plots and metrics; ``output``: the model package path.
@@ -41,6 +50,11 @@ all ranks take identical optimizer steps and hold identical weights; validation 
 rank (early-stopping decisions agree), and only rank 0 generates data and writes checkpoints,
 plots, metrics and the model (``metrics.json`` gets ``world_size`` and each rank's
 ``rank_weights_sha256``, see :func:`weights_sha256`). Every rank returns the model path.
+
+Stochastic frame averaging (``frame_averaging: stochastic`` in ``model``, FAENet's default): at
+every training step each structure of the batch gets one random frame of the 8, drawn from a
+generator seeded by ``seed`` and the step (so ``resume`` reproduces it); validation and test use
+the full 8-frame average (the model's evaluation mode).
 
 At the end (best EMA weights on the validation split): ``learning_curve.png``,
 ``energy_parity.png``, ``force_parity.png`` and ``metrics.json`` (test-split energy MAE
@@ -75,6 +89,8 @@ DEFAULTS: Dict = {
     "energy_weight": 10.0,
     "forces_weight": 1.0,
     "stress_weight": 100.0,
+    "force_mode": "conservative",
+    "energy_grad_weight": 0.0,
     "lr": 2e-3,
     "weight_decay": 1e-4,
     "warmup_steps": 100,
@@ -84,6 +100,9 @@ DEFAULTS: Dict = {
     "batch_size": 8,
     "val_every": 100,
     "patience": 20,
+    "schedule": "cosine",
+    "plateau_factor": 0.5,
+    "plateau_patience": 3,
     "max_steps": 2000,
     "max_time_s": None,
     "stop_after_steps": None,
@@ -172,6 +191,53 @@ def collate(frames: Sequence[Frame], cutoff: float) -> Dict[str, torch.Tensor]:
     return batch
 
 
+class _Capture(torch.nn.Module):
+    """Passes the energy model through, keeping its direct forces of the last forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.forces = torch.zeros(0)
+
+    def forward(self, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        out = self.model(data)
+        self.forces = out[keys.FORCES]
+        return out
+
+
+class DirectForces(torch.nn.Module):
+    """Training view of a direct-force model: one forward gives the head's forces (``forces``) and
+    the conservative forces ``-dE/dr`` of the same energy (``forces_conservative``, for the Eq. 9
+    term and for reporting), plus energy and stress as :class:`ForceStressModel` does."""
+
+    def __init__(self, model: torch.nn.Module, stress: bool, create_graph: bool):
+        super().__init__()
+        from eqcalc.derivatives import ForceStressModel
+
+        self.capture = _Capture(model)
+        self.wrapper = ForceStressModel(self.capture, forces="conservative", stress=stress,
+                                        create_graph=create_graph)
+
+    def forward(self, *inputs):
+        out = dict(self.wrapper(*inputs))
+        out["forces_conservative"] = out[keys.FORCES]
+        out[keys.FORCES] = self.capture.forces.to(torch.float64)
+        if not self.wrapper.create_graph:
+            out[keys.FORCES] = out[keys.FORCES].detach()
+        return out
+
+
+def make_wrapper(model: torch.nn.Module, force_mode: str = "conservative", stress: bool = True,
+                 create_graph: bool = False) -> torch.nn.Module:
+    """The forces/stress wrapper training and evaluation run: ForceStressModel, or
+    :class:`DirectForces` for ``force_mode="direct"``."""
+    from eqcalc.derivatives import ForceStressModel
+
+    if force_mode == "direct":
+        return DirectForces(model, stress, create_graph)
+    return ForceStressModel(model, create_graph=create_graph, stress=stress)
+
+
 def _forward(wrapper, batch):
     return wrapper(batch[keys.POSITIONS], batch[keys.CELL], batch[keys.SPECIES], batch[keys.EDGE_INDEX],
                    batch[keys.SHIFTS], batch[keys.SYSTEM])
@@ -179,7 +245,8 @@ def _forward(wrapper, batch):
 
 def _loss(out, batch, weights) -> Dict[str, torch.Tensor]:
     """Weighted MSE terms in float64 (the wrapper's energies are float64; forces too)."""
-    w_e, w_f, w_s = weights
+    w_e, w_f, w_s = weights[:3]
+    w_g = weights[3] if len(weights) > 3 else 0.0
     n = batch["n_atoms"]
     e_err = (out[keys.ENERGY] - batch["energy_ref"]) / n
     terms = {"energy": (e_err ** 2).mean()}
@@ -191,6 +258,10 @@ def _loss(out, batch, weights) -> Dict[str, torch.Tensor]:
     if w_s > 0 and bool(mask.any()):
         terms["stress"] = ((out[keys.STRESS][mask] - batch["stress_ref"][mask]) ** 2).mean()
         total = total + w_s * terms["stress"]
+    if w_g > 0 and "forces_conservative" in out:
+        # FAENet Eq. 9: the direct forces should be the negative energy gradient.
+        terms["energy_grad"] = ((out[keys.FORCES] - out["forces_conservative"]) ** 2).mean()
+        total = total + w_g * terms["energy_grad"]
     terms["total"] = total
     return terms
 
@@ -231,22 +302,36 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+def _lr_factor(step: int, warmup: int, total: int, min_ratio: float, plateau_scale=None) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine to ``min_ratio`` at ``total``, or
+    (``plateau_scale`` given) the plateau schedule's current scale, never below ``min_ratio``."""
     if step < warmup:
         return (step + 1) / warmup
+    if plateau_scale is not None:
+        return max(min_ratio, plateau_scale)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _plateau_update(state: Dict, improved: bool, factor: float, patience: int) -> None:
+    """Plateau schedule after one validation: count validations without improvement and cut the
+    scale by ``factor`` after ``patience`` of them in a row (state is checkpointed: exact resume)."""
+    state["plateau_bad"] = 0 if improved else state.get("plateau_bad", 0) + 1
+    if state["plateau_bad"] >= patience:
+        state["lr_scale"] = state.get("lr_scale", 1.0) * factor
+        state["plateau_bad"] = 0
 
 
 # ----------------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------------
-def evaluate(model: torch.nn.Module, batches: Sequence[Dict], weights) -> Dict[str, float]:
-    """Losses and MAEs (energy meV/atom, forces meV/Å, stress meV/Å³) over ``batches``."""
-    from eqcalc.derivatives import ForceStressModel
-
-    wrapper = ForceStressModel(model, create_graph=False)
-    sums = {"loss": 0.0, "energy_mae": 0.0, "forces_mae": 0.0, "stress_mae": 0.0}
+def evaluate(model: torch.nn.Module, batches: Sequence[Dict], weights,
+             force_mode: str = "conservative") -> Dict[str, float]:
+    """Losses and MAEs (energy meV/atom, forces meV/Å, stress meV/Å³) over ``batches``; in
+    ``force_mode="direct"`` the forces are the head's, and ``conservative_forces_mae_meV_per_A``
+    those of ``-dE/dr``."""
+    wrapper = make_wrapper(model, force_mode)
+    sums = {"loss": 0.0, "energy_mae": 0.0, "forces_mae": 0.0, "stress_mae": 0.0, "cons_mae": 0.0}
     n_sys = n_comp = n_stress = 0
     for batch in batches:
         out = _forward(wrapper, batch)
@@ -258,21 +343,25 @@ def evaluate(model: torch.nn.Module, batches: Sequence[Dict], weights) -> Dict[s
         if "forces_ref" in batch:
             sums["forces_mae"] += float((out[keys.FORCES] - batch["forces_ref"]).abs().sum())
             n_comp += batch["forces_ref"].numel()
+            if "forces_conservative" in out:
+                sums["cons_mae"] += float((out["forces_conservative"] - batch["forces_ref"]).abs().sum())
         mask = batch["stress_mask"]
         if bool(mask.any()):
             sums["stress_mae"] += float((out[keys.STRESS][mask] - batch["stress_ref"][mask]).abs().sum())
             n_stress += int(mask.sum()) * 9
-    return {"loss": sums["loss"] / max(n_sys, 1),
-            "energy_mae_meV_per_atom": 1000 * sums["energy_mae"] / max(n_sys, 1),
-            "forces_mae_meV_per_A": 1000 * sums["forces_mae"] / max(n_comp, 1) if n_comp else float("nan"),
-            "stress_mae_meV_per_A3": 1000 * sums["stress_mae"] / max(n_stress, 1) if n_stress else float("nan")}
+    result = {"loss": sums["loss"] / max(n_sys, 1),
+              "energy_mae_meV_per_atom": 1000 * sums["energy_mae"] / max(n_sys, 1),
+              "forces_mae_meV_per_A": 1000 * sums["forces_mae"] / max(n_comp, 1) if n_comp else float("nan"),
+              "stress_mae_meV_per_A3": 1000 * sums["stress_mae"] / max(n_stress, 1) if n_stress else float("nan")}
+    if force_mode == "direct":
+        result["conservative_forces_mae_meV_per_A"] = (1000 * sums["cons_mae"] / max(n_comp, 1)
+                                                       if n_comp else float("nan"))
+    return result
 
 
-def predictions(model: torch.nn.Module, batches: Sequence[Dict]):
+def predictions(model: torch.nn.Module, batches: Sequence[Dict], force_mode: str = "conservative"):
     """(E/N ref, E/N pred, F ref, F pred) as numpy arrays for parity plots."""
-    from eqcalc.derivatives import ForceStressModel
-
-    wrapper = ForceStressModel(model, create_graph=False)
+    wrapper = make_wrapper(model, force_mode)
     e_ref, e_pred, f_ref, f_pred = [], [], [], []
     for batch in batches:
         out = _forward(wrapper, batch)
@@ -280,7 +369,7 @@ def predictions(model: torch.nn.Module, batches: Sequence[Dict]):
         e_pred.append((out[keys.ENERGY] / batch["n_atoms"]).numpy())
         if "forces_ref" in batch:
             f_ref.append(batch["forces_ref"].numpy().ravel())
-            f_pred.append(out[keys.FORCES].numpy().ravel())
+            f_pred.append(out[keys.FORCES].detach().numpy().ravel())
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
     return cat(e_ref), cat(e_pred), cat(f_ref), cat(f_pred)
 
@@ -412,7 +501,6 @@ def train(config: Dict) -> Path:
 
 def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     import potentials
-    from eqcalc.derivatives import ForceStressModel
     from potentials import data as datamod
 
     unknown = sorted(set(config) - set(DEFAULTS))
@@ -437,7 +525,16 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
         datamod.generate(data_path, int(gen.get("n_structures", 1000)), int(gen.get("seed", seed)),
                          elements=gen.get("elements", datamod.ELEMENTS), progress=cfg["progress"])
     ddp.barrier()  # the other ranks read the data rank 0 may just have written
-    weights = (float(cfg["energy_weight"]), float(cfg["forces_weight"]), float(cfg["stress_weight"]))
+    weights = (float(cfg["energy_weight"]), float(cfg["forces_weight"]), float(cfg["stress_weight"]),
+               float(cfg["energy_grad_weight"]))
+    force_mode = cfg["force_mode"]
+    from eqcalc.errors import check_choice
+
+    check_choice("force_mode", force_mode, ("conservative", "direct"))
+    check_choice("schedule", cfg["schedule"], ("cosine", "plateau"))
+    if weights[3] > 0 and force_mode != "direct":
+        raise InvalidOptionError("energy_grad_weight > 0 needs force_mode: direct (it ties the force head "
+                                 "to the energy gradient); set force_mode: direct or energy_grad_weight: 0")
     require = ("energy", "forces") if weights[1] > 0 else ("energy",)
     frames_ase = datamod.read_dataset(data_path, require=require)
     n_dropped = 0
@@ -472,7 +569,12 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     with torch.no_grad():
         _species_parameter(model, "shift", len(species)).copy_(torch.as_tensor(refs, dtype=dtype))
         _species_parameter(model, "scale", len(species)).fill_(max(forces_rms, 1e-2))
-    wrapper = ForceStressModel(model, create_graph=True, stress=weights[2] > 0)
+    if force_mode == "direct" and not model.config_dict().get("direct_forces"):
+        raise InvalidOptionError("force_mode: direct needs a force head; add direct_forces: true under model")
+    wrapper = make_wrapper(model, force_mode, stress=weights[2] > 0, create_graph=True)
+    from potentials.frames import frame_choices
+
+    stochastic = frame_choices([model])  # wrappers that draw one frame per structure per step
     optimizer = torch.optim.AdamW(_param_groups(model, float(cfg["weight_decay"])), lr=float(cfg["lr"]))
     ema = EMA(model, float(cfg["ema_decay"]))
     max_steps = int(cfg["max_steps"])
@@ -488,8 +590,12 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
         best_state = ckpt["best_model"]
         state = json.loads(ckpt["state"])
 
+    plateau = cfg["schedule"] == "plateau"
+
     def lr_at(step):
-        return float(cfg["lr"]) * _lr_factor(step, int(cfg["warmup_steps"]), max_steps, float(cfg["min_lr_ratio"]))
+        scale = state.get("lr_scale", 1.0) if plateau else None
+        return float(cfg["lr"]) * _lr_factor(step, int(cfg["warmup_steps"]), max_steps,
+                                             float(cfg["min_lr_ratio"]), scale)
 
     def save_checkpoint():
         if not main:
@@ -518,7 +624,7 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     running = state.get("running")
     if state["step"] == 0 and not state["history"]:
         # the starting point of the learning curve (reference energies already in place)
-        metrics = evaluate(model.eval(), val_batches, weights)
+        metrics = evaluate(model.eval(), val_batches, weights, force_mode)
         state["history"].append({"step": 0, "train_loss": float("nan"), "lr": 0.0, "grad_norm": float("nan"),
                                  **{f"val_{k}": v for k, v in metrics.items()}})
     while state["step"] < max_steps:
@@ -533,6 +639,10 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
             group["lr"] = lr_at(step)
         batch = batch_at(step)
         model.train()
+        if stochastic:
+            draw = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * step + 1)
+            for fa in stochastic:
+                fa.choose_frames(len(batch["energy_ref"]), draw)
         out = _forward(wrapper, batch)
         terms = _loss(out, batch, weights)
         optimizer.zero_grad(set_to_none=True)
@@ -546,11 +656,14 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
         running = loss if running is None else 0.95 * running + 0.05 * loss
         state["running"] = running
         if state["step"] % int(cfg["val_every"]) == 0 or state["step"] == max_steps:
-            metrics = evaluate(ema.copy_to(model).eval(), val_batches, weights)
+            metrics = evaluate(ema.copy_to(model).eval(), val_batches, weights, force_mode)
             record = {"step": state["step"], "train_loss": running, "lr": lr_at(step),
                       "grad_norm": float(grad_norm), **{f"val_{k}": v for k, v in metrics.items()}}
             state["history"].append(record)
-            if metrics["loss"] < state["best"]:
+            improved = metrics["loss"] < state["best"]
+            if plateau:
+                _plateau_update(state, improved, float(cfg["plateau_factor"]), int(cfg["plateau_patience"]))
+            if improved:
                 state.update(best=metrics["loss"], best_step=state["step"], bad=0)
                 best_state = copy.deepcopy(ema.shadow)
             else:
@@ -586,8 +699,8 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
         ddp.barrier()  # rank 0 writes metrics, plots and the model
         return Path(cfg["output"])
     test_batches = _batches(splits["test"], 2 * bs, cutoff)
-    test = evaluate(model, test_batches, weights) if test_batches else {}
-    val = evaluate(model, val_batches, weights)
+    test = evaluate(model, test_batches, weights, force_mode) if test_batches else {}
+    val = evaluate(model, val_batches, weights, force_mode)
     metrics = {
         "test": test, "val": val, "steps": state["step"], "best_step": state["best_step"],
         "stopped_early": stopped_early, "train_time_s": round(state["train_time"], 1),
@@ -601,7 +714,7 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (work / "history.json").write_text(json.dumps(state["history"], indent=1))
     if cfg["plots"]:
-        _plots(work, state["history"], predictions(model, test_batches or val_batches))
+        _plots(work, state["history"], predictions(model, test_batches or val_batches, force_mode))
     summary = datamod.summary(frames_ase)
     summary.update(file=str(data_path.name), generate=cfg["generate"], dropped_max_force=n_dropped)
     training = {

@@ -45,7 +45,7 @@ def test_stress_matches_finite_strain(calcs, arch, dtype, name):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_invariance_and_equivariance_under_O3_translation_permutation(calcs, arch, dtype, forces):
-    tol = T.TOLERANCES[dtype]["symmetry"]
+    tol = T.tolerance(calcs(arch, dtype).metadata, dtype, "symmetry", forces)
     for name in ("bulk", "slab", "cluster"):
         worst = T.check_symmetry(calcs(arch, dtype, forces), STRUCTS[name], n=100 if name == "bulk" else 20)
         assert max(worst.values()) <= tol, (name, worst)
@@ -54,7 +54,8 @@ def test_invariance_and_equivariance_under_O3_translation_permutation(calcs, arc
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_supercell_is_extensive(calcs, arch, dtype):
-    assert T.check_extensive(calcs(arch, dtype), STRUCTS["small_triclinic"]) <= T.TOLERANCES[dtype]["consistency"]
+    tol = T.tolerance(calcs(arch, dtype).metadata, dtype, "consistency")
+    assert T.check_extensive(calcs(arch, dtype), STRUCTS["small_triclinic"]) <= tol
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,6 +7,7 @@ import torch
 
 import potentials
 from potentials import data
+from eqcalc.errors import InvalidOptionError
 from potentials.train import train
 
 ELEMENTS = ("Pt", "Cu", "C", "O", "H")
@@ -55,6 +56,28 @@ def test_resume_matches_uninterrupted_run(dataset, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_plateau_schedule_cuts_the_rate_after_patience_and_resumes_exactly(dataset, tmp_path):
+    from potentials.train import _plateau_update
+
+    state = {}
+    for improved in (True, False, False, True, False, False, False):
+        _plateau_update(state, improved, 0.5, 3)
+    assert state["lr_scale"] == 0.5 and state["plateau_bad"] == 0  # only 3 misses in a row cut
+    plateau = dict(schedule="plateau", plateau_patience=1, plateau_factor=0.3, val_every=4, lr=5e-2)
+    full = train(_config(dataset, tmp_path / "full", **plateau))
+    rates = [h["lr"] for h in json.loads((tmp_path / "full" / "history.json").read_text())[1:]]
+    assert all(b <= a for a, b in zip(rates, rates[1:]))  # never raised again
+    assert rates[-1] < rates[0]  # and cut at least once in this deliberately too-fast run
+    partial = _config(dataset, tmp_path / "split", stop_after_steps=8, **plateau)
+    train(partial)
+    resumed = train(dict(partial, stop_after_steps=None, resume=True))
+    a, b = potentials.load(full).state_dict(), potentials.load(resumed).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(InvalidOptionError, match="schedule"):
+        train(_config(dataset, tmp_path / "bad", schedule="linear"))
 
 
 def test_calculator_evaluation_matches_training_metrics(dataset, tmp_path):

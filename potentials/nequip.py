@@ -1,0 +1,131 @@
+"""NequIP: E(3)-equivariant interatomic potentials (Batzner et al., Nat. Commun. 2022).
+
+Features ``h`` ``(n_atoms, (hidden_l+1)^2, channels)`` (natural parity, degrees 0..hidden_l)
+are refined by convolutions: a self-interaction (linear per degree), the tensor product of
+neighbor features with the spherical harmonics of the edge direction, weighted per path and
+channel by a radial MLP of a Bessel basis times a smooth polynomial cutoff, summed over
+neighbors, mixed linearly, plus a per-species self-connection; then a gated nonlinearity
+(SiLU on scalars, sigmoid gates on l > 0) and a residual update where the shapes agree. Two
+linear layers read out per-atom energies from the scalars.
+"""
+import dataclasses
+import math
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from eqcalc import keys
+from eqcalc.errors import InvalidOptionError
+from potentials import o3
+from potentials.mace import ScalarReadout, check_equivariant_config, radial_mlp
+from potentials.nn import Potential, edge_geometry, validate_config
+from potentials.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class NequIPConfig:
+    """NequIP hyperparameters. ``cutoff`` in Å; ``max_ell`` the highest degree of the edge
+    harmonics; ``hidden_l`` the highest degree of the features (1: ``0e + 1o``);
+    ``radial_mlp`` the width of the radial network's two hidden layers (NequIP's defaults)."""
+    species: Tuple[str, ...]
+    cutoff: float = 5.0
+    channels: int = 8
+    max_ell: int = 2
+    hidden_l: int = 1
+    num_interactions: int = 3
+    num_radial: int = 8
+    radial_basis: str = "bessel"
+    envelope: str = "polynomial"
+    radial_mlp: int = 64
+    avg_num_neighbors: float = 20.0
+    direct_forces: bool = False
+
+    @property
+    def features(self) -> int:  # the Potential base class embeds species into `features`
+        return self.channels
+
+    def __post_init__(self):
+        validate_config(self)
+        check_equivariant_config(self)
+        if self.direct_forces and self.hidden_l < 1:
+            raise InvalidOptionError("direct_forces needs vector features: set hidden_l >= 1")
+
+
+class Convolution(torch.nn.Module):
+    """One NequIP interaction: ``h (n, (l_in+1)^2, c)`` → ``(n, (l_out+1)^2, c)``."""
+
+    def __init__(self, config: NequIPConfig, l_in: int, l_out: int):
+        super().__init__()
+        c, n_species = config.channels, len(config.species)
+        self.linear_in = o3.Linear(l_in, c, c)
+        self.tp = o3.EdgeTensorProduct(l_in, config.max_ell, l_out)
+        self.n_paths, self.channels = len(self.tp.paths), c
+        w = config.radial_mlp
+        self.radial = radial_mlp([config.num_radial, w, w, self.n_paths * c])
+        # Scalars carry the features and one gate per channel for every degree l > 0.
+        widths = [c * (1 + l_out)] + [c] * l_out
+        self.linear_out = o3.PathLinear(self.tp, c, widths)
+        self.self_connection = o3.SpeciesLinear(l_in, n_species, c, widths)
+        self.gate = o3.Gate(l_out, c)
+        self.norm = 1.0 / math.sqrt(config.avg_num_neighbors)
+        self.residual = l_in == l_out
+
+    def forward(self, h: Tensor, species: Tensor, Y: List[Tensor], edge_features: Tensor,
+                edge_index: Tensor) -> Tensor:
+        R = self.radial(edge_features).view(edge_features.shape[0], self.n_paths, self.channels)
+        messages = self.tp(self.linear_in(h), Y, R, edge_index)
+        mixed = [m * self.norm for m in self.linear_out(messages)]
+        skip = self.self_connection(h, species)
+        update = self.gate(o3.add_blocks(mixed, skip))
+        return h + update if self.residual else update
+
+
+class VectorForceHead(torch.nn.Module):
+    """Direct forces ``(n_atoms, 3)`` eV/Å: a channel mix of the features' degree-1 block."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(channels) / math.sqrt(channels))
+
+    def forward(self, out: Dict[str, Tensor], h: Tensor) -> Dict[str, Tensor]:
+        out[keys.FORCES] = torch.matmul(h[:, 1:4], self.weight)
+        return out
+
+
+class NoHead(torch.nn.Module):
+    def forward(self, out: Dict[str, Tensor], h: Tensor) -> Dict[str, Tensor]:
+        return out
+
+
+@register("nequip")
+class NequIP(Potential):
+    """NequIP energy model. ``forward(data)`` → ``{"energies": (n_atoms,) eV}`` plus
+    ``"forces": (n_atoms, 3) eV/Å`` when ``config.direct_forces``. Inputs per :mod:`eqcalc.keys`."""
+
+    architecture = "nequip"
+    Config = NequIPConfig
+
+    def __init__(self, config: NequIPConfig):
+        super().__init__(config)
+        L, c = config.num_interactions, config.channels
+        self.sh = o3.SphericalHarmonics(config.max_ell)
+        l_in = [0] + [config.hidden_l] * (L - 1)
+        self.convolutions = torch.nn.ModuleList(
+            [Convolution(config, l_in[k], config.hidden_l) for k in range(L)])
+        # Two linear layers (NequIP's conv_to_output_hidden, output_hidden_to_scalar).
+        self.readout = torch.nn.Sequential(torch.nn.Linear(c, max(c // 2, 1)), ScalarReadout(max(c // 2, 1)))
+        self.force_head = VectorForceHead(c) if config.direct_forces else NoHead()
+
+    def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
+        lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
+        Y = self.sh(unit_vectors)
+        basis, envelope = self.radial(lengths)
+        edge_features = basis * envelope.unsqueeze(1)  # exactly 0 at and beyond the cutoff
+        h = self.embedding(species).unsqueeze(1)       # (n_atoms, 1, channels): scalars
+        for convolution in self.convolutions:
+            h = convolution(h, species, Y, edge_features, edge_index)
+        energies = self.readout(h[:, 0])
+        out: Dict[str, Tensor] = {keys.ENERGIES: self.scale_shift(energies, species)}
+        return self.force_head(out, h)

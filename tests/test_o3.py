@@ -1,0 +1,72 @@
+"""potentials.o3: harmonics, Wigner-D, Clebsch-Gordan and the equivariant layers under O(3)."""
+import numpy as np
+import pytest
+import torch
+
+from potentials import o3
+from potentials.testing import random_orthogonal
+
+
+def unit_vectors(n, seed=0):
+    v = np.random.default_rng(seed).normal(size=(n, 3))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def block_D(lmax, R):
+    """Block-diagonal Wigner-D of degrees 0..lmax (natural parity: reflections via det)."""
+    D = np.zeros((o3.dim(lmax), o3.dim(lmax)))
+    for l in range(lmax + 1):
+        s = slice(o3.offset(l), o3.offset(l) + 2 * l + 1)
+        D[s, s] = o3.wigner_D(l, R)
+    return D
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_harmonics_are_equivariant_orthogonal_and_normalized(reflect):
+    R = random_orthogonal(np.random.default_rng(1), reflect)
+    x = unit_vectors(50)
+    Y = o3.spherical_harmonics_np(x, 3)
+    D = block_D(3, R)
+    np.testing.assert_allclose(o3.spherical_harmonics_np(x @ R.T, 3), Y @ D.T, atol=1e-12)
+    np.testing.assert_allclose(D @ D.T, np.eye(16), atol=1e-12)      # orthonormal basis per degree
+    for l in range(4):                                               # component normalization
+        block = Y[:, o3.offset(l):o3.offset(l) + 2 * l + 1]
+        np.testing.assert_allclose((block ** 2).sum(1), 2 * l + 1, rtol=1e-12)
+    # Natural parity: inversion multiplies degree l by (-1)^l.
+    np.testing.assert_allclose(block_D(3, -np.eye(3)), np.diag((-1.0) ** o3.degrees_of(3)), atol=1e-12)
+    torch_Y = torch.cat(o3.SphericalHarmonics(3)(torch.tensor(x)), dim=1)
+    np.testing.assert_allclose(torch_Y.numpy(), Y, atol=1e-13)
+
+
+def test_clebsch_gordan_equivariant_and_orthogonal():
+    R = random_orthogonal(np.random.default_rng(2), False)
+    for l1 in range(4):
+        for l2 in range(4):
+            blocks = []
+            for l3 in range(abs(l1 - l2), l1 + l2 + 1):
+                C = o3.clebsch_gordan(l1, l2, l3)
+                lhs = np.einsum("abc,ai,bj->ijc", C, o3.wigner_D(l1, R), o3.wigner_D(l2, R))
+                np.testing.assert_allclose(lhs, C @ o3.wigner_D(l3, R).T, atol=1e-11)
+                blocks.append(C.reshape(-1, 2 * l3 + 1) * np.sqrt(2 * l3 + 1))
+            # l1 ⊗ l2 = sum of l3: the CG matrices (unit norm, times sqrt(2 l3 + 1)) together
+            # are an orthogonal change of basis.
+            Q = np.concatenate(blocks, axis=1)
+            np.testing.assert_allclose(Q.T @ Q, np.eye(Q.shape[1]), atol=1e-11)
+            np.testing.assert_allclose(Q @ Q.T, np.eye(Q.shape[0]), atol=1e-11)
+    assert not o3.clebsch_gordan(1, 1, 3).any()
+
+
+@pytest.mark.parametrize("L", [0, 1])
+def test_symmetric_coupling_is_equivariant_and_complete(L):
+    monos, U = o3.symmetric_coupling(2, 3, L)
+    # Independent cubic maps of 0e+1o+2e, counted by hand from the degree multisets: L=0: 000,
+    # 011, 022, 112, 222 (5); L=1: 001, 012, 111, 122 (twice: via 0 and via 2) (5).
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(5, 9))
+    for reflect in (False, True):
+        R = random_orthogonal(rng, reflect)
+        D = block_D(2, R)
+        DL = o3.wigner_D(L, R)  # natural parity: reflections are inside D already
+        f = lambda a: np.einsum("pmq,nq->npm", U, np.prod(a[:, monos], axis=2))
+        np.testing.assert_allclose(f(A @ D.T), f(A) @ DL.T, atol=1e-11)
+    assert U.shape[0] == 5
