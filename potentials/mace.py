@@ -148,24 +148,6 @@ class MACELayer(torch.nn.Module):
         return torch.cat(blocks, dim=1), energies, A
 
 
-class AtomicBasisForceHead(torch.nn.Module):
-    """Direct forces ``(n_atoms, 3)`` eV/Å: a channel mix of the last atomic basis' degree-1
-    block (Cartesian, see :mod:`potentials.o3`)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(channels) / math.sqrt(channels))
-
-    def forward(self, out: Dict[str, Tensor], A: Tensor) -> Dict[str, Tensor]:
-        out[keys.FORCES] = torch.matmul(A[:, 1:4], self.weight)
-        return out
-
-
-class NoHead(torch.nn.Module):
-    def forward(self, out: Dict[str, Tensor], A: Tensor) -> Dict[str, Tensor]:
-        return out
-
-
 @register("mace")
 class MACE(Potential):
     """MACE energy model. ``forward(data)`` → ``{"energies": (n_atoms,) eV}`` plus
@@ -183,7 +165,7 @@ class MACE(Potential):
         l_out = [config.hidden_l] * (L - 1) + [0]
         self.layers = torch.nn.ModuleList(
             [MACELayer(config, l_in[k], l_out[k], k == L - 1) for k in range(L)])
-        self.force_head = AtomicBasisForceHead(config.channels) if config.direct_forces else NoHead()
+        self.force_head = o3.Degree1ForceHead(config.channels) if config.direct_forces else o3.NoForceHead()
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]

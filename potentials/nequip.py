@@ -81,23 +81,6 @@ class Convolution(torch.nn.Module):
         return h + update if self.residual else update
 
 
-class VectorForceHead(torch.nn.Module):
-    """Direct forces ``(n_atoms, 3)`` eV/Å: a channel mix of the features' degree-1 block."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(channels) / math.sqrt(channels))
-
-    def forward(self, out: Dict[str, Tensor], h: Tensor) -> Dict[str, Tensor]:
-        out[keys.FORCES] = torch.matmul(h[:, 1:4], self.weight)
-        return out
-
-
-class NoHead(torch.nn.Module):
-    def forward(self, out: Dict[str, Tensor], h: Tensor) -> Dict[str, Tensor]:
-        return out
-
-
 @register("nequip")
 class NequIP(Potential):
     """NequIP energy model. ``forward(data)`` → ``{"energies": (n_atoms,) eV}`` plus
@@ -115,7 +98,7 @@ class NequIP(Potential):
             [Convolution(config, l_in[k], config.hidden_l) for k in range(L)])
         # Two linear layers (NequIP's conv_to_output_hidden, output_hidden_to_scalar).
         self.readout = torch.nn.Sequential(torch.nn.Linear(c, max(c // 2, 1)), ScalarReadout(max(c // 2, 1)))
-        self.force_head = VectorForceHead(c) if config.direct_forces else NoHead()
+        self.force_head = o3.Degree1ForceHead(c) if config.direct_forces else o3.NoForceHead()
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]

@@ -21,11 +21,13 @@ contiguous small dimensions, scriptable and traceable by ``make_fx(tracing_mode=
 """
 import functools
 import math
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from eqcalc import keys
 
 LMAX = 3  # degrees supported by the spherical harmonics below
 
@@ -527,3 +529,25 @@ class Gate(torch.nn.Module):
         for l in range(1, self.lmax + 1):
             out.append(parts[l] * torch.sigmoid(scalars[:, :, l * c:(l + 1) * c]))
         return torch.cat(out, dim=1)
+
+
+# ---- direct force heads ---------------------------------------------------------------------
+class Degree1ForceHead(torch.nn.Module):
+    """Direct forces ``(n_atoms, 3)`` eV/Å: a channel mix of the degree-1 block (Cartesian
+    components 1:4) of features ``(n_atoms, components, channels)`` (NequIP's features, MACE's
+    last atomic basis)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(channels) / math.sqrt(channels))
+
+    def forward(self, out: Dict[str, Tensor], features: Tensor) -> Dict[str, Tensor]:
+        out[keys.FORCES] = torch.matmul(features[:, 1:4], self.weight)
+        return out
+
+
+class NoForceHead(torch.nn.Module):
+    """Force head of a model without direct forces: passes the outputs through."""
+
+    def forward(self, out: Dict[str, Tensor], features: Tensor) -> Dict[str, Tensor]:
+        return out
