@@ -32,19 +32,6 @@ def check_int(config, name: str, low: int, high: int = 1 << 30) -> None:
         raise InvalidOptionError(f"{name}={value!r} must be an integer in {low}..{high}")
 
 
-def check_equivariant_config(config) -> None:
-    """Shared checks of the NequIP and MACE configs (after :func:`validate_config`)."""
-    check_int(config, "channels", 1)
-    check_int(config, "max_ell", 1, o3.LMAX)
-    check_int(config, "hidden_l", 0, config.max_ell)
-    check_int(config, "num_interactions", 1)
-    check_int(config, "num_radial", 1)
-    check_int(config, "radial_mlp", 1)
-    if not (isinstance(config.avg_num_neighbors, (int, float)) and config.avg_num_neighbors > 0):
-        raise InvalidOptionError(f"avg_num_neighbors={config.avg_num_neighbors!r} must be a positive number")
-    object.__setattr__(config, "avg_num_neighbors", float(config.avg_num_neighbors))
-
-
 def radial_mlp(sizes) -> torch.nn.Sequential:
     """e3nn-style radial network without biases: an input of zero (an edge at or beyond the
     cutoff, where the enveloped basis vanishes) gives exactly zero weights. Initialised like
@@ -89,17 +76,17 @@ class MLPReadout(torch.nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class MACEConfig:
-    """MACE hyperparameters. ``cutoff`` in Å; ``hidden_l`` the highest degree of the hidden
-    features (1: ``channels x 0e + channels x 1o``); ``max_ell`` the highest degree of the edge
-    harmonics and of the atomic basis; ``radial_mlp`` the width of the radial network's three
-    hidden layers (mace-torch ``[64, 64, 64]``)."""
+class TensorProductConfig:
+    """Hyperparameters shared by NequIP and MACE. ``cutoff`` in Å; ``channels`` per degree;
+    ``max_ell`` the highest degree of the edge harmonics; ``hidden_l`` the highest degree of the
+    hidden features (1: ``channels x 0e + channels x 1o``); ``num_radial`` Bessel functions;
+    ``radial_mlp`` the width of the radial network's hidden layers; ``avg_num_neighbors`` divides
+    the neighbor sums."""
     species: Tuple[str, ...]
     cutoff: float = 5.0
     channels: int = 8
     max_ell: int = 2
     hidden_l: int = 1
-    correlation: int = 3
     num_interactions: int = 2
     num_radial: int = 8
     radial_basis: str = "bessel"
@@ -114,7 +101,26 @@ class MACEConfig:
 
     def __post_init__(self):
         validate_config(self)
-        check_equivariant_config(self)
+        check_int(self, "channels", 1)
+        check_int(self, "max_ell", 1, o3.LMAX)
+        check_int(self, "hidden_l", 0, self.max_ell)
+        check_int(self, "num_interactions", 1)
+        check_int(self, "num_radial", 1)
+        check_int(self, "radial_mlp", 1)
+        if not (isinstance(self.avg_num_neighbors, (int, float)) and self.avg_num_neighbors > 0):
+            raise InvalidOptionError(f"avg_num_neighbors={self.avg_num_neighbors!r} must be a positive number")
+        object.__setattr__(self, "avg_num_neighbors", float(self.avg_num_neighbors))
+
+
+@dataclasses.dataclass(frozen=True)
+class MACEConfig(TensorProductConfig):
+    """MACE hyperparameters (:class:`TensorProductConfig` plus ``correlation``, the body order of
+    the symmetric contraction, 1..3); ``radial_mlp`` is the width of three hidden layers
+    (mace-torch ``[64, 64, 64]``)."""
+    correlation: int = 3
+
+    def __post_init__(self):
+        super().__post_init__()
         check_int(self, "correlation", 1, 3)
 
 

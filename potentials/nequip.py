@@ -10,7 +10,7 @@ linear layers read out per-atom energies from the scalars.
 """
 import dataclasses
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 from torch import Tensor
@@ -18,36 +18,19 @@ from torch import Tensor
 from eqcalc import keys
 from eqcalc.errors import InvalidOptionError
 from potentials import o3
-from potentials.mace import ScalarReadout, check_equivariant_config, radial_mlp
-from potentials.nn import Potential, edge_geometry, validate_config
+from potentials.mace import ScalarReadout, TensorProductConfig, radial_mlp
+from potentials.nn import Potential, edge_geometry
 from potentials.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
-class NequIPConfig:
-    """NequIP hyperparameters. ``cutoff`` in Å; ``max_ell`` the highest degree of the edge
-    harmonics; ``hidden_l`` the highest degree of the features (1: ``0e + 1o``);
-    ``radial_mlp`` the width of the radial network's two hidden layers (NequIP's defaults)."""
-    species: Tuple[str, ...]
-    cutoff: float = 5.0
-    channels: int = 8
-    max_ell: int = 2
-    hidden_l: int = 1
+class NequIPConfig(TensorProductConfig):
+    """NequIP hyperparameters (:class:`~potentials.mace.TensorProductConfig`); ``radial_mlp`` is
+    the width of the radial network's two hidden layers, three layers by default (NequIP's)."""
     num_interactions: int = 3
-    num_radial: int = 8
-    radial_basis: str = "bessel"
-    envelope: str = "polynomial"
-    radial_mlp: int = 64
-    avg_num_neighbors: float = 20.0
-    direct_forces: bool = False
-
-    @property
-    def features(self) -> int:  # the Potential base class embeds species into `features`
-        return self.channels
 
     def __post_init__(self):
-        validate_config(self)
-        check_equivariant_config(self)
+        super().__post_init__()
         if self.direct_forces and self.hidden_l < 1:
             raise InvalidOptionError("direct_forces needs vector features: set hidden_l >= 1")
 

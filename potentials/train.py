@@ -17,6 +17,9 @@ recipes in ``potentials/recipes/*.yaml`` are such dicts); every key has a defaul
 ``energy_grad_weight`` w_G of the energy-gradient consistency term of FAENet (paper Eq. 9),
                     direct mode only: + w_G MSE(F_direct - (-dE/dr)) [eV²/Å²], which pulls the
                     force head and the energy gradient together (conservative forces usable).
+``conservative_forces_weight`` w_C, direct mode only: + w_C MSE(-dE/dr - F_ref) [eV²/Å²], the
+                    force labels on the energy gradient as well as on the head. Without it the
+                    energy learns forces only through the Eq. 9 term, i.e. only as fast as the head.
 ``lr``, ``weight_decay`` (AdamW; not on biases, embeddings and the per-species scale/shift),
 ``warmup_steps``, ``min_lr_ratio`` (linear warm-up then cosine to ``lr * min_lr_ratio`` at
 ``max_steps``), ``clip_grad`` (max gradient norm), ``ema_decay``, ``batch_size``,
@@ -91,6 +94,7 @@ DEFAULTS: Dict = {
     "stress_weight": 100.0,
     "force_mode": "conservative",
     "energy_grad_weight": 0.0,
+    "conservative_forces_weight": 0.0,
     "lr": 2e-3,
     "weight_decay": 1e-4,
     "warmup_steps": 100,
@@ -247,6 +251,7 @@ def _loss(out, batch, weights) -> Dict[str, torch.Tensor]:
     """Weighted MSE terms in float64 (the wrapper's energies are float64; forces too)."""
     w_e, w_f, w_s = weights[:3]
     w_g = weights[3] if len(weights) > 3 else 0.0
+    w_c = weights[4] if len(weights) > 4 else 0.0
     n = batch["n_atoms"]
     e_err = (out[keys.ENERGY] - batch["energy_ref"]) / n
     terms = {"energy": (e_err ** 2).mean()}
@@ -262,6 +267,9 @@ def _loss(out, batch, weights) -> Dict[str, torch.Tensor]:
         # FAENet Eq. 9: the direct forces should be the negative energy gradient.
         terms["energy_grad"] = ((out[keys.FORCES] - out["forces_conservative"]) ** 2).mean()
         total = total + w_g * terms["energy_grad"]
+    if w_c > 0 and "forces_conservative" in out and "forces_ref" in batch:
+        terms["conservative_forces"] = ((out["forces_conservative"] - batch["forces_ref"]) ** 2).mean()
+        total = total + w_c * terms["conservative_forces"]
     terms["total"] = total
     return terms
 
@@ -526,7 +534,7 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
                          elements=gen.get("elements", datamod.ELEMENTS), progress=cfg["progress"])
     ddp.barrier()  # the other ranks read the data rank 0 may just have written
     weights = (float(cfg["energy_weight"]), float(cfg["forces_weight"]), float(cfg["stress_weight"]),
-               float(cfg["energy_grad_weight"]))
+               float(cfg["energy_grad_weight"]), float(cfg["conservative_forces_weight"]))
     force_mode = cfg["force_mode"]
     from eqcalc.errors import check_choice
 
@@ -535,6 +543,9 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     if weights[3] > 0 and force_mode != "direct":
         raise InvalidOptionError("energy_grad_weight > 0 needs force_mode: direct (it ties the force head "
                                  "to the energy gradient); set force_mode: direct or energy_grad_weight: 0")
+    if weights[4] > 0 and force_mode != "direct":
+        raise InvalidOptionError("conservative_forces_weight > 0 needs force_mode: direct (in conservative "
+                                 "mode forces_weight already trains -dE/dr); set it to 0")
     require = ("energy", "forces") if weights[1] > 0 else ("energy",)
     frames_ase = datamod.read_dataset(data_path, require=require)
     n_dropped = 0

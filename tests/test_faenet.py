@@ -89,13 +89,22 @@ def test_energy_gradient_consistency_term_is_eq9():
     assert torch.allclose(with_term["total"] - without["total"], 2.0 * gap)
     (grad,) = torch.autograd.grad(with_term["energy_grad"], [model.model.force_head[0].weight])
     assert grad.abs().sum() > 0
+    # conservative_forces_weight puts the force labels on -dE/dr as well: the energy's weights
+    # get a gradient from it, the head's none.
+    labels = _loss(out, batch, (1.0, 1.0, 0.0, 0.0, 3.0))
+    cons_err = ((out["forces_conservative"] - batch["forces_ref"]) ** 2).mean()
+    assert torch.allclose(labels["total"] - without["total"], 3.0 * cons_err)
+    head, energy = model.model.force_head[0].weight, model.model.energy[0].weight
+    g_head, g_energy = torch.autograd.grad(labels["conservative_forces"], [head, energy], allow_unused=True)
+    assert (g_head is None or g_head.abs().sum() == 0) and g_energy.abs().sum() > 0
 
 
-def test_training_rejects_eq9_without_direct_forces(tmp_path):
+@pytest.mark.parametrize("option", ["energy_grad_weight", "conservative_forces_weight"])
+def test_training_rejects_direct_force_terms_without_direct_mode(tmp_path, option):
     from potentials.train import train
 
-    with pytest.raises(InvalidOptionError, match="force_mode"):
-        train({"architecture": "faenet", "energy_grad_weight": 1.0, "work_dir": str(tmp_path)})
+    with pytest.raises(InvalidOptionError, match="force_mode: direct"):
+        train({"architecture": "faenet", option: 1.0, "work_dir": str(tmp_path)})
 
 
 @pytest.mark.skipif(not os.path.exists(SHIPPED), reason="the shipped faenet model is built by make_models")
