@@ -1,7 +1,7 @@
 """FAENet with frame averaging vs PaiNN vs SchNet on the EMT catalyst data (issue 6 figures).
 
     nice -n 15 python benchmarks/faenet_compare.py            # all sections, ~10 min on 2 busy cores
-    python benchmarks/faenet_compare.py --sections symmetry   # one section: symmetry | accuracy | nve
+    python benchmarks/faenet_compare.py --sections symmetry   # symmetry | accuracy | train_speed | nve
 
 Writes ``benchmarks/results/faenet_compare.csv`` (section, model, metric, value) and
 ``benchmarks/results/faenet_compare.png``. Uses the shipped models (potentials/models/*.eqm), the
@@ -14,7 +14,10 @@ test split of ``build/potentials/emt.xyz`` (same ``max_force`` filter as the rec
   eager model in training mode), which no calculator mode serves.
 * accuracy: test-split energy/force MAE (FAENet: direct head and conservative forces of the same
   file), inference structures/s through EquivariantCalculator.predict on the test split (batches of
-  8, TorchScript, fp32), training time per epoch from the model metadata.
+  8, TorchScript, fp32).
+* train_speed: training time per epoch measured in this run: each shipped model's recipe trained
+  for ``--train-steps`` steps (1 thread, validation on 8 frames), seconds per step times the steps
+  of one epoch. (The training time stored in a model's metadata depends on what else ran then.)
 * nve: ASE VelocityVerlet, 1 fs, on a rattled 32-atom Cu bulk at 300 K; drift = slope of the
   total energy, meV/atom/ps.
 """
@@ -133,15 +136,32 @@ def accuracy(rows):
             calc.predict(structures[k:k + 8])
         rate = len(structures) / (time.perf_counter() - start)
         rows.append(("accuracy", label, "inference_structures_per_s", rate))
-        training = meta.get("training", {})
-        recipe = training.get("recipe", {})
-        from potentials import data as datamod
-        n_train = len(datamod.split(kept, "train"))
-        if training.get("steps") and n_train:
-            per_epoch = max(1, n_train // int(recipe.get("batch_size", 8)))
-            rows.append(("accuracy", label, "train_s_per_epoch", training["train_time_s"] / training["steps"] * per_epoch))
         rows.append(("accuracy", label, "n_parameters", meta.get("n_parameters", 0)))
         print(label, m["energy_mae_meV_per_atom"], m["forces_mae_meV_per_A"], rate, flush=True)
+
+
+def train_speed(rows, tmp: Path, steps: int):
+    import json
+    import math
+
+    from potentials import data as datamod
+    from potentials.make_models import RECIPES, load_recipe
+    from potentials.train import train
+
+    _, kept = _test_structures()
+    n_train = len(datamod.split(kept, "train"))
+    for name in ("faenet", "default", "schnet"):
+        config = load_recipe(RECIPES / f"{name}.yaml")
+        config.pop("adsorption_check", None)
+        config.update(max_steps=steps, val_every=10 ** 6, max_val_frames=8, max_time_s=None, threads=1,
+                      progress=False, work_dir=str(tmp / f"train-{name}"), output=str(tmp / f"{name}.eqm"))
+        train(config)
+        metrics = json.loads((tmp / f"train-{name}" / "metrics.json").read_text())
+        per_epoch = math.ceil(n_train / int(config.get("batch_size", 8)))
+        seconds = metrics["train_time_s"] / metrics["steps"] * per_epoch
+        label = f"{config['architecture']}-{config.get('force_mode', 'conservative')}"
+        rows.append(("train_speed", label, "train_s_per_epoch", seconds))
+        print(label, f"{seconds:.1f} s/epoch", flush=True)
 
 
 def nve(rows, steps: int = 2000):
@@ -184,7 +204,8 @@ def nve(rows, steps: int = 2000):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="*", default=["symmetry", "accuracy", "nve"])
+    parser.add_argument("--sections", nargs="*", default=["symmetry", "accuracy", "train_speed", "nve"])
+    parser.add_argument("--train-steps", type=int, default=60, help="timed training steps per model")
     parser.add_argument("--n", type=int, default=100, help="O(3) elements per structure")
     parser.add_argument("--nve-steps", type=int, default=2000)
     args = parser.parse_args(argv)
@@ -197,10 +218,12 @@ def main(argv=None):
             symmetry(rows, Path(tmp), args.n)
         if "accuracy" in args.sections:
             accuracy(rows)
+        if "train_speed" in args.sections:
+            train_speed(rows, Path(tmp), args.train_steps)
         if "nve" in args.sections:
             curves = nve(rows, args.nve_steps)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "" if set(args.sections) == {"symmetry", "accuracy", "nve"} else "_" + "_".join(args.sections)
+    suffix = "" if set(args.sections) == {"symmetry", "accuracy", "train_speed", "nve"} else "_" + "_".join(args.sections)
     with open(RESULTS / f"faenet_compare{suffix}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["section", "model", "metric", "value"])

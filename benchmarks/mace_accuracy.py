@@ -1,19 +1,21 @@
-"""Accuracy at equal budget: our MACE (potentials.train) vs mace-torch on the same EMT split.
+"""Accuracy at equal epochs: our MACE (potentials.train) vs mace-torch on the same EMT split.
 
 Both models: the MACE hyperparameters of benchmarks/bench_mace.py (32x0e+32x1o, max_ell 3,
 correlation 3, 2 interactions, 8 Bessel functions, radial MLP [64, 64, 64], cutoff 5 Å), the
 same train/val/test frames of build/potentials/emt.xyz (its ``info["split"]``, frames with
 |F| > max_force dropped, as potentials.train does), the same batch size, loss weights
-(energy per atom, forces, stress), optimiser (AdamW, same learning rate, EMA) and wall-clock
-budget; mace-torch is trained by a small in-process loop inside its own venv (its data
+(energy per atom, forces, stress), optimiser (AdamW, EMA), the same learning-rate schedule (linear
+warm-up over ``warmup_steps``, then cosine to ``min_lr_ratio`` of the rate, as potentials.train)
+and the same number of epochs; mace-torch is trained by a small in-process loop inside its own venv (its data
 classes, its model; no saved mace-torch file is loaded). Test-split energy MAE (meV/atom) and
-force MAE (meV/Å) of both and their ratio → benchmarks/results/mace_accuracy.csv.
+force MAE (meV/Å) of both and their ratio → benchmarks/results/mace_accuracy.csv, with each code's training time.
 
-    nice -n 15 .venv/bin/python benchmarks/mace_accuracy.py [--budget-s 600] [--threads 1]
+    nice -n 15 .venv/bin/python benchmarks/mace_accuracy.py [--epochs 3] [--threads 1] [--ours mace nequip painn]
 """
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mace import HYPER  # noqa: E402
 
 TRAIN = dict(energy_weight=10.0, forces_weight=1.0, stress_weight=100.0, lr=0.003, batch_size=8,
-             ema_decay=0.99, max_force=20.0, weight_decay=0.0)
+             ema_decay=0.99, max_force=20.0, weight_decay=0.0, warmup_steps=100, min_lr_ratio=0.02)
 
 
 def splits(data: Path, max_force: float):
@@ -86,10 +88,17 @@ def mace_torch_worker(args):
         atomic_numbers=zs, correlation=HYPER["correlation"], gate=torch.nn.functional.silu,
         radial_MLP=[HYPER["radial_mlp"]] * 3, atomic_inter_scale=forces_rms, atomic_inter_shift=0.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
+    total, warm, low = args.epochs * len(train), TRAIN["warmup_steps"], TRAIN["min_lr_ratio"]
+
+    def lr_factor(step):  # potentials.train's schedule (this venv cannot import potentials)
+        if step < warm:
+            return (step + 1) / warm
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ema = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(TRAIN["ema_decay"]))
-    start, steps, epochs = time.perf_counter(), 0, 0
-    while time.perf_counter() - start < args.budget_s:
+    start, steps = time.perf_counter(), 0
+    for _ in range(args.epochs):
         for batch in train:
             out = model(batch.to_dict(), training=True, compute_force=True, compute_stress=True)
             n = (batch.ptr[1:] - batch.ptr[:-1]).to(out["energy"].dtype)
@@ -100,53 +109,64 @@ def mace_torch_worker(args):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             optimizer.step()
+            schedule.step()
             ema.update_parameters(model)
             steps += 1
-            if time.perf_counter() - start >= args.budget_s:
-                break
-        epochs += 1
     e_err, f_err = [], []
     for batch in test:
         out = ema.module(batch.to_dict(), training=False, compute_force=True)
         n = (batch.ptr[1:] - batch.ptr[:-1]).to(out["energy"].dtype)
         e_err.append(((out["energy"] - batch.energy) / n).abs().detach())
         f_err.append((out["forces"] - batch.forces).abs().detach().reshape(-1))
-    print(json.dumps({"code": "mace-torch", "steps": steps, "epochs": epochs,
+    print(json.dumps({"code": "mace-torch", "steps": steps, "epochs": args.epochs,
                       "energy_mae_meV_atom": 1e3 * float(torch.cat(e_err).mean()),
                       "force_mae_meV_A": 1e3 * float(torch.cat(f_err).mean()),
                       "parameters": sum(p.numel() for p in model.parameters()),
                       "train_s": time.perf_counter() - start}), flush=True)
 
 
-def ours(args, work: Path):
+#: eqcalc architectures trained with the same data, epochs, batch, loss and schedule: MACE at the
+#: benchmark hyperparameters, NequIP at the same widths (its default 3 layers), and the shipped
+#: default model's PaiNN, to see whether a MACE or NequIP model would beat it at equal budget.
+OURS = {"mace": {k: v for k, v in HYPER.items() if k != "cutoff"},
+        "nequip": {k: v for k, v in HYPER.items() if k not in ("cutoff", "correlation", "num_interactions")},
+        "painn": dict(features=48, num_interactions=3, num_radial=16)}
+
+
+def ours(args, work: Path, n_train: int, architecture: str):
     import potentials
     from potentials.train import train
 
-    config = dict(architecture="mace", model={k: v for k, v in HYPER.items() if k != "cutoff"},
+    steps = args.epochs * math.ceil(n_train / TRAIN["batch_size"])
+    # One validation, at the end: the final EMA weights are kept, as in the mace-torch loop.
+    config = dict(architecture=architecture, model=OURS[architecture],
                   cutoff=HYPER["cutoff"], dtype="float32", data=str(args.data),
                   energy_weight=TRAIN["energy_weight"], forces_weight=TRAIN["forces_weight"],
                   stress_weight=TRAIN["stress_weight"], lr=TRAIN["lr"], batch_size=TRAIN["batch_size"],
                   ema_decay=TRAIN["ema_decay"], max_force=TRAIN["max_force"], weight_decay=TRAIN["weight_decay"],
-                  max_time_s=args.budget_s, max_steps=100000, val_every=250, patience=1000, threads=args.threads,
-                  work_dir=str(work / "ours"), output=str(work / "ours.eqm"), seed=0, progress=False,
-                  max_val_frames=120, warmup_steps=100)
+                  max_steps=steps, val_every=steps, patience=1000,
+                  threads=args.threads, work_dir=str(work / architecture), output=str(work / f"{architecture}.eqm"), seed=0,
+                  progress=False, max_val_frames=120, warmup_steps=TRAIN["warmup_steps"],
+                  min_lr_ratio=TRAIN["min_lr_ratio"])
     start = time.perf_counter()
     path = train(config)
-    metrics = json.loads((work / "ours" / "metrics.json").read_text())
+    metrics = json.loads((work / architecture / "metrics.json").read_text())
     model = potentials.load(path)
-    return {"code": "eqcalc mace", "metrics": metrics, "train_s": time.perf_counter() - start,
+    return {"code": f"eqcalc {architecture}", "metrics": metrics, "epochs": args.epochs, "train_s": time.perf_counter() - start,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(ROOT / "build" / "potentials" / "emt.xyz"))
-    parser.add_argument("--budget-s", type=float, default=600.0)
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs, the same for both codes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default=str(ROOT / "build" / "mace-accuracy"))
     parser.add_argument("--mace-python", default=str(ROOT / "build" / "mace-env" / "bin" / "python"))
     parser.add_argument("--worker", choices=["mace-torch"])
     parser.add_argument("--only", choices=["ours", "mace-torch"])
+    parser.add_argument("--ours", nargs="+", choices=sorted(OURS), default=["mace"],
+                        help="eqcalc architectures to train beside mace-torch (default: mace)")
     args = parser.parse_args()
     if args.worker:
         return mace_torch_worker(args)
@@ -174,17 +194,17 @@ def main():
     rows = []
     if args.only in (None, "mace-torch"):
         cmd = [args.mace_python, __file__, "--worker", "mace-torch", "--work", str(work),
-               "--budget-s", str(args.budget_s), "--threads", str(args.threads)]
+               "--epochs", str(args.epochs), "--threads", str(args.threads)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))
         if done.returncode:
             sys.stderr.write(done.stderr[-4000:])
         rows += [json.loads(l) for l in done.stdout.splitlines() if l.startswith("{")]
-    if args.only in (None, "ours"):
-        r = ours(args, work)
+    for architecture in (args.ours if args.only in (None, "ours") else []):
+        r = ours(args, work, len(sets["train"]), architecture)
         test = r["metrics"]["test"]
         rows.append({"code": r["code"], "energy_mae_meV_atom": test["energy_mae_meV_per_atom"],
                      "force_mae_meV_A": test["forces_mae_meV_per_A"], "parameters": r["parameters"],
-                     "train_s": r["train_s"], "steps": r["metrics"].get("steps")})
+                     "train_s": r["train_s"], "steps": r["metrics"].get("steps"), "epochs": r["epochs"]})
     for r in rows:
         print(r)
     out = ROOT / "benchmarks" / "results" / "mace_accuracy.csv"

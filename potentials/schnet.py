@@ -11,9 +11,8 @@ import torch
 from torch import Tensor
 
 from eqcalc import keys
-from potentials.nn import (NoForceHead, Potential, ShiftedSoftplus,
-                           edge_geometry, mlp, scatter_sum, validate_config,
-                           xavier_init_)
+from potentials.nn import (NoForceHead, PairForceHead, Potential, edge_geometry, mlp, scatter_sum,
+                           validate_config, xavier_init_)
 from potentials.registry import register
 
 
@@ -47,31 +46,6 @@ class Interaction(torch.nn.Module):
         filters = self.filter(basis) * envelope    # envelope last: zero beyond the cutoff
         messages = self.in2f(h).index_select(0, edge_index[1]) * filters
         return h + self.f2out(scatter_sum(messages, edge_index[0], h.shape[0]))
-
-
-class PairForceHead(torch.nn.Module):
-    """Direct forces ``F_i = sum_j a(h_i, h_j, d_ij) r̂_ij`` ``(n_atoms, 3)`` eV/Å.
-
-    ``a = w · (ssp(A h_i + B h_j) ⊙ C e_ij)`` with ``e_ij`` the enveloped radial basis, so ``a``
-    is exactly 0 beyond the cutoff and goes there smoothly.
-    """
-
-    def __init__(self, features: int, num_radial: int):
-        super().__init__()
-        self.features = features
-        self.atoms = torch.nn.Linear(features, 2 * features)          # A and B in one matmul
-        self.radial = torch.nn.Linear(num_radial, features, bias=False)
-        self.activation = ShiftedSoftplus()
-        self.out = torch.nn.Linear(features, 1, bias=False)
-
-    def forward(self, out: Dict[str, Tensor], s: Tensor, v: Tensor, edge_features: Tensor,
-                unit_vectors: Tensor, edge_index: Tensor) -> Dict[str, Tensor]:
-        F = self.features
-        ab = self.atoms(s)
-        pair = ab[:, :F].index_select(0, edge_index[0]) + ab[:, F:].index_select(0, edge_index[1])
-        a = self.out(self.activation(pair) * self.radial(edge_features))      # (n_edges, 1)
-        out[keys.FORCES] = scatter_sum(a * unit_vectors, edge_index[0], s.shape[0])
-        return out
 
 
 @register("schnet")

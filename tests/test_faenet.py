@@ -34,6 +34,8 @@ def test_config_is_validated_and_hyperparameters_follow_table_7():
         potentials.build("faenet", ["Cu"], num_filters=0)
     with pytest.raises(InvalidOptionError, match="norm"):
         potentials.build("faenet", ["Cu"], norm="batch")
+    with pytest.raises(InvalidOptionError, match="force_head"):
+        potentials.build("faenet", ["Cu"], direct_forces=True, force_head="gemnet")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,18 @@ def test_full_fa_symmetry_in_float32(full_path):
     calc = EquivariantCalculator(full_path("float32"), compile="eager", device="cpu")
     worst = T.check_symmetry(calc, STRUCTS["slab"], n=100)
     assert worst["energy"] <= 1e-5 and worst["forces"] <= 1e-4, worst
+
+
+@pytest.mark.parametrize("head", ["mlp", "pair"])
+def test_direct_force_heads_are_equivariant_under_full_fa(tmp_path, head):
+    """Both heads, rotated back and averaged over the 8 frames, give O(3)-equivariant forces."""
+    model = potentials.build("faenet", SPECIES, dtype="float64", frame_averaging="full",
+                             **dict(SMALL, force_head=head))
+    calc = EquivariantCalculator(str(potentials.save(model, tmp_path / f"{head}.eqm")), compile="eager",
+                                 device="cpu", forces="direct")
+    worst = T.check_symmetry(calc, STRUCTS["slab"], n=10)
+    assert worst["energy"] < 1e-10 and worst["forces"] < 1e-9, worst
+    assert np.abs(calc.predict([STRUCTS["slab"]])[0]["forces"]).max() > 1e-6  # not trivially zero
 
 
 def test_graph_norm_option_builds_and_normalises_per_system():
@@ -87,14 +101,14 @@ def test_energy_gradient_consistency_term_is_eq9():
     with_term = _loss(out, batch, (1.0, 1.0, 0.0, 2.0))
     without = _loss(out, batch, (1.0, 1.0, 0.0, 0.0))
     assert torch.allclose(with_term["total"] - without["total"], 2.0 * gap)
-    (grad,) = torch.autograd.grad(with_term["energy_grad"], [model.model.force_head[0].weight])
+    (grad,) = torch.autograd.grad(with_term["energy_grad"], [model.model.force_head.mlp[0].weight])
     assert grad.abs().sum() > 0
     # conservative_forces_weight puts the force labels on -dE/dr as well: the energy's weights
     # get a gradient from it, the head's none.
     labels = _loss(out, batch, (1.0, 1.0, 0.0, 0.0, 3.0))
     cons_err = ((out["forces_conservative"] - batch["forces_ref"]) ** 2).mean()
     assert torch.allclose(labels["total"] - without["total"], 3.0 * cons_err)
-    head, energy = model.model.force_head[0].weight, model.model.energy[0].weight
+    head, energy = model.model.force_head.mlp[0].weight, model.model.energy[0].weight
     g_head, g_energy = torch.autograd.grad(labels["conservative_forces"], [head, energy], allow_unused=True)
     assert (g_head is None or g_head.abs().sum() == 0) and g_energy.abs().sum() > 0
 
