@@ -37,8 +37,8 @@ from torch import Tensor
 
 from eqcalc import keys
 from eqcalc.errors import InvalidOptionError, check_choice
-from potentials.nn import (GaussianBasis, NoForceHead, PairForceHead, PolynomialCutoff, ScaleShift,
-                           atomic_numbers, edge_geometry, mlp, scatter_sum)
+from potentials.nn import (GaussianBasis, NoForceHead, PairForceHead, PolynomialCutoff, Potential,
+                           ScaleShift, atomic_numbers, edge_geometry, mlp, scatter_sum, validate_config)
 from potentials.registry import register
 
 
@@ -69,11 +69,7 @@ class FAENetConfig:
     force_head: str = "mlp"
 
     def __post_init__(self):
-        object.__setattr__(self, "species", tuple(self.species))
-        atomic_numbers(self.species)
-        if not isinstance(self.cutoff, (int, float)) or not self.cutoff > 0:
-            raise InvalidOptionError(f"cutoff={self.cutoff!r} must be a positive number of Å")
-        object.__setattr__(self, "cutoff", float(self.cutoff))
+        validate_config(self)
         check_choice("norm", self.norm, NORMS)
         check_choice("force_head", self.force_head, FORCE_HEADS)
         for f in dataclasses.fields(self):
@@ -279,10 +275,8 @@ class FAENet(torch.nn.Module):
                  "pair": lambda: PairForceHead(H, config.num_gaussians)}
         self.force_head = heads[config.force_head]() if config.direct_forces else NoForceHead()
 
-    def config_dict(self) -> Dict:
-        d = dataclasses.asdict(self.config)
-        d["species"] = list(d["species"])
-        return d
+    # Not a Potential (no species embedding or radial basis of its own): shares only these.
+    config_dict = Potential.config_dict
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
         species, edge_index, system = data[keys.SPECIES], data[keys.EDGE_INDEX], data[keys.SYSTEM]
@@ -303,6 +297,4 @@ class FAENet(torch.nn.Module):
         out: Dict[str, Tensor] = {keys.ENERGIES: energies}
         return self.force_head(out, h, h, basis * envelope, unit_vectors, edge_index)
 
-    @torch.jit.unused
-    def extra_repr(self) -> str:
-        return f"species={list(self.config.species)}, cutoff={self.cutoff}"
+    extra_repr = Potential.extra_repr

@@ -154,8 +154,26 @@ class MACELayer(torch.nn.Module):
         return torch.cat(blocks, dim=1), energies, A
 
 
+class TensorProductPotential(Potential):
+    """Common part of NequIP and MACE: the edge harmonics and the enveloped radial features every
+    layer reads, and the scalar species embedding the first layer starts from."""
+
+    def __init__(self, config: TensorProductConfig):
+        super().__init__(config)
+        self.sh = o3.SphericalHarmonics(config.max_ell)
+
+    def inputs(self, data: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor], Tensor, Tensor]:
+        """``(species, edge_index, Y, edge_features (n_edges, R), h (n_atoms, 1, channels))``."""
+        species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
+        lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
+        basis, envelope = self.radial(lengths)
+        edge_features = basis * envelope.unsqueeze(1)  # exactly 0 at and beyond the cutoff
+        h = self.embedding(species).unsqueeze(1)       # (n_atoms, 1, channels): scalars
+        return species, edge_index, self.sh(unit_vectors), edge_features, h
+
+
 @register("mace")
-class MACE(Potential):
+class MACE(TensorProductPotential):
     """MACE energy model. ``forward(data)`` → ``{"energies": (n_atoms,) eV}`` plus
     ``"forces": (n_atoms, 3) eV/Å`` when ``config.direct_forces``. Inputs per :mod:`eqcalc.keys`."""
 
@@ -165,7 +183,6 @@ class MACE(Potential):
     def __init__(self, config: MACEConfig):
         super().__init__(config)
         L = config.num_interactions
-        self.sh = o3.SphericalHarmonics(config.max_ell)
         # Degrees in: scalars (embedding) for the first layer; out: scalars for the last.
         l_in = [0] + [config.hidden_l] * (L - 1)
         l_out = [config.hidden_l] * (L - 1) + [0]
@@ -174,12 +191,7 @@ class MACE(Potential):
         self.force_head = o3.Degree1ForceHead(config.channels) if config.direct_forces else o3.NoForceHead()
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
-        lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
-        Y = self.sh(unit_vectors)
-        basis, envelope = self.radial(lengths)
-        edge_features = basis * envelope.unsqueeze(1)  # exactly 0 at and beyond the cutoff
-        h = self.embedding(species).unsqueeze(1)       # (n_atoms, 1, channels): scalars
+        species, edge_index, Y, edge_features, h = self.inputs(data)
         energies = torch.zeros_like(h[:, 0, 0])
         A = h
         for layer in self.layers:

@@ -18,8 +18,7 @@ from torch import Tensor
 from eqcalc import keys
 from eqcalc.errors import InvalidOptionError
 from potentials import o3
-from potentials.mace import ScalarReadout, TensorProductConfig, radial_mlp
-from potentials.nn import Potential, edge_geometry
+from potentials.mace import ScalarReadout, TensorProductConfig, TensorProductPotential, radial_mlp
 from potentials.registry import register
 
 
@@ -65,7 +64,7 @@ class Convolution(torch.nn.Module):
 
 
 @register("nequip")
-class NequIP(Potential):
+class NequIP(TensorProductPotential):
     """NequIP energy model. ``forward(data)`` → ``{"energies": (n_atoms,) eV}`` plus
     ``"forces": (n_atoms, 3) eV/Å`` when ``config.direct_forces``. Inputs per :mod:`eqcalc.keys`."""
 
@@ -75,7 +74,6 @@ class NequIP(Potential):
     def __init__(self, config: NequIPConfig):
         super().__init__(config)
         L, c = config.num_interactions, config.channels
-        self.sh = o3.SphericalHarmonics(config.max_ell)
         l_in = [0] + [config.hidden_l] * (L - 1)
         self.convolutions = torch.nn.ModuleList(
             [Convolution(config, l_in[k], config.hidden_l) for k in range(L)])
@@ -84,12 +82,7 @@ class NequIP(Potential):
         self.force_head = o3.Degree1ForceHead(c) if config.direct_forces else o3.NoForceHead()
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
-        lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
-        Y = self.sh(unit_vectors)
-        basis, envelope = self.radial(lengths)
-        edge_features = basis * envelope.unsqueeze(1)  # exactly 0 at and beyond the cutoff
-        h = self.embedding(species).unsqueeze(1)       # (n_atoms, 1, channels): scalars
+        species, edge_index, Y, edge_features, h = self.inputs(data)
         for convolution in self.convolutions:
             h = convolution(h, species, Y, edge_features, edge_index)
         energies = self.readout(h[:, 0])
