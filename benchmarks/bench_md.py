@@ -77,7 +77,8 @@ def pt_o_slab():
 def throughput(args) -> list:
     from ase.md.langevin import Langevin
 
-    from eqcalc import EquivariantCalculator, md
+    from eqcalc import EquivariantCalculator
+from eqcalc.engine import md
     from eqcalc.model import Model
 
     model = Model(args.model, device=args.device, compile=args.compile)
@@ -131,8 +132,8 @@ def throughput(args) -> list:
 
 
 def physics(args) -> tuple:
-    from eqcalc import md
-    from eqcalc.drivers import run_md
+    from eqcalc.engine import md
+    from eqcalc.engine.drivers import run_md
     from eqcalc.model import Model
     from ase.build import bulk
 
@@ -140,7 +141,7 @@ def physics(args) -> tuple:
     ps = 1.0 if args.quick else 5.0
     steps = int(ps * 1000)
     rows, traces = [], {}
-    from eqcalc.relax import relax
+    from eqcalc.engine.relax import relax
 
     # start from the relaxed slab: the as-built one releases ~0.5 eV and spikes to ~1200 K
     relaxed = relax([pt_o_slab()], md.ModelPotential(model), fmax=0.02).structures[0]

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS[name],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    from eqcalc import demo
+    from eqcalc.workflows import demo
 
     c = command("demo", "Pt(111)+CO: relax with the default model vs EMT, short NVT at 500 K, plot and summary")
     demo.add_arguments(c)
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe key, e.g. --set max_steps=100")
     c.set_defaults(func=_train)
 
-    from eqcalc import drivers  # the engine's shells: eqcalc md, relax, adsorption
+    from eqcalc.engine import drivers  # the engine's shells: eqcalc md, relax, adsorption
 
     c = command("md", "batched MD of all inputs on the device (NVE, or NVT with Langevin/Bussi/Nose-Hoover), "
                       "extxyz trajectories, log, checkpoints")
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=drivers.relax_main)
 
     c = command("adsorption", "adsorption energies of a molecule on every site of a slab, relaxed as one batch")
-    from eqcalc import adsorption
+    from eqcalc.workflows import adsorption
     adsorption.add_arguments(c)
     c.set_defaults(func=adsorption.main)
     return p

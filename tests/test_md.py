@@ -13,8 +13,9 @@ from ase import units
 from ase.build import add_adsorbate, bulk, fcc100, fcc111, molecule
 from ase.constraints import FixAtoms, FixBondLength
 
-from eqcalc import EquivariantCalculator, md
-from eqcalc.drivers import load_checkpoint, run_md
+from eqcalc import EquivariantCalculator
+from eqcalc.engine import md
+from eqcalc.engine.drivers import load_checkpoint, run_md
 from eqcalc.errors import InvalidOptionError, NonFiniteOutputError
 from eqcalc.model import Model
 from tests.md_potentials import MorsePotential

@@ -9,10 +9,11 @@ from ase.constraints import FixAtoms
 from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS, FIRE, LBFGS
 
-from eqcalc import EquivariantCalculator, md
+from eqcalc import EquivariantCalculator
+from eqcalc.engine import md
 from eqcalc.errors import InvalidOptionError
 from eqcalc.model import Model
-from eqcalc.relax import relax
+from eqcalc.engine.relax import relax
 
 
 @pytest.fixture(scope="module")

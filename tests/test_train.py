@@ -95,7 +95,7 @@ def test_calculator_evaluation_matches_training_metrics(dataset, tmp_path):
 
 
 def test_demo_end_to_end(tmp_path):
-    from eqcalc.demo import run_demo
+    from eqcalc.workflows.demo import run_demo
 
     result = run_demo(tmp_path, steps=4, relax_steps=2, trajectory_interval=2)
     assert abs(result["model_result"]["E_ads_eV"]) < 10

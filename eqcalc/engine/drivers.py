@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from eqcalc import md
+from eqcalc.engine import md
 from eqcalc.errors import InvalidOptionError, ModelFileError
 
 CHECKPOINT = "checkpoint.pt"
@@ -315,7 +315,7 @@ def add_relax_arguments(parser) -> None:
 def relax_main(args) -> int:
     import ase.io
 
-    from eqcalc.relax import relax
+    from eqcalc.engine.relax import relax
 
     structures = read_structures(args.inputs)
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile,

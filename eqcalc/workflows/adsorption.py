@@ -130,7 +130,7 @@ def adsorption_energies(slab, adsorbate: str, potential, distance: float = 2.0,
                         max_steps: int = 500, optimizer="fire") -> AdsorptionResult:
     """Place ``adsorbate`` on every site of ``slab``, relax all in one batch with ``potential``
     (a :class:`~eqcalc.md.ModelPotential`), and return the adsorption-energy table."""
-    from eqcalc.relax import relax
+    from eqcalc.engine.relax import relax
 
     if not (np.isfinite(distance) and distance > 0.5):
         raise InvalidOptionError(f"distance={distance!r} must be > 0.5 Å (height of the binding atom)")
@@ -182,7 +182,7 @@ def write(result: AdsorptionResult, output_dir) -> List[str]:
 # ---- command line shell (eqcalc adsorption) ----------------------------------------------------
 def add_arguments(parser) -> None:
     """Options of ``eqcalc adsorption``."""
-    from eqcalc.drivers import add_model_arguments
+    from eqcalc.engine.drivers import add_model_arguments
 
     parser.add_argument("slab", help="slab structure file (vacuum along z; FixAtoms kept, e.g. from extxyz)")
     parser.add_argument("--adsorbate", required=True, help="element or g2 molecule, binding atom first: O, H, CO, OH, NO")
@@ -196,8 +196,8 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from eqcalc import md
-    from eqcalc.drivers import _device, read_structures
+    from eqcalc.engine import md
+    from eqcalc.engine.drivers import _device, read_structures
 
     slab = read_structures([args.slab])[0]
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile, dtype=args.dtype)

@@ -24,7 +24,7 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from eqcalc import md
+from eqcalc.engine import md
 from eqcalc.errors import InvalidOptionError
 
 

@@ -257,7 +257,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m eqcalc.demo
+if __name__ == "__main__":  # python -m eqcalc.workflows.demo
     p = argparse.ArgumentParser(prog="eqcalc demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example: eqcalc demo --output-dir demo --steps 200")
