@@ -109,6 +109,20 @@ class EquivariantCalculator(Calculator):
                         indices: Optional[Sequence[Optional[Sequence[int]]]] = None) -> List[np.ndarray]:
         """Hessians of many structures as one batch: a list of ``(3n, 3n)`` eV/Å² arrays, ``n``
         the atoms of ``indices[k]`` (``None``: all atoms of structure ``k``)."""
+        blocks = []
+        for rows, idx in zip(*self._hessian_rows(structures, indices)):
+            columns = (3 * idx[:, None] + np.arange(3)).reshape(-1)
+            blocks.append(rows[:, columns])
+        return blocks
+
+    def hessian_rows(self, structures: Sequence[Atoms],
+                     indices: Optional[Sequence[Optional[Sequence[int]]]] = None) -> List[np.ndarray]:
+        """Rows of the Hessians of many structures as one batch: a list of ``(3n, 3N)`` eV/Å²
+        arrays, the rows of the ``n`` atoms of ``indices[k]`` against all ``3N`` coordinates
+        (what force constants of a supercell need: rows of one cell's atoms only)."""
+        return self._hessian_rows(structures, indices)[0]
+
+    def _hessian_rows(self, structures, indices):
         from eqcalc.neighbors import compute_neighbors
         import torch
 
@@ -121,18 +135,17 @@ class EquivariantCalculator(Calculator):
                 f"indices has {len(indices)} entries for {len(structures)} structures; give one "
                 "list (or None) per structure")
         picked = [check_indices(idx, len(s)) for idx, s in zip(indices, structures)]
-        starts = np.cumsum([0] + [len(s) for s in structures])[:-1]
+        starts = np.cumsum([0] + [len(s) for s in structures])
         rows = np.concatenate([(3 * (start + idx))[:, None] + np.arange(3) for start, idx in zip(starts, picked)])
         t = to_tensors(structures, self.model.device)
         edge_index, shifts = compute_neighbors(t.positions, t.cell, t.pbc, self.model.cutoff, t.system)
         rows_t = torch.as_tensor(rows.reshape(-1), device=self.model.device)
         h = self.model.hessian(t, edge_index, shifts, rows_t).cpu().numpy()
         out, offset = [], 0
-        for start, idx in zip(starts, picked):
-            columns = ((3 * (start + idx))[:, None] + np.arange(3)).reshape(-1)
-            out.append(h[offset:offset + len(columns)][:, columns])
-            offset += len(columns)
-        return out
+        for k, idx in enumerate(picked):
+            out.append(h[offset:offset + 3 * len(idx), 3 * starts[k]:3 * starts[k + 1]])
+            offset += 3 * len(idx)
+        return out, picked
 
     def _evaluate(self, structures: Sequence[Atoms], t, edge_index, shifts) -> List[Dict[str, np.ndarray]]:
         """Model (which also checks for overlapping atoms), and one results dict per structure

@@ -4,8 +4,9 @@
 constants set, so phonopy's own tools apply (band structures, meshes, thermal properties).
 Force constants come either from displaced supercells evaluated as one batch (``method=
 "displacement"``, phonopy's finite displacements, default) or from the autograd Hessian of the
-perfect supercell (``method="hessian"``). ``atoms`` is the primitive cell phonopy works in;
-q-points are fractional coordinates of its reciprocal lattice.
+perfect supercell (``method="hessian"``). phonopy finds the primitive cell of ``atoms`` (a
+conventional cell works too); q-points are fractional coordinates of the primitive cell's
+reciprocal lattice, and band paths are ASE's standard path of that primitive cell.
 
 phonopy is an optional dependency (``pip install "eqcalc[phonons]"``); without it the functions
 raise :class:`~eqcalc.errors.MissingDependencyError`. Imaginary modes are reported plainly (as
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -88,16 +90,19 @@ def phonons(atoms, model="default", supercell=(4, 4, 4), method: str = "displace
         raise InvalidOptionError(f"displacement={displacement!r} Å must be in (0, 0.1]; phonopy uses 0.01")
     phonopy = _phonopy()
     matrix = check_supercell(supercell)
-    phonon = phonopy.Phonopy(_to_phonopy_atoms(atoms), supercell_matrix=matrix, primitive_matrix=None)
+    with warnings.catch_warnings():  # phonopy 4 announces its "auto" default at every call
+        warnings.simplefilter("ignore")
+        phonon = phonopy.Phonopy(_to_phonopy_atoms(atoms), supercell_matrix=matrix, primitive_matrix="auto")
     start = time.perf_counter()
     calc = None if forces is not None else _calculator(model, device, dtype)
     if method == "hessian":
         if forces is not None:
             raise InvalidOptionError("forces= replaces the model only with method='displacement'")
+        # Compact force constants: rows of the primitive cell's atoms only (3 per atom, not 3N).
         perfect = _to_ase(phonon.supercell)
-        n = len(perfect)
-        h = calc.get_hessian(perfect)
-        phonon.force_constants = h.reshape(n, 3, n, 3).transpose(0, 2, 1, 3).copy()
+        primitive = np.asarray(phonon.primitive.p2s_map)
+        rows = calc.hessian_rows([perfect], [primitive])[0]
+        phonon.force_constants = rows.reshape(len(primitive), 3, len(perfect), 3).transpose(0, 2, 1, 3).copy()
     else:
         phonon.generate_displacements(distance=displacement)
         cells = [_to_ase(c) for c in phonon.supercells_with_displacements] + [_to_ase(phonon.supercell)]
@@ -118,10 +123,19 @@ def frequencies(phonon, qpoints: Sequence[Sequence[float]]) -> np.ndarray:
     return np.asarray(phonon.get_qpoints_dict()["frequencies"])
 
 
-def band_structure(phonon, atoms, npoints: int = 101) -> Dict:
-    """Frequencies (THz) along ASE's standard band path of the cell: ``{"x": (n,), "frequencies":
-    (n, 3 n_atoms), "labels": [(x, name)], "path": str}``."""
-    path = atoms.cell.bandpath(npoints=npoints)
+def special_points(phonon) -> Dict[str, np.ndarray]:
+    """ASE's special q-points (``"G"``, ``"X"``, ``"L"``, ...) of the primitive cell, fractional."""
+    from ase.cell import Cell
+
+    return Cell(phonon.primitive.cell).bandpath(npoints=0).special_points
+
+
+def band_structure(phonon, npoints: int = 101) -> Dict:
+    """Frequencies (THz) along ASE's standard band path of the primitive cell: ``{"x": (n,),
+    "frequencies": (n, 3 n_atoms), "labels": [(x, name)], "path": str}``."""
+    from ase.cell import Cell
+
+    path = Cell(phonon.primitive.cell).bandpath(npoints=npoints)
     kpts = path.kpts
     freqs = frequencies(phonon, kpts)
     x, label_x, labels = path.get_linear_kpoint_axis()
@@ -198,7 +212,7 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     phonon = phonons(atoms, args.model, supercell=args.supercell, method=args.method,
                      displacement=args.displacement, device=_device(args.device), dtype=args.dtype)
-    band = band_structure(phonon, atoms)
+    band = band_structure(phonon)
     density = dos(phonon, args.mesh)
     table = out / "band.csv"
     with open(table.with_name("band.csv.tmp"), "w", newline="") as f:
@@ -208,8 +222,7 @@ def main(args) -> int:
             w.writerow([f"{x:.6f}"] + [f"{v:.5f}" for v in row])
     os.replace(table.with_name("band.csv.tmp"), table)
     png = plot(band, density, out / "phonons.png", f"{atoms.get_chemical_formula()} ({args.model})")
-    points = {label: q for label, q in atoms.cell.bandpath().special_points.items()}
-    for label, q in points.items():
+    for label, q in special_points(phonon).items():
         f = frequencies(phonon, [q])[0]
         print(f"  {('Γ' if label == 'G' else label):3s} {np.round(q, 3).tolist()}  " + " ".join(f"{v:7.3f}" for v in f) + " THz")
     bad = imaginary_modes(band)

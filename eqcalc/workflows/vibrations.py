@@ -8,7 +8,9 @@ modes, zero-point energy, ``HarmonicThermo`` / ``IdealGasThermo`` free energies,
 
 Which atoms move: ``indices[k]`` when given, else the atoms not fixed by ``FixAtoms``
 (adsorbates on a slab whose lower layers are fixed). The Hessian is symmetrised before
-diagonalising. Imaginary modes (a transition state, or a structure that is not a minimum) are
+diagonalising. When every atom of a free molecule moves, rigid translations and rotations are
+projected out (in mass-weighted coordinates), so they are exactly zero even slightly away from a
+minimum, as quantum-chemistry codes do; for a bulk with every atom moving, translations only. Imaginary modes (a transition state, or a structure that is not a minimum) are
 reported, not refused: ``summary`` counts them and leaves them out of the zero-point and free
 energies, as ASE's ``HarmonicThermo(ignore_imag_modes=True)`` does.
 """
@@ -86,7 +88,7 @@ def vibrations(structures: Sequence, model="default", indices: Optional[Sequence
     hessians = calc.predict_hessian(structures, picked)
     out = []
     for atoms, idx, h in zip(structures, picked, hessians):
-        h = 0.5 * (h + h.T)
+        h = project_rigid(atoms, np.asarray(idx), 0.5 * (h + h.T))
         data = atoms.copy()
         data.calc = None
         out.append(VibrationsData.from_2d(data, h, indices=np.asarray(idx)))
@@ -94,6 +96,25 @@ def vibrations(structures: Sequence, model="default", indices: Optional[Sequence
     log.info("Hessians of %d structures (%d moving coordinates) in %.2f s", len(structures), n_rows,
              time.perf_counter() - start)
     return out
+
+
+def project_rigid(atoms, indices: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """``hessian`` ``(3n, 3n)`` of the atoms ``indices`` with rigid-body motions removed: rigid
+    translations and rotations of a non-periodic structure whose atoms all move, translations
+    of a periodic one whose atoms all move, nothing otherwise (a fixed slab holds the rest)."""
+    if len(indices) != len(atoms):
+        return hessian
+    masses = atoms.get_masses()
+    sqrt_m = np.repeat(np.sqrt(masses), 3)
+    vectors = [np.tile(np.eye(3)[a], len(atoms)) * sqrt_m for a in range(3)]
+    if not atoms.pbc.any():
+        centred = atoms.positions - atoms.get_center_of_mass()
+        vectors += [np.cross(np.eye(3)[a], centred).reshape(-1) * sqrt_m for a in range(3)]
+    q, r = np.linalg.qr(np.array(vectors).T)
+    q = q[:, np.abs(np.diag(r)) > 1e-8 * np.abs(np.diag(r)).max()]   # a linear molecule has 5
+    projector = np.eye(len(sqrt_m)) - q @ q.T
+    weighted = hessian / np.outer(sqrt_m, sqrt_m)
+    return projector @ weighted @ projector * np.outer(sqrt_m, sqrt_m)
 
 
 @dataclass
@@ -203,7 +224,7 @@ def main(args) -> int:
     vibs = vibrations(structures, args.model, indices=indices, device=_device(args.device), dtype=args.dtype)
     for name, vib in zip(names, vibs):
         s = summary(vib, args.temperature_K)
-        shown = ", ".join(f"{f:.0f}" for f in s.frequencies_cm1[::-1][:8])
+        shown = ", ".join(f"{f:.0f}" for f in sorted(s.frequencies_cm1, reverse=True)[:8])
         warn = f"  {s.n_imaginary} IMAGINARY" if s.n_imaginary else ""
         print(f"  {name:20s} {len(s.frequencies_cm1):3d} modes  ZPE {s.zpe_eV:.4f} eV  "
               f"F_vib({args.temperature_K:g} K) {s.free_energy_eV:.4f} eV  highest cm^-1: {shown}{warn}")
