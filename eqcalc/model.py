@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -176,7 +176,7 @@ class Model:
         return out
 
     def hessian(self, t: SystemTensors, edge_index: Tensor, shifts: Tensor, rows: Tensor,
-                max_batch: int = 64) -> Tensor:
+                max_batch: Optional[int] = None) -> Tensor:
         """Rows ``rows`` ``(n_rows,)`` (flat ``3 * atom + axis``) of the Hessian of the batch ``t``,
         ``(n_rows, 3 * n_atoms)`` eV/Å², float64, by autograd through the eager model in this
         Model's dtype (see :func:`eqcalc.derivatives.hessian`)."""
