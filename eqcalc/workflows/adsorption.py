@@ -208,8 +208,13 @@ def add_arguments(parser) -> None:
     """Options of ``eqcalc adsorption``."""
     from eqcalc.engine.drivers import add_model_arguments
 
-    parser.add_argument("slab", help="slab structure file (vacuum along z; FixAtoms kept, e.g. from extxyz)")
-    parser.add_argument("--adsorbate", required=True, help="element or g2 molecule, binding atom first: O, H, CO, OH, NO")
+    from eqcalc.workflows import distributed  # imports no dask
+
+    parser.add_argument("slab", nargs="+", help="slab structure file(s) (vacuum along z; FixAtoms kept, e.g. "
+                                                "from extxyz); several need --db or --scheduler")
+    parser.add_argument("--adsorbate", nargs="+", required=True,
+                        help="element(s) or g2 molecule(s), binding atom first: O, H, CO, OH, NO; several "
+                             "need --db or --scheduler")
     add_model_arguments(parser)
     parser.add_argument("--distance", type=float, default=2.0, help="initial height of the binding atom, Å")
     parser.add_argument("--sites", nargs="+", default=list(SITE_KINDS), help="site kinds: ontop bridge hollow")
@@ -217,17 +222,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps at most")
     parser.add_argument("--optimizer", default="fire", help="fire | lbfgs")
     parser.add_argument("--output-dir", default="eqcalc-adsorption", help="folder for the table and structures")
+    distributed.add_arguments(parser)
 
 
 def main(args) -> int:
     from eqcalc.engine import md
     from eqcalc.engine.drivers import _device, read_structures
+    from eqcalc.workflows import distributed
 
-    slab = read_structures([args.slab])[0]
+    if distributed.requested(args):
+        return distributed.adsorption_main(args)
+    if len(args.slab) > 1 or len(args.adsorbate) > 1:
+        raise InvalidOptionError("several slabs or adsorbates are a screening: add --db results.db (this "
+                                 "machine) or --scheduler ADDRESS (a Dask cluster)")
+    slab = read_structures(args.slab)[0]
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile, dtype=args.dtype)
-    result = adsorption_energies(slab, args.adsorbate, potential, distance=args.distance, kinds=args.sites,
+    result = adsorption_energies(slab, args.adsorbate[0], potential, distance=args.distance, kinds=args.sites,
                                  fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer)
-    print(f"{args.adsorbate} on {slab.get_chemical_formula()}: {len(result.rows)} sites relaxed as one batch")
+    print(f"{args.adsorbate[0]} on {slab.get_chemical_formula()}: {len(result.rows)} sites relaxed as one batch")
     print(result.table())
     print(f"wrote {', '.join(write(result, args.output_dir))}")
     return 0
