@@ -46,7 +46,7 @@ from typing import Callable, ClassVar, Dict, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from eqcalc.errors import EqcalcError, InvalidOptionError, ModelFileError, check_choice
+from eqcalc.errors import EqcalcError, InvalidOptionError, MissingDependencyError, ModelFileError, check_choice
 
 CPU_BATCH_ATOMS = 512        # atoms per batch on a CPU worker: enough to amortise per-step overhead
 GPU_BATCH_ATOMS_PER_GIB = 512  # atoms per GiB of GPU memory; an out-of-memory batch is split anyway
@@ -728,8 +728,11 @@ def connect(address: Optional[str]):
     if address is None:
         yield None
         return
-    from distributed import Client
-
+    try:
+        from distributed import Client
+    except ImportError as e:
+        raise MissingDependencyError("--scheduler needs dask.distributed: pip install 'eqcalc[distributed]' "
+                                     "(or pip install 'dask[distributed]')") from e
     try:
         client = (Client(scheduler_file=address, timeout="30s") if os.path.isfile(address)
                   else Client(address, timeout="30s"))
