@@ -150,8 +150,18 @@ def _check_count(name: str, value, minimum: int = 0) -> None:
         raise InvalidOptionError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
+class _OneStructure:
+    """A job kind whose input is one Atoms: it costs its atom count."""
+
+    def structures(self, item) -> list:
+        return [item]
+
+    def cost(self, item) -> int:
+        return len(item)
+
+
 @dataclass(frozen=True)
-class Relax:
+class Relax(_OneStructure):
     """Relax each input with :func:`eqcalc.relax.relax` (batched FIRE / L-BFGS). Row values:
     ``converged``, ``steps`` and ``relax_fmax`` (eV/Å; generalised with ``cell``)."""
 
@@ -171,18 +181,16 @@ class Relax:
     def settings(self) -> Dict:
         return asdict(self)
 
-    def structures(self, item) -> list:
-        return [item]
-
     def run(self, items, potential, keys) -> Tuple[list, int]:
-        """``[(atoms, values, data)]`` per item and the batch's atom-steps (atoms × model calls)."""
+        """``[(atoms, values, data)]`` per item and the batch's atom-steps (Σ atoms × (steps + 1):
+        the model evaluations each system needed)."""
         from eqcalc.engine.relax import relax
 
         r = relax(items, potential, fmax=self.fmax, max_steps=self.max_steps, cell=self.cell,
                   optimizer=self.optimizer)
         results = [(atoms, {"converged": bool(c), "steps": int(s), "relax_fmax": float(f)}, {})
                    for atoms, c, s, f in zip(r.structures, r.converged, r.steps, r.fmax)]
-        return results, sum(len(a) for a in items) * (max(r.steps) + 1)
+        return results, sum(len(a) * (s + 1) for a, s in zip(items, r.steps))
 
 
 @dataclass(frozen=True)
@@ -194,7 +202,7 @@ class Adsorption(Relax):
 
 
 @dataclass(frozen=True)
-class MD:
+class MD(_OneStructure):
     """``steps`` of ``integrator`` (an :mod:`eqcalc.md` integrator) on each input with
     :func:`eqcalc.drivers.run_md`. Row: the last frame (positions, momenta, energy, forces) and
     ``temperature_K``, ``epot_eV``, ``etot_eV`` at the end; row data: the log every
@@ -224,9 +232,6 @@ class MD:
         return {"integrator": integrator_to_dict(self.integrator), "steps": self.steps,
                 "temperature_K": self.temperature_K, "seed": self.seed, "log_interval": self.log_interval}
 
-    def structures(self, item) -> list:
-        return [item]
-
     def run(self, items, potential, keys) -> Tuple[list, int]:
         from eqcalc.engine import md
         from eqcalc.engine.drivers import run_md
@@ -241,6 +246,59 @@ class MD:
             values = {k: float(v[-1]) for k, v in series.items()}
             results.append((atoms, values, {"step": np.asarray(log["step"]), **series}))
         return results, len(run.state.system) * run.steps_run
+
+
+@dataclass(frozen=True)
+class NEB:
+    """Nudged elastic band of each ``(initial, final)`` pair with :func:`eqcalc.neb.neb` (all bands
+    of a batch together). Row: the climbing image (the saddle estimate, with energy and forces),
+    ``barrier_eV``, ``reaction_energy_eV``, ``converged``, ``steps``, ``neb_fmax``,
+    ``climbing_image``; row data: ``energies`` ``(n_images,)`` eV and ``positions``
+    ``(n_images, n_atoms, 3)`` Å of the band."""
+
+    n_images: int = 7
+    climb: bool = True
+    fmax: float = 0.03
+    interpolation: str = "idpp"
+    k: float = 0.1
+    optimizer: str = "fire"
+    max_steps: int = 1000
+    relax_endpoints: bool = True
+    name: ClassVar[str] = "neb"
+
+    def __post_init__(self):
+        _check_positive("fmax", self.fmax, "eV/Å, e.g. 0.03")
+        _check_positive("k", self.k, "eV/Å², e.g. 0.1")
+        _check_count("n_images", self.n_images, 3)
+        _check_count("max_steps", self.max_steps)
+
+    def settings(self) -> Dict:
+        return asdict(self)
+
+    def structures(self, item) -> list:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise InvalidOptionError(f"a NEB input is an (initial, final) pair of Atoms, not {type(item).__name__}")
+        return list(item)
+
+    def cost(self, item) -> int:
+        return len(item[0]) * self.n_images
+
+    def run(self, items, potential, keys) -> Tuple[list, int]:
+        from eqcalc.engine.neb import neb
+
+        bands = neb(items, potential, n_images=self.n_images, climb=self.climb, fmax=self.fmax,
+                    interpolation=self.interpolation, k=self.k, optimizer=self.optimizer,
+                    max_steps=self.max_steps, relax_endpoints=self.relax_endpoints)
+        results = []
+        for band in bands:
+            values = {"barrier_eV": band.barrier, "reaction_energy_eV": band.reaction_energy,
+                      "converged": bool(band.converged), "steps": int(band.steps), "neb_fmax": float(band.fmax),
+                      "climbing_image": int(band.climbing_image)}
+            data = {"energies": np.asarray(band.energies),
+                    "positions": np.stack([image.positions for image in band.images])}
+            results.append((band.images[band.climbing_image], values, data))
+        interior = self.n_images - 2
+        return results, sum(len(pair[0]) * interior * (band.steps + 1) for pair, band in zip(items, bands))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,7 +662,7 @@ def screen(client, kind, jobs: Sequence[Job], model="default", *, db: Optional[s
             else:
                 todo.setdefault(job.key, []).append(i)
         payload = [(key, jobs[ids[0]].item) for key, ids in todo.items()]
-        costs = [sum(len(a) for a in kind.structures(item)) for _, item in payload]
+        costs = [kind.cost(item) for _, item in payload]
         if payload:
             max_atoms = batch_atoms or _batch_atoms(client, ref, costs)
             batches = make_batches(payload, costs, max_atoms)
@@ -654,6 +712,24 @@ def md(client, structures, integrator, steps: int, model="default", *, names=Non
     :class:`MD`); ``options`` as in :func:`screen`."""
     kind = MD(integrator, steps, temperature_K, seed, log_interval)
     return screen(client, kind, _jobs(structures, names), model, **options)
+
+
+def neb(client, reactions, model="default", *, names=None, n_images: int = 7, climb: bool = True,
+        fmax: float = 0.03, **settings_and_options) -> Report:
+    """Minimum energy paths of ``reactions`` (``(initial, final)`` pairs) on ``client``'s workers;
+    further :class:`NEB` settings (``interpolation``, ``k``, ``optimizer``, ``max_steps``,
+    ``relax_endpoints``) and :func:`screen` options (``db``, ``batch_atoms``, ``progress``) by name."""
+    from eqcalc.atoms import to_ase
+
+    fields = set(NEB.__dataclass_fields__)
+    kind = NEB(n_images=n_images, climb=climb, fmax=fmax,
+               **{k: v for k, v in settings_and_options.items() if k in fields})
+    options = {k: v for k, v in settings_and_options.items() if k not in fields}
+    pairs = [tuple(to_ase(a) for a in kind.structures(pair)) for pair in reactions]
+    names = list(names) if names is not None else [f"reaction{k}" for k in range(len(pairs))]
+    if len(names) != len(pairs):
+        raise InvalidOptionError(f"{len(names)} names for {len(pairs)} reactions; give one name per reaction")
+    return screen(client, kind, [Job(name=str(n), item=p) for n, p in zip(names, pairs)], model, **options)
 
 
 def adsorption(client, slabs, adsorbates: Sequence[str], model="default", *, names=None, distance: float = 2.0,
