@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -51,6 +52,8 @@ from eqcalc.errors import EqcalcError, InvalidOptionError, MissingDependencyErro
 CPU_BATCH_ATOMS = 512        # atoms per batch on a CPU worker: enough to amortise per-step overhead
 GPU_BATCH_ATOMS_PER_GIB = 512  # atoms per GiB of GPU memory; an out-of-memory batch is split anyway
 WORKER_WAIT_S = 600.0        # how long to wait for the first worker to join the scheduler
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +127,20 @@ def device_batch_atoms(device: str) -> int:
 
         return int(GPU_BATCH_ATOMS_PER_GIB * torch.cuda.get_device_properties(d).total_memory / 2 ** 30)
     return CPU_BATCH_ATOMS
+
+
+# Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, and any explicit trim threshold also pins
+# glibc's mmap threshold at 128 KiB: every tensor buffer becomes a fresh mmap and page faults, and a
+# CPU worker runs the model about 2x slower (benchmarks/bench_distributed.py). Workers started with
+# this environment keep Dask's intent (memory handed back) at large sizes and run at full speed.
+WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": "134217728", "MALLOC_MMAP_THRESHOLD_": "67108864"}
+
+
+def probe_worker(device: str) -> Dict:
+    """Run on each worker: its ``batch_atoms`` for ``device`` and whether its allocator is pinned
+    (``MALLOC_TRIM_THRESHOLD_`` without ``MALLOC_MMAP_THRESHOLD_``; see :data:`WORKER_ENV`)."""
+    return {"batch_atoms": device_batch_atoms(device),
+            "pinned_malloc": "MALLOC_TRIM_THRESHOLD_" in os.environ and "MALLOC_MMAP_THRESHOLD_" not in os.environ}
 
 
 def _worker_name() -> str:
@@ -456,9 +473,14 @@ def _batch_atoms(client, ref: ModelRef, costs: Sequence[int]) -> int:
     except TimeoutError as e:
         raise InvalidOptionError(f"no worker joined the scheduler {client.scheduler.address} within "
                                  f"{WORKER_WAIT_S:.0f} s; start workers (dask worker ADDRESS)") from e
-    capacity = client.run(device_batch_atoms, ref.device)
-    share = math.ceil(sum(costs) / (2 * len(capacity)))
-    return max(1, min(min(capacity.values()), share))
+    probes = client.run(probe_worker, ref.device)
+    pinned = sum(p["pinned_malloc"] for p in probes.values())
+    if pinned:
+        log.warning("%d of %d workers run with Dask's MALLOC_TRIM_THRESHOLD_ and no MALLOC_MMAP_THRESHOLD_: "
+                    "every tensor is a fresh mmap and a model on CPU runs about 2x slower; start workers with %s",
+                    pinned, len(probes), " ".join(f"{k}={v}" for k, v in WORKER_ENV.items()))
+    share = math.ceil(sum(costs) / (2 * len(probes)))
+    return max(1, min(min(p["batch_atoms"] for p in probes.values()), share))
 
 
 def _in_process(kind, ref: ModelRef, batches) -> Iterator[Tuple[List[Outcome], Dict]]:
