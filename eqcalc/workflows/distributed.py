@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -649,7 +649,7 @@ def screen(client, kind, jobs: Sequence[Job], model="default", *, db: Optional[s
                 outcome = _failed(job.key, outcome.atoms, f"needs a result that failed: {failed[0].error}",
                                   worker=outcome.worker)
             else:
-                outcome.values = {**outcome.values, **job.finish(outcome, resolved)}
+                outcome = replace(outcome, values={**outcome.values, **job.finish(outcome, resolved)})
         if store is not None:
             store.write(job, outcome, kind, ref)
         outcomes[i] = outcome
