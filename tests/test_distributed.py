@@ -21,6 +21,7 @@ from eqcalc.cli import main
 from eqcalc.engine import md
 from eqcalc.engine.drivers import run_md
 from eqcalc.engine.relax import relax
+from eqcalc.errors import ModelFileError
 from eqcalc.model import Model
 from eqcalc.workflows import adsorption as ads
 from eqcalc.workflows import distributed as dist
@@ -111,6 +112,11 @@ def test_cluster_relax_equals_one_local_batch_fills_the_db_and_a_rerun_computes_
         np.testing.assert_allclose(r.forces, relaxed.get_forces(), atol=1e-6)
         assert len(r.constraints) == len(start.constraints)  # FixAtoms kept
 
+    # each worker loaded the model once and kept it for all its batches
+    assert sum(w["batches"] for w in report.workers.values()) > 2
+    kept = client.run(lambda: [key[0] for key in dist._MODELS])
+    assert all(models == [ref.sha256] for models in kept.values())
+
     again = dist.relax(client, structures, ref, names=names, db=str(db), progress=False, **RELAX)
     assert (again.done, again.failed, again.skipped) == (0, 0, 200) and again.workers == {}
     assert len(rows(db)) == 200
@@ -140,6 +146,12 @@ def test_bad_inputs_fail_alone_with_their_reason(client, ref, potential, tmp_pat
     again = dist.relax(client, inputs, ref, names=names, db=str(db), progress=False, **RELAX)
     assert (again.done, again.failed, again.skipped) == (0, 2, 8)  # the failed ones are retried, the rest kept
     assert len(rows(db)) == 10  # retried rows overwritten, not duplicated
+
+
+def test_a_worker_with_other_weights_stops_the_run(ref):
+    wrong = dist.ModelRef(**{**ref.__dict__, "sha256": "0" * 64})
+    with pytest.raises(ModelFileError, match="other weights"):
+        dist.relax(None, small_structures(1), wrong, progress=False, **RELAX)
 
 
 @dataclass(frozen=True)
