@@ -270,7 +270,7 @@ class NEB:
     """Nudged elastic band of each ``(initial, final)`` pair with :func:`eqcalc.neb.neb` (all bands
     of a batch together). Row: the climbing image (the saddle estimate, with energy and forces),
     ``barrier_eV``, ``reaction_energy_eV``, ``converged``, ``steps``, ``neb_fmax``,
-    ``climbing_image``; row data: ``energies`` ``(n_images,)`` eV and ``positions``
+    ``climbing_image``, ``imaginary_modes`` (absent if not checked) and ``saddle_check``; row data: ``energies`` ``(n_images,)`` eV and ``positions``
     ``(n_images, n_atoms, 3)`` Å of the band."""
 
     n_images: int = 7
@@ -281,6 +281,7 @@ class NEB:
     optimizer: str = "fire"
     max_steps: int = 1000
     relax_endpoints: bool = True
+    check_saddles: bool = True
     name: ClassVar[str] = "neb"
 
     def __post_init__(self):
@@ -305,12 +306,14 @@ class NEB:
 
         bands = neb(items, potential, n_images=self.n_images, climb=self.climb, fmax=self.fmax,
                     interpolation=self.interpolation, k=self.k, optimizer=self.optimizer,
-                    max_steps=self.max_steps, relax_endpoints=self.relax_endpoints)
+                    max_steps=self.max_steps, relax_endpoints=self.relax_endpoints,
+                    check_saddles=self.check_saddles)
         results = []
         for band in bands:
             values = {"barrier_eV": band.barrier, "reaction_energy_eV": band.reaction_energy,
                       "converged": bool(band.converged), "steps": int(band.steps), "neb_fmax": float(band.fmax),
-                      "climbing_image": int(band.climbing_image)}
+                      "climbing_image": int(band.climbing_image), "imaginary_modes": band.imaginary_modes,
+                      "saddle_check": band.saddle_check}
             data = {"energies": np.asarray(band.energies),
                     "positions": np.stack([image.positions for image in band.images])}
             results.append((band.images[band.climbing_image], values, data))
@@ -945,3 +948,27 @@ def adsorption_main(args) -> int:
         client, slabs, args.adsorbate, ref, names=args.slab, distance=args.distance, kinds=args.sites,
         fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer, db=db,
         batch_atoms=args.batch_atoms), describe, ok=lambda job, o: o.values.get("converged", True))
+
+
+def neb_main(args) -> int:
+    """``eqcalc neb INITIAL FINAL ... --scheduler/--db``: one row per reaction (name ``INITIAL -> FINAL``)."""
+    from eqcalc.engine.drivers import read_structures
+
+    if len(args.inputs) % 2:
+        raise InvalidOptionError(f"got {len(args.inputs)} structure files; give them in pairs: INITIAL FINAL "
+                                 "[INITIAL FINAL ...]")
+    kind = NEB(n_images=args.images, climb=args.climb, fmax=args.fmax, interpolation=args.interpolation, k=args.k,
+               optimizer=args.optimizer, max_steps=args.max_steps, relax_endpoints=not args.no_relax_endpoints,
+               check_saddles=not args.no_saddle_check)
+    structures = read_structures(args.inputs)
+    jobs = [Job(name=f"{a} -> {b}", item=pair) for a, b, pair in
+            zip(args.inputs[0::2], args.inputs[1::2], zip(structures[0::2], structures[1::2]))]
+
+    def describe(report):
+        return [f"  {job.name:40s} barrier {o.values['barrier_eV']:8.4f} eV  dE {o.values['reaction_energy_eV']:8.4f} eV  "
+                f"{'converged' if o.values['converged'] else 'NOT converged'}; saddle {o.values['saddle_check']}"
+                for job, o in zip(report.jobs, report.outcomes) if o.status == "done"][:20]
+    return _run_command(args, lambda client, ref, db: screen(client, kind, jobs, ref, db=db,
+                                                             batch_atoms=args.batch_atoms,
+                                                             progress=not args.no_progress), describe,
+                        ok=lambda job, o: o.values["converged"] and o.values.get("imaginary_modes") in (None, 1))
