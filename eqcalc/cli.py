@@ -168,11 +168,15 @@ EPILOGS = {
     "md": "example:\n  eqcalc md slab.extxyz bulk.extxyz --ensemble nvt --thermostat bussi --temperature-K 500 "
           "--timestep-fs 1 --steps 5000 --interval 50 --output-dir run1\n"
           "  eqcalc md run1/slab.extxyz --ensemble nve --steps 1000 --checkpoint-interval 100 --output-dir run2\n"
-          "  eqcalc md slab.extxyz --steps 10000 --output-dir run2 --checkpoint-interval 100 --restart run2/checkpoint.pt",
+          "  eqcalc md slab.extxyz --steps 10000 --output-dir run2 --checkpoint-interval 100 --restart run2/checkpoint.pt\n"
+          "  eqcalc md inputs/*.extxyz --steps 2000 --scheduler tcp://head:8786 --db md.db   # on a Dask cluster",
     "relax": "example:\n  eqcalc relax slab.extxyz co.xyz --fmax 0.02 --output-dir relaxed\n"
-             "  eqcalc relax Cu.cif --cell --fmax 0.01 --optimizer lbfgs --output-dir relaxed",
+             "  eqcalc relax Cu.cif --cell --fmax 0.01 --optimizer lbfgs --output-dir relaxed\n"
+             "  eqcalc relax inputs/*.extxyz --scheduler tcp://head:8786 --db results.db   # on a Dask cluster\n"
+             "  eqcalc relax inputs/*.extxyz --db results.db   # this machine; a rerun skips what is done",
     "adsorption": "example:\n  eqcalc adsorption pt111.extxyz --adsorbate CO --fmax 0.05 --output-dir co_pt111\n"
-                  "  eqcalc adsorption cu111.extxyz --adsorbate O --sites ontop hollow --distance 1.5",
+                  "  eqcalc adsorption cu111.extxyz --adsorbate O --sites ontop hollow --distance 1.5\n"
+                  "  eqcalc adsorption slabs/*.extxyz --adsorbate O OH CO --scheduler tcp://head:8786 --db ads.db",
     "vib": "example:\n  eqcalc vib o_pt111.extxyz co_pt111.extxyz --temperature-K 500 --output-dir vib\n"
            "  eqcalc vib slab_with_h.extxyz --indices 36 --dtype float64",
     "phonons": "example:\n  eqcalc phonons Cu_primitive.cif --supercell 4 4 4 --output-dir cu_phonons\n"

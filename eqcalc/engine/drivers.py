@@ -271,9 +271,20 @@ def add_md_arguments(parser) -> None:
     parser.add_argument("--skin", type=float, default=0.5, help="neighbor-list skin, Å")
     parser.add_argument("--output-dir", default="eqcalc-md", help="folder for trajectories, md.log, checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _screening().add_arguments(parser)
+
+
+def _screening():
+    """The screening module (--scheduler, --db: many inputs on a Dask cluster, results in a
+    database); importing it imports no dask."""
+    from eqcalc.workflows import distributed
+
+    return distributed
 
 
 def md_main(args) -> int:
+    if _screening().requested(args):
+        return _screening().md_main(args)
     structures = read_structures(args.inputs)
     integrator = md.make_integrator(args.ensemble, args.timestep_fs, args.thermostat, args.temperature_K,
                                     args.friction_per_fs, args.tau_fs)
@@ -310,6 +321,7 @@ def add_relax_arguments(parser) -> None:
     parser.add_argument("--cell", action="store_true", help="also relax the cell of fully periodic (bulk) systems")
     parser.add_argument("--optimizer", default="fire", help="fire | lbfgs (ASE's algorithms, batched)")
     parser.add_argument("--output-dir", default="eqcalc-relax", help="folder for the relaxed structures")
+    _screening().add_arguments(parser)
 
 
 def relax_main(args) -> int:
@@ -317,6 +329,8 @@ def relax_main(args) -> int:
 
     from eqcalc.engine.relax import relax
 
+    if _screening().requested(args):
+        return _screening().relax_main(args)
     structures = read_structures(args.inputs)
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile,
                                   dtype=args.dtype, skin=0.5)

@@ -125,13 +125,33 @@ def find_sites(slab, distance: float = 2.0, kinds: Sequence[str] = SITE_KINDS) -
     return out
 
 
-def adsorption_energies(slab, adsorbate: str, potential, distance: float = 2.0,
-                        kinds: Sequence[str] = SITE_KINDS, fmax: float = 0.05,
-                        max_steps: int = 500, optimizer="fire") -> AdsorptionResult:
-    """Place ``adsorbate`` on every site of ``slab``, relax all in one batch with ``potential``
-    (a :class:`~eqcalc.md.ModelPotential`), and return the adsorption-energy table."""
-    from eqcalc.engine.relax import relax
+@dataclass
+class Placements:
+    """What :func:`plan` gives: the ``slab`` (info cleaned), the gas molecule ``gas``, the index
+    ``binding`` of its binding atom, ``sites`` ``[(label, position (3,) Å)]`` and one
+    ``placements`` Atoms per site (the slab's atoms first, then the adsorbate's)."""
 
+    slab: object
+    gas: object
+    binding: int
+    sites: List[tuple]
+    placements: List
+
+    def site_row(self, k: int, relaxed, energy: float, e_slab: float, e_gas: float, fmax: float,
+                 steps: int, converged: bool) -> Dict:
+        """The table row of site ``k`` from its relaxed placement and the three energies (eV)."""
+        label, pos = self.sites[k]
+        n_slab = len(self.slab)
+        surface = self.slab.positions[:, 2] > self.slab.positions[:, 2].max() - 0.5  # the top layer
+        b = relaxed.positions[n_slab + self.binding]
+        return {"site": label, "x_A": float(pos[0]), "y_A": float(pos[1]),
+                "E_ads_eV": float(energy) - e_slab - e_gas, "E_eV": float(energy),
+                "height_A": float(b[2] - relaxed.positions[:n_slab][surface, 2].mean()),
+                "fmax_eV_A": float(fmax), "steps": int(steps), "converged": bool(converged)}
+
+
+def plan(slab, adsorbate: str, distance: float = 2.0, kinds: Sequence[str] = SITE_KINDS) -> Placements:
+    """Sites of ``slab`` and one placement of ``adsorbate`` per site (nothing relaxed yet)."""
     if not (np.isfinite(distance) and distance > 0.5):
         raise InvalidOptionError(f"distance={distance!r} must be > 0.5 Å (height of the binding atom)")
     slab = slab.copy()
@@ -139,19 +159,23 @@ def adsorption_energies(slab, adsorbate: str, potential, distance: float = 2.0,
     mol = gas_molecule(adsorbate)
     binding = _binding_index(adsorbate, mol)
     sites = find_sites(slab, distance, kinds)
-    placements = [place(slab, mol, binding, pos) for _, pos in sites]
-    result = relax(placements + [slab, mol], potential, fmax=fmax, max_steps=max_steps, optimizer=optimizer)
+    return Placements(slab=slab, gas=mol, binding=binding, sites=sites,
+                      placements=[place(slab, mol, binding, pos) for _, pos in sites])
+
+
+def adsorption_energies(slab, adsorbate: str, potential, distance: float = 2.0,
+                        kinds: Sequence[str] = SITE_KINDS, fmax: float = 0.05,
+                        max_steps: int = 500, optimizer="fire") -> AdsorptionResult:
+    """Place ``adsorbate`` on every site of ``slab``, relax all in one batch with ``potential``
+    (a :class:`~eqcalc.md.ModelPotential`), and return the adsorption-energy table."""
+    from eqcalc.engine.relax import relax
+
+    p = plan(slab, adsorbate, distance, kinds)
+    result = relax(p.placements + [p.slab, p.gas], potential, fmax=fmax, max_steps=max_steps,
+                   optimizer=optimizer)
     e_slab, e_gas = float(result.energy[-2]), float(result.energy[-1])
-    n_slab = len(slab)
-    surface = slab.positions[:, 2] > slab.positions[:, 2].max() - 0.5  # the top layer
-    rows = []
-    for k, ((label, pos), atoms) in enumerate(zip(sites, result.structures)):
-        b = atoms.positions[n_slab + binding]
-        rows.append({"site": label, "x_A": float(pos[0]), "y_A": float(pos[1]),
-                     "E_ads_eV": float(result.energy[k]) - e_slab - e_gas, "E_eV": float(result.energy[k]),
-                     "height_A": float(b[2] - atoms.positions[:n_slab][surface, 2].mean()),
-                     "fmax_eV_A": float(result.fmax[k]), "steps": int(result.steps[k]),
-                     "converged": bool(result.converged[k])})
+    rows = [p.site_row(k, atoms, result.energy[k], e_slab, e_gas, result.fmax[k], result.steps[k],
+                       result.converged[k]) for k, atoms in enumerate(result.structures[:-2])]
     return AdsorptionResult(rows=rows, placements=result.structures[:-2], slab=result.structures[-2],
                             gas=result.structures[-1], e_slab=e_slab, e_gas=e_gas)
 
@@ -184,8 +208,13 @@ def add_arguments(parser) -> None:
     """Options of ``eqcalc adsorption``."""
     from eqcalc.engine.drivers import add_model_arguments
 
-    parser.add_argument("slab", help="slab structure file (vacuum along z; FixAtoms kept, e.g. from extxyz)")
-    parser.add_argument("--adsorbate", required=True, help="element or g2 molecule, binding atom first: O, H, CO, OH, NO")
+    from eqcalc.workflows import distributed  # imports no dask
+
+    parser.add_argument("slab", nargs="+", help="slab structure file(s) (vacuum along z; FixAtoms kept, e.g. "
+                                                "from extxyz); several need --db or --scheduler")
+    parser.add_argument("--adsorbate", nargs="+", required=True,
+                        help="element(s) or g2 molecule(s), binding atom first: O, H, CO, OH, NO; several "
+                             "need --db or --scheduler")
     add_model_arguments(parser)
     parser.add_argument("--distance", type=float, default=2.0, help="initial height of the binding atom, Å")
     parser.add_argument("--sites", nargs="+", default=list(SITE_KINDS), help="site kinds: ontop bridge hollow")
@@ -193,17 +222,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps at most")
     parser.add_argument("--optimizer", default="fire", help="fire | lbfgs")
     parser.add_argument("--output-dir", default="eqcalc-adsorption", help="folder for the table and structures")
+    distributed.add_arguments(parser)
 
 
 def main(args) -> int:
     from eqcalc.engine import md
     from eqcalc.engine.drivers import _device, read_structures
+    from eqcalc.workflows import distributed
 
-    slab = read_structures([args.slab])[0]
+    if distributed.requested(args):
+        return distributed.adsorption_main(args)
+    if len(args.slab) > 1 or len(args.adsorbate) > 1:
+        raise InvalidOptionError("several slabs or adsorbates are a screening: add --db results.db (this "
+                                 "machine) or --scheduler ADDRESS (a Dask cluster)")
+    slab = read_structures(args.slab)[0]
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile, dtype=args.dtype)
-    result = adsorption_energies(slab, args.adsorbate, potential, distance=args.distance, kinds=args.sites,
+    result = adsorption_energies(slab, args.adsorbate[0], potential, distance=args.distance, kinds=args.sites,
                                  fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer)
-    print(f"{args.adsorbate} on {slab.get_chemical_formula()}: {len(result.rows)} sites relaxed as one batch")
+    print(f"{args.adsorbate[0]} on {slab.get_chemical_formula()}: {len(result.rows)} sites relaxed as one batch")
     print(result.table())
     print(f"wrote {', '.join(write(result, args.output_dir))}")
     return 0
