@@ -162,7 +162,7 @@ class Model:
         Results are the same either way: every edge term carries an envelope that is 0 there.
         """
         lengths = edge_vectors(t.positions, t.cell, edge_index, shifts.to(t.positions.dtype), t.system).norm(dim=1)
-        check_overlaps(lengths, edge_index)
+        check_overlaps(lengths, edge_index, t.numbers, t.system)
         keep = lengths < self.cutoff
         if not bool(keep.all()):
             edge_index, shifts = edge_index[:, keep], shifts[keep]
