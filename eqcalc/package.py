@@ -112,19 +112,16 @@ def write(path: str | os.PathLike, metadata: Dict[str, Any], weights: Dict[str, 
     meta.pop("sha256", None)
     meta["sha256"] = content_sha256(meta, blob)
     check_metadata(meta, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+    from eqcalc.outputs import replace_atomically, writable_file
+
+    path = writable_file(path)
+
+    def zip_into(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
             z.writestr(METADATA, json.dumps(meta, indent=2, ensure_ascii=False))
             z.writestr(WEIGHTS, blob)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # never leave a half-written package under the real name
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    replace_atomically(path, zip_into)  # never a half-written package under the real name
     return path
 
 

@@ -22,6 +22,9 @@ import numpy as np
 from eqcalc.errors import InvalidAtomsError, InvalidOptionError
 
 SITE_KINDS = ("ontop", "bridge", "hollow")
+#: Å of vacuum a slab needs above its top surface (to the next periodic image along z): room for
+#: the adsorbate at ``distance`` plus its length. A bulk crystal has ~2 Å (one interlayer gap).
+MIN_VACUUM = 5.0
 
 
 @dataclass
@@ -88,6 +91,25 @@ def place(slab, mol, binding: int, site: np.ndarray):
     return out
 
 
+def check_vacuum(slab) -> float:
+    """The vacuum gap (Å) along the surface normal between the slab's top and the bottom of its
+    periodic image; :class:`InvalidAtomsError` below :data:`MIN_VACUUM` (e.g. a bulk crystal)."""
+    if not slab.pbc[2]:
+        return float("inf")
+    normal = np.cross(slab.cell[0], slab.cell[1])
+    normal /= np.linalg.norm(normal)
+    height = abs(float(np.dot(slab.cell[2], normal)))
+    z = slab.positions @ normal
+    gap = height - float(z.max() - z.min())
+    if gap < MIN_VACUUM:
+        raise InvalidAtomsError(
+            f"{slab.get_chemical_formula()} has only {gap:.2f} Å between its top atoms and the next periodic "
+            f"image along z (a bulk crystal, or a slab wrapped across the cell?); adsorption needs a slab with at "
+            f"least {MIN_VACUUM:g} Å of vacuum: build one with ase.build.fcc111(..., vacuum=10) or "
+            "ase.build.surface(bulk, (1, 1, 1), layers=4, vacuum=10), or centre it with atoms.center(10, axis=2)")
+    return gap
+
+
 def find_sites(slab, distance: float = 2.0, kinds: Sequence[str] = SITE_KINDS) -> List[tuple]:
     """``[(label, position (3,) Å)]`` of symmetry-distinct sites ``distance`` Å above the top surface."""
     try:
@@ -98,6 +120,7 @@ def find_sites(slab, distance: float = 2.0, kinds: Sequence[str] = SITE_KINDS) -
     if not (slab.pbc[0] and slab.pbc[1]) or abs(slab.cell[2, 2]) < 1e-8:
         raise InvalidAtomsError("the slab needs a cell periodic along x and y with the surface normal along z "
                                 "(e.g. ase.build.fcc111(..., vacuum=10))")
+    check_vacuum(slab)
     for k in kinds:
         if k not in SITE_KINDS:
             raise InvalidOptionError(f"site kind {k!r} is unknown; use any of {', '.join(SITE_KINDS)}")
@@ -130,11 +153,12 @@ def adsorption_energies(slab, adsorbate: str, potential, distance: float = 2.0,
                         max_steps: int = 500, optimizer="fire") -> AdsorptionResult:
     """Place ``adsorbate`` on every site of ``slab``, relax all in one batch with ``potential``
     (a :class:`~eqcalc.md.ModelPotential`), and return the adsorption-energy table."""
+    from eqcalc.atoms import to_ase
     from eqcalc.engine.relax import relax
 
-    if not (np.isfinite(distance) and distance > 0.5):
+    if not (isinstance(distance, (int, float)) and np.isfinite(distance) and distance > 0.5):
         raise InvalidOptionError(f"distance={distance!r} must be > 0.5 Å (height of the binding atom)")
-    slab = slab.copy()
+    slab = to_ase(slab).copy()
     slab.info.pop("adsorbate_info", None)  # ase.build's helper dict: not storable in extxyz
     mol = gas_molecule(adsorbate)
     binding = _binding_index(adsorbate, mol)
@@ -160,22 +184,23 @@ def write(result: AdsorptionResult, output_dir) -> List[str]:
     """``adsorption.csv`` (the table), ``placements.extxyz`` (relaxed, one frame per site, with
     ``info['site']``), ``slab.extxyz`` and ``gas.extxyz`` in ``output_dir``."""
     import csv
+    import io
 
-    import ase.io
+    from eqcalc import outputs
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "adsorption.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result.rows[0]))
-        w.writeheader()
-        w.writerows(result.rows)
+    out = outputs.writable_dir(output_dir)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=list(result.rows[0]))
+    w.writeheader()
+    w.writerows(result.rows)
+    outputs.replace_atomically(out / "adsorption.csv", lambda f: f.write(table.getvalue().encode()))
     frames = []
     for row, atoms in zip(result.rows, result.placements):
         atoms.info.update(site=row["site"], E_ads_eV=row["E_ads_eV"])
         frames.append(atoms)
-    ase.io.write(out / "placements.extxyz", frames, format="extxyz")
-    ase.io.write(out / "slab.extxyz", result.slab, format="extxyz")
-    ase.io.write(out / "gas.extxyz", result.gas, format="extxyz")
+    outputs.write_atoms(out / "placements.extxyz", frames)
+    outputs.write_atoms(out / "slab.extxyz", result.slab)
+    outputs.write_atoms(out / "gas.extxyz", result.gas)
     return [str(out / n) for n in ("adsorption.csv", "placements.extxyz", "slab.extxyz", "gas.extxyz")]
 
 
@@ -196,10 +221,13 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from eqcalc import outputs
     from eqcalc.engine import md
     from eqcalc.engine.drivers import _device, read_structures
 
+    outputs.writable_dir(args.output_dir)  # before the relaxations, not after them
     slab = read_structures([args.slab])[0]
+    check_vacuum(slab)  # before loading the model
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile, dtype=args.dtype)
     result = adsorption_energies(slab, args.adsorbate, potential, distance=args.distance, kinds=args.sites,
                                  fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer)
