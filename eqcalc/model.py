@@ -61,6 +61,7 @@ class Model:
         check_choice("compile", compile, ("auto",) + compiled.KINDS)
         check_choice("dtype", dtype, (None,) + package.DTYPES)
         self.device = resolve_device(device)
+        self.name = str(model)
         self.package = package.read(package.resolve(model))
         meta = self.metadata = self.package.metadata
         if forces == "auto":
@@ -111,9 +112,11 @@ class Model:
         probe = self.probe_inputs()
         reference = self.wrapper(*probe)
         candidates = [kind] if kind != "auto" else self._auto_candidates()
+        # "auto": the choice recorded on this machine, so every calculator of this model agrees
+        recorded = compiled.recorded_choice(self.aoti_key(), candidates) if kind == "auto" else None
         timings = {}
         best = None
-        for name in candidates:
+        for name in [recorded["choice"]] if recorded else candidates:
             runner = self._build(name, probe)
             error = compiled.max_relative_error(runner(*probe), reference)
             if error > compiled.tolerance(self.wrapper.dtype_probe.dtype):
@@ -122,12 +125,21 @@ class Model:
                     raise CompileError(msg + "; use compile='eager'")
                 log.warning("%s; not using it", msg)
                 continue
+            if recorded:
+                best = (name, runner)
+                break
             timings[name] = compiled.best_time(lambda: runner(*probe)[keys.ENERGY].cpu())
             if best is None or timings[name] < timings[best[0]]:
                 best = (name, runner)
-        self.compile_timings = timings
-        log.info("compiled forms timed on the probe (s): %s -> using %s",
-                 {k: round(v, 5) for k, v in timings.items()}, best[0])
+        if recorded and best is None:  # the recorded form no longer passes: forget it, choose again
+            compiled.record_choice(self.aoti_key(), [], "", {})
+            return self._choose_runner(kind)
+        if kind == "auto" and not recorded:
+            compiled.record_choice(self.aoti_key(), candidates, best[0], timings)
+        self.compile_timings = recorded["timings"] if recorded else timings
+        log.info("compiled forms timed on the probe (s): %s -> using %s%s",
+                 {k: round(v, 5) for k, v in self.compile_timings.items()}, best[0],
+                 " (the choice recorded on this machine)" if recorded else "")
         return best
 
     def aoti_key(self) -> str:
@@ -136,7 +148,7 @@ class Model:
     def _auto_candidates(self):
         # AOTInductor costs minutes to build on a CPU: "auto" uses it once it is in the cache
         # (eqcalc export or compile="aoti" puts it there) and on CUDA, where it pays off at once.
-        aoti_ready = compiled.aoti_path(self.aoti_key()).exists()
+        aoti_ready = compiled.verified(compiled.aoti_path(self.aoti_key()), "not using it")
         return ["eager", "torchscript"] + (["aoti"] if aoti_ready or self.device.type == "cuda" else [])
 
     def _build(self, name: str, probe):
@@ -173,6 +185,17 @@ class Model:
                     f"the model returned non-finite {k}; the structure is far outside its training "
                     "data (atoms too close, or an exploding simulation). Check the input geometry")
         return out
+
+    def provenance(self) -> Dict[str, str]:
+        """What produces this model's numbers, as JSON-able strings: model name and file, its
+        hashes, architecture, dtype, device, force mode and compiled form."""
+        from eqcalc import __version__
+
+        m = self.metadata
+        return {"model": self.name, "model_path": os.path.abspath(self.package.path),
+                "weights_sha256": m["weights_sha256"], "sha256": m.get("sha256", ""),
+                "architecture": m["architecture"], "dtype": self.dtype, "device": str(self.device),
+                "forces": self.forces, "compile": self.compile_kind, "eqcalc_version": __version__}
 
     def summary(self) -> str:
         m = self.metadata

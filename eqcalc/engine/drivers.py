@@ -378,21 +378,23 @@ def add_model_arguments(parser) -> None:
 
 def add_md_arguments(parser) -> None:
     """Options of ``eqcalc md``."""
+    from eqcalc.cli import nonnegative_float, nonnegative_int, positive_float, positive_int
+
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="structure files (extxyz, POSCAR, ...), run as one batch")
     add_model_arguments(parser)
     parser.add_argument("--ensemble", choices=["nve", "nvt"], default="nvt")
     parser.add_argument("--thermostat", default="langevin", help="langevin | bussi | nose-hoover (NVT)")
-    parser.add_argument("--temperature-K", type=float, default=300.0,
+    parser.add_argument("--temperature-K", type=positive_float, default=300.0,
                         help="NVT target and initial Maxwell-Boltzmann temperature, K")
-    parser.add_argument("--timestep-fs", type=float, default=1.0, help="time step, fs")
-    parser.add_argument("--steps", type=int, default=1000, help="number of steps")
-    parser.add_argument("--interval", type=int, default=10, help="write a frame every K steps")
-    parser.add_argument("--friction-per-fs", type=float, default=0.01, help="Langevin friction, 1/fs")
-    parser.add_argument("--tau-fs", type=float, default=100.0, help="Bussi / Nose-Hoover time constant, fs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initial velocities and noise")
-    parser.add_argument("--checkpoint-interval", type=int, default=None, help="write checkpoint.pt every K steps")
+    parser.add_argument("--timestep-fs", type=positive_float, default=1.0, help="time step, fs")
+    parser.add_argument("--steps", type=nonnegative_int, default=1000, help="number of steps")
+    parser.add_argument("--interval", type=positive_int, default=10, help="write a frame every K steps")
+    parser.add_argument("--friction-per-fs", type=positive_float, default=0.01, help="Langevin friction, 1/fs")
+    parser.add_argument("--tau-fs", type=positive_float, default=100.0, help="Bussi / Nose-Hoover time constant, fs")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of initial velocities and noise")
+    parser.add_argument("--checkpoint-interval", type=positive_int, default=None, help="write checkpoint.pt every K steps")
     parser.add_argument("--restart", default=None, help="continue from this checkpoint.pt")
-    parser.add_argument("--skin", type=float, default=0.5, help="neighbor-list skin, Å")
+    parser.add_argument("--skin", type=nonnegative_float, default=0.5, help="neighbor-list skin, Å")
     parser.add_argument("--output-dir", default="eqcalc-md", help="folder for trajectories, md.log, checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -428,10 +430,12 @@ def _device(device: str) -> str:
 
 def add_relax_arguments(parser) -> None:
     """Options of ``eqcalc relax``."""
+    from eqcalc.cli import nonnegative_int, positive_float
+
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="structure files, relaxed as one batch")
     add_model_arguments(parser)
-    parser.add_argument("--fmax", type=float, default=0.05, help="force threshold per system, eV/Å")
-    parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps at most")
+    parser.add_argument("--fmax", type=positive_float, default=0.05, help="force threshold per system, eV/Å")
+    parser.add_argument("--max-steps", type=nonnegative_int, default=500, help="optimizer steps at most")
     parser.add_argument("--cell", action="store_true", help="also relax the cell of fully periodic (bulk) systems")
     parser.add_argument("--optimizer", default="fire", help="fire | lbfgs (ASE's algorithms, batched)")
     parser.add_argument("--output-dir", default="eqcalc-relax", help="folder for the relaxed structures")

@@ -207,15 +207,16 @@ def write(result: AdsorptionResult, output_dir) -> List[str]:
 # ---- command line shell (eqcalc adsorption) ----------------------------------------------------
 def add_arguments(parser) -> None:
     """Options of ``eqcalc adsorption``."""
+    from eqcalc.cli import nonnegative_int, positive_float
     from eqcalc.engine.drivers import add_model_arguments
 
     parser.add_argument("slab", help="slab structure file (vacuum along z; FixAtoms kept, e.g. from extxyz)")
     parser.add_argument("--adsorbate", required=True, help="element or g2 molecule, binding atom first: O, H, CO, OH, NO")
     add_model_arguments(parser)
-    parser.add_argument("--distance", type=float, default=2.0, help="initial height of the binding atom, Å")
+    parser.add_argument("--distance", type=positive_float, default=2.0, help="initial height of the binding atom, Å")
     parser.add_argument("--sites", nargs="+", default=list(SITE_KINDS), help="site kinds: ontop bridge hollow")
-    parser.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å")
-    parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps at most")
+    parser.add_argument("--fmax", type=positive_float, default=0.05, help="force threshold, eV/Å")
+    parser.add_argument("--max-steps", type=nonnegative_int, default=500, help="optimizer steps at most")
     parser.add_argument("--optimizer", default="fire", help="fire | lbfgs")
     parser.add_argument("--output-dir", default="eqcalc-adsorption", help="folder for the table and structures")
 
