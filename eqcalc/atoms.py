@@ -138,19 +138,21 @@ def check_overlaps(edge_lengths: torch.Tensor, edge_index: torch.Tensor, numbers
     if ratio < MIN_DISTANCE_FRACTION:
         i, j = edge_index[:, k].tolist()
         zi, zj = int(numbers[i]), int(numbers[j])
-        where = ""
+        where, s = "", 0
         if system is not None and int(system.max()) > 0:
             s = int(system[i])
             first = int((system < s).sum())
             where, i, j = f" of system {s}", i - first, j - first
         pair = (f"atom {i} ({chemical_symbols[zi]}){where} and its own periodic image" if i == j else
                 f"atoms {i} ({chemical_symbols[zi]}) and {j} ({chemical_symbols[zj]}){where}")
-        raise InvalidAtomsError(
+        error = InvalidAtomsError(
             f"{pair} overlap: "
             f"{float(edge_lengths[k]):.3g} Å apart, less than {MIN_DISTANCE_FRACTION} x the sum of their "
             f"covalent radii ({MIN_DISTANCE_FRACTION * float(bond[k]):.3g} Å); "
             + ("check the cell (too small or flat for its atoms)" if i == j else
                "remove the duplicate atom or fix the positions"))
+        error.system = s  # the engine names the system when a run brings atoms together
+        raise error
 
 
 def symbols_to_numbers(species: Sequence[str]) -> list[int]:

@@ -192,7 +192,7 @@ def test_exploding_md_stops_non_zero_with_files_intact(tmp_path, cu_file, capsys
     exited 0. Now: exit 2 naming the system and step, frames readable, checkpoint before it."""
     out = tmp_path / "run"
     args = ["md", str(cu_file), "--timestep-fs", "50", "--steps", "200", "--interval", "1",
-            "--checkpoint-interval", "2", "--compile", "eager", "--device", "cpu", "--output-dir", str(out),
+            "--checkpoint-interval", "1", "--compile", "eager", "--device", "cpu", "--output-dir", str(out),
             "--no-progress", "--ensemble", "nve", "--temperature-K", "600"]
     assert main(args) == 2
     err = capsys.readouterr().err

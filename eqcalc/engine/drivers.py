@@ -37,7 +37,7 @@ import torch
 
 from eqcalc import outputs
 from eqcalc.engine import md
-from eqcalc.errors import CheckpointError, InvalidOptionError, UnstableSimulationError
+from eqcalc.errors import CheckpointError, InvalidAtomsError, InvalidOptionError, UnstableSimulationError
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "md.log"
@@ -327,7 +327,11 @@ def _run(structures, potential, integrator, steps, temperature_K, seed, interval
                     checkpoint_step = state.step
                     potential.reset()  # the restarted run starts from a fresh list too: identical
                 bar.update(1)
-    except UnstableSimulationError as e:
+    except (UnstableSimulationError, InvalidAtomsError) as e:
+        if isinstance(e, InvalidAtomsError):  # atoms met during the run: the simulation exploded
+            s = getattr(e, "system", None)
+            e = UnstableSimulationError(f"system {s} left physics at step {state.step + 1}: {str(e).split(';')[0]}",
+                                        system=s, step=state.step + 1)
         where = ""
         if files is not None:
             where = (f" Trajectories in {out_dir} hold frames up to step {files.last_frame}; "
