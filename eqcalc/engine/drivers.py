@@ -404,10 +404,10 @@ def add_md_arguments(parser) -> None:
 
 
 def md_main(args) -> int:
-    outputs.writable_dir(args.output_dir)  # before loading and compiling the model
-    structures = read_structures(args.inputs)
     integrator = md.make_integrator(args.ensemble, args.timestep_fs, args.thermostat, args.temperature_K,
                                     args.friction_per_fs, args.tau_fs)
+    structures = read_structures(args.inputs)
+    outputs.writable_dir(args.output_dir)  # before loading and compiling the model
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile,
                                   dtype=args.dtype, skin=args.skin)
     run = run_md(structures, potential, integrator, args.steps, temperature_K=args.temperature_K,
@@ -448,8 +448,8 @@ def add_relax_arguments(parser) -> None:
 def relax_main(args) -> int:
     from eqcalc.engine.relax import relax
 
-    out = outputs.writable_dir(args.output_dir)  # before the relaxation, not after it
     structures = read_structures(args.inputs)
+    out = outputs.writable_dir(args.output_dir)  # before the relaxation, not after it
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile,
                                   dtype=args.dtype, skin=0.5)
     result = relax(structures, potential, fmax=args.fmax, max_steps=args.max_steps, cell=args.cell,

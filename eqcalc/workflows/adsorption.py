@@ -226,9 +226,9 @@ def main(args) -> int:
     from eqcalc.engine import md
     from eqcalc.engine.drivers import _device, read_structures
 
-    outputs.writable_dir(args.output_dir)  # before the relaxations, not after them
     slab = read_structures([args.slab])[0]
     check_vacuum(slab)  # before loading the model
+    outputs.writable_dir(args.output_dir)  # before the relaxations, not after them
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile, dtype=args.dtype)
     result = adsorption_energies(slab, args.adsorbate, potential, distance=args.distance, kinds=args.sites,
                                  fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer)
