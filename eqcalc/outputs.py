@@ -84,6 +84,7 @@ class FolderLock:
             log.warning("no file locks on this platform: make sure no other run writes into %s", self.folder)
             return self
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
             f = open(self.path, "a+")
         except OSError as e:
             raise OutputError(f"cannot create the lock file {str(self.path)!r} ({_reason(e)}); choose a "
