@@ -213,7 +213,7 @@ def structure_cases():
     from ase.data import atomic_numbers, covalent_radii
     for a_, b_ in pairs:
         bond = covalent_radii[atomic_numbers[a_]] + covalent_radii[atomic_numbers[b_]]
-        for frac in (0.0, 0.05, 0.2, 0.45):
+        for frac in (0.0, 0.05, 0.2, 0.3):
             case(cls, f"overlapping {a_}-{b_} at {frac:g} x covalent", mention=(a_, b_, "overlap"))(
                 lambda a_=a_, b_=b_, d=frac * bond: energy(Atoms(a_ + b_, positions=[[5, 5, 5], [5, 5, 5 + d]],
                                                                  cell=[10, 10, 10])))
