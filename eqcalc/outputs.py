@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import socket
@@ -128,6 +130,28 @@ class FolderLock:
 def _write_some(fd: int, data: memoryview) -> int:
     """One ``write`` system call (a seam for tests that simulate a full disk)."""
     return os.write(fd, data)
+
+
+@contextlib.contextmanager
+def simulated_full_disk(after_calls: int):
+    """For fault tests: within the block, write system calls of :class:`RecordFile` after the
+    first ``after_calls`` write half their bytes once, then fail with ``ENOSPC``."""
+    count = [0]
+    real = _write_some
+
+    def write(fd: int, data: memoryview) -> int:
+        count[0] += 1
+        if count[0] <= after_calls:
+            return real(fd, data)
+        if count[0] == after_calls + 1 and len(data) > 1:
+            return real(fd, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    globals()["_write_some"] = write
+    try:
+        yield
+    finally:
+        globals()["_write_some"] = real
 
 
 class RecordFile:

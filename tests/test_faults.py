@@ -96,31 +96,13 @@ def test_sigkill_mid_run_then_restart_continues_exactly(tmp_path, cu_file, tiny)
 
 
 # ---- full disk -----------------------------------------------------------------------------------
-def full_disk_after(monkeypatch, calls):
-    """Every write system call after ``calls`` writes half its bytes, then fails with ENOSPC."""
-    count = {"n": 0}
-    real = outputs._write_some
-
-    def write(fd, data):
-        count["n"] += 1
-        if count["n"] <= calls:
-            return real(fd, data)
-        if count["n"] == calls + 1 and len(data) > 1:
-            return real(fd, data[:len(data) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(outputs, "_write_some", write)
-
-
 @pytest.mark.parametrize("calls", [12, 15, 23])  # after the first checkpoint (step 4, call 11)
-def test_full_disk_mid_frame_keeps_files_readable_and_restart_exact(tmp_path, monkeypatch, calls):
+def test_full_disk_mid_frame_keeps_files_readable_and_restart_exact(tmp_path, calls):
     integrator = md.Langevin(2.0, 500.0)
     kwargs = dict(temperature_K=500, seed=3, interval=1, checkpoint_interval=4)
     reference = run_md([cu()], MorsePotential(), integrator, 16, **kwargs).state
-    full_disk_after(monkeypatch, calls)
-    with pytest.raises(errors.OutputError, match="cut back to its last complete record"):
+    with outputs.simulated_full_disk(calls), pytest.raises(errors.OutputError, match="cut back to its last"):
         run_md([cu()], MorsePotential(), integrator, 16, output_dir=tmp_path, **kwargs)
-    monkeypatch.undo()
     written = steps_in(tmp_path / "system0.extxyz")  # every frame left is complete
     assert written == list(range(len(written)))
     state, _, _ = load_checkpoint(tmp_path / CHECKPOINT)  # the last checkpoint is intact
@@ -250,6 +232,22 @@ def cache_with(tmp_path, monkeypatch, pristine):
     return cache
 
 
+def replayed_compile(monkeypatch, pristine, entry, before=lambda target: None):
+    """``export_aoti`` replaced by a copy of the pristine entry and its record (what a compile
+    would write, without its minute); returns the list of targets it was called with."""
+    targets = []
+
+    def export(wrapper, example, target):
+        targets.append(target)
+        before(target)
+        shutil.copy(pristine / (entry.name + ".json"), target.with_name(target.name + ".json"))
+        shutil.copy(pristine / entry.name, target)
+        return target
+
+    monkeypatch.setattr(compiled, "export_aoti", export)
+    return targets
+
+
 def energies(calc, atoms):
     atoms = atoms.copy()
     atoms.calc = calc
@@ -267,15 +265,7 @@ def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, monkeypatch, ca
         target.write_bytes(os.urandom(target.stat().st_size))
     else:
         (cache / (entry.name + ".json")).unlink()
-    rebuilt = []
-
-    def export(wrapper, example, where):  # the rebuild: a fresh compile, replayed from the pristine entry
-        rebuilt.append(where)
-        shutil.copy(pristine / (entry.name + ".json"), where.with_name(where.name + ".json"))
-        shutil.copy(pristine / entry.name, where)
-        return where
-
-    monkeypatch.setattr(compiled, "export_aoti", export)
+    rebuilt = replayed_compile(monkeypatch, pristine, entry)
     with caplog.at_level(logging.WARNING, logger="eqcalc"):
         calc = EquivariantCalculator(path, compile="aoti", device="cpu")
     assert rebuilt == [target] and str(target) in caplog.text and "rebuilding it" in caplog.text
@@ -300,16 +290,10 @@ def test_unwritable_cache_is_detected_before_compiling(tmp_path, monkeypatch, ca
     blocker.write_text("a file where the cache folder should be")  # unwritable even for root
     monkeypatch.setenv("EQCALC_CACHE", str(blocker / "cache"))
     monkeypatch.setattr(compiled, "_FALLBACK", {})
-    where = []
-
-    def export(wrapper, example, target):
-        where.append(target)
+    def warned_first(target):
         assert "cannot be written" in caplog.text  # warned before any compiling
-        shutil.copy(pristine / (entry.name + ".json"), target.with_name(target.name + ".json"))
-        shutil.copy(pristine / entry.name, target)
-        return target
 
-    monkeypatch.setattr(compiled, "export_aoti", export)
+    where = replayed_compile(monkeypatch, pristine, entry, warned_first)
     with caplog.at_level(logging.WARNING, logger="eqcalc"):
         calc = EquivariantCalculator(path, compile="aoti", device="cpu")
     assert calc.model.compile_kind == "aoti" and not str(where[0]).startswith(str(blocker))

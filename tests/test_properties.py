@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from eqcalc import EquivariantCalculator, errors
 from eqcalc.neighbors import MAX_IMAGES, compute_neighbors, neighbor_list
-from tests.conftest import SPECIES
 
 PROPERTY = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
