@@ -357,10 +357,13 @@ def _check_config(meta: Dict[str, Any], path: str) -> None:
             raise refuse(path, f"config.{key}", f"is {json.dumps(value)[:80]}, not of type "
                          f"{getattr(hints[key], '__name__', hints[key])}")
 
+    # fields added after a file was written take the value it was trained with (registry.from_config)
+    file_defaults = getattr(cls.Config, "FILE_DEFAULTS", {})
+
     def configured(name):
         field = fields.get(name)
-        if name in config:
-            return config[name]
+        if name in config or name in file_defaults:
+            return config.get(name, file_defaults.get(name))
         return None if field is None or field.default is dataclasses.MISSING else field.default
 
     if configured("species") is not None and list(configured("species")) != meta["species"]:
@@ -376,7 +379,7 @@ def _check_config(meta: Dict[str, Any], path: str) -> None:
     for field, choices in (("frame_averaging", MODES), ("frame_source", SOURCES)):
         if field in meta and meta[field] not in choices:
             raise refuse(path, field, f"is {meta[field]!r}, not one of {list(choices)}")
-    values = dict(config, species=tuple(meta["species"]))
+    values = {**file_defaults, **config, "species": tuple(meta["species"])}
     try:
         cls.Config(**values)  # the architecture's own range checks
     except Exception as e:  # InvalidOptionError, TypeError for a missing field, ...
