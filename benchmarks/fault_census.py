@@ -28,8 +28,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
@@ -49,6 +47,7 @@ from eqcalc.engine import md
 from eqcalc.engine.drivers import CHECKPOINT, load_checkpoint, run_md
 from eqcalc.engine.relax import relax
 from eqcalc.neighbors import compute_neighbors, neighbor_list
+from tests.test_faults import md_args, spawn, steps_in, wait_for  # the fault suite's process helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT_S = 300  # s; a legitimate case takes at most ~60 s on a busy 2-core machine
@@ -651,50 +650,27 @@ def run_folder_cases(quick):
     case(cls, "output dir in /proc", mention="cannot be written")(unwritable("/proc/eqcalc-run"))
 
 
-def _md_argv(inp, model, out, steps, *extra):
-    return ["md", str(inp), "--model", model, "--compile", "eager", "--device", "cpu", "--steps", str(steps),
-            "--interval", "2", "--checkpoint-interval", "10", "--temperature-K", "600", "--output-dir", str(out),
-            "--no-progress", *extra]
-
-
-def _spawn(argv):
-    return subprocess.Popen([sys.executable, "-m", "eqcalc.cli", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-
-
-def _wait(condition, process, timeout=100):
-    start = time.perf_counter()
-    while not condition():
-        if process.poll() is not None or time.perf_counter() - start > timeout:
-            raise RuntimeError("the background run did not get there")
-        time.sleep(0.05)
-
-
-def _frames(path):
-    return [f.info["step"] for f in ase.io.read(path, ":")] if path.exists() else []
-
-
 def _kill_and_restart(inp, model, k):
     run = folder(f"kill-{k}")
-    p = _spawn(_md_argv(inp, model, run, 100000))
-    _wait(lambda: (run / CHECKPOINT).exists() and len(_frames(run / "cu.extxyz")) > 6 + 4 * k, p)
+    p = spawn(md_args(inp, model, run, 100000))
+    wait_for(lambda: (run / CHECKPOINT).exists() and len(steps_in(run / "cu.extxyz")) > 6 + 4 * k, p)
     p.send_signal(signal.SIGKILL)
     p.wait()
     step = load_checkpoint(run / CHECKPOINT)[0].step
-    cli(*_md_argv(inp, model, run, step + 20, "--restart", run / CHECKPOINT))
-    cli(*_md_argv(inp, model, folder(f"kill-ref-{k}"), step + 20))
+    cli(*md_args(inp, model, run, step + 20, "--restart", run / CHECKPOINT))
+    cli(*md_args(inp, model, folder(f"kill-ref-{k}"), step + 20))
     got, ref = ase.io.read(run / "cu.extxyz"), ase.io.read(WORK / f"kill-ref-{k}" / "cu.extxyz")
-    if _frames(run / "cu.extxyz") != list(range(0, step + 21, 2)) or not np.array_equal(got.positions, ref.positions):
+    if steps_in(run / "cu.extxyz") != list(range(0, step + 21, 2)) or not np.array_equal(got.positions, ref.positions):
         raise SilentWrong("the restarted run differs from the uninterrupted one")
     return True
 
 
 def _concurrent(inp, model):
     run = folder("concurrent")
-    p = _spawn(_md_argv(inp, model, run, 100000))
+    p = spawn(md_args(inp, model, run, 100000))
     try:
-        _wait(lambda: len(_frames(run / "cu.extxyz")) > 2, p)
-        cli(*_md_argv(inp, model, run, 20))
+        wait_for(lambda: len(steps_in(run / "cu.extxyz")) > 2, p)
+        cli(*md_args(inp, model, run, 20))
         return "the second run was not refused"
     finally:
         p.send_signal(signal.SIGKILL)
