@@ -49,7 +49,6 @@ from eqcalc.engine.relax import relax
 from eqcalc.neighbors import compute_neighbors, neighbor_list
 from tests.test_faults import md_args, spawn, steps_in, wait_for  # the fault suite's process helpers
 
-ROOT = Path(__file__).resolve().parents[1]
 LIMIT_S = 300  # s; a legitimate case takes at most ~60 s on a busy 2-core machine
 OUTCOMES = ("typed error", "correct", "unclear message", "crash", "hang", "silent wrong")
 CASES = []
