@@ -185,21 +185,19 @@ def test_nan_weights_are_refused(tmp_path):
 
 
 def test_zip_bomb_refused_before_decompressing(tmp_path):
-    """A 2 GiB metadata member that deflates to a few MB is refused from the zip header in
-    milliseconds, without allocating it (the issue: 6.5 GB of memory and a minute)."""
+    """A metadata member that inflates to 64 MiB from 64 kB is refused from the zip header in
+    milliseconds, without unpacking it (the issue's 2 GiB one, in benchmarks/fault_census.py,
+    took 6.5 GB of memory and a minute)."""
     meta, weights = members(VALID)
     path = tmp_path / "bomb.eqm"
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        with z.open(package.METADATA, "w", force_zip64=True) as f:
-            chunk = b" " * (1 << 24)
-            for _ in range(128):  # 2 GiB of spaces
-                f.write(chunk)
+        z.writestr(package.METADATA, b" " * (64 << 20))
         z.writestr(package.WEIGHTS, weights)
-    assert path.stat().st_size < 10 << 20
+    assert path.stat().st_size < 1 << 20
     start = time.perf_counter()
-    with pytest.raises(errors.ModelFileError, match="metadata.json declares 2147483648 bytes"):
+    with pytest.raises(errors.ModelFileError, match="metadata.json declares 67108864 bytes"):
         package.read(path)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 0.5
 
 
 def test_compression_ratio_of_weights_refused(tmp_path):
