@@ -96,6 +96,21 @@ class MDState:
     def replace(self, **changes) -> "MDState":
         return dataclasses.replace(self, **changes)
 
+    def select(self, keep: Tensor) -> "MDState":
+        """The systems where ``keep`` ``(n_systems,)`` bool is True, renumbered in order (how
+        converged systems leave a batch). Thermostat variables are not carried: a state with
+        some raises :class:`InvalidOptionError`."""
+        if self.thermostat:
+            raise InvalidOptionError("select() drops systems of a state without thermostat variables only; "
+                                     "select before the integrator's init")
+        atoms = keep[self.system]
+        system = torch.cumsum(keep.to(torch.int64), 0)[self.system[atoms]] - 1
+        per_atom = {k: getattr(self, k)[atoms] for k in ("positions", "momenta", "masses", "numbers", "fixed")}
+        per_system = {k: getattr(self, k)[keep] for k in ("cell", "pbc", "energy", "stress", "dof")
+                      if getattr(self, k) is not None}
+        forces = None if self.forces is None else self.forces[atoms]
+        return self.replace(system=system, forces=forces, **per_atom, **per_system)
+
 
 def _segment_sum(values: Tensor, system: Tensor, n_systems: int) -> Tensor:
     """Sum ``values`` ``(n_atoms, ...)`` per system → ``(n_systems, ...)``."""
