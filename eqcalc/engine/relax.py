@@ -28,8 +28,10 @@ from eqcalc.engine import md
 from eqcalc.errors import InvalidOptionError
 
 
-class _Segments:
-    """Per-system sums and maxima over the rows of the generalised coordinates."""
+class Segments:
+    """Sums and maxima per group over the rows of a ``(n_rows, 3)`` tensor; a group is a system
+    (relaxation) or all interior images of one band (NEB). ``row_system`` ``(n_rows,)`` names
+    each row's group."""
 
     def __init__(self, row_system: torch.Tensor, n_systems: int):
         self.row, self.n = row_system, n_systems
@@ -71,7 +73,7 @@ class FIRE:
                 "a": torch.full((n_systems,), self.astart, **f64),
                 "n_up": torch.zeros(n_systems, dtype=torch.int64, device=x.device)}
 
-    def step(self, g: torch.Tensor, x: torch.Tensor, st: dict, seg: _Segments) -> torch.Tensor:
+    def step(self, g: torch.Tensor, x: torch.Tensor, st: dict, seg: Segments) -> torch.Tensor:
         """Displacement ``(n_rows, 3)`` from generalised forces ``g``; updates ``st``."""
         vel, dt, a, n_up = st["vel"], st["dt"], st["a"], st["n_up"]
         if vel is None:
@@ -114,7 +116,7 @@ class LBFGS:
     def init(self, x: torch.Tensor, n_systems: int) -> dict:
         return {"s": [], "y": [], "rho": [], "x0": None, "g0": None}
 
-    def step(self, g: torch.Tensor, x: torch.Tensor, st: dict, seg: _Segments) -> torch.Tensor:
+    def step(self, g: torch.Tensor, x: torch.Tensor, st: dict, seg: Segments) -> torch.Tensor:
         if st["x0"] is not None:
             s_k, y_k = x - st["x0"], st["g0"] - g  # y = change of the gradient (-forces)
             ys = seg.dot(y_k, s_k)
@@ -211,7 +213,7 @@ class _Coordinates:
         else:
             row_system, free = state.system, ~state.fixed
         self.row_free = free.unsqueeze(1).to(torch.float64)
-        self.seg = _Segments(row_system, S)
+        self.seg = Segments(row_system, S)
 
     def initial(self, state: md.MDState) -> torch.Tensor:
         if not self.cell_filter:
