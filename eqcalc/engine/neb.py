@@ -55,8 +55,9 @@ __all__ = ["neb", "NEBResult", "NEBState", "BandLayout", "init", "evaluate", "st
 log = logging.getLogger("eqcalc.neb")
 
 INTERPOLATIONS = ("idpp", "linear")
-#: End points closer than this (largest atom displacement, Å) are the same state.
-IDENTICAL_ENDS = 0.01
+#: End points closer than this (largest atom displacement, Å) are the same state: two minima
+#: relaxed to fmax 0.03 eV/Å from nearby starts differ by up to ~0.06 Å; a reaction moves atoms more.
+IDENTICAL_ENDS = 0.1
 #: Interpolated atoms closer than this fraction of their covalent-radius sum overlap.
 OVERLAP_FRACTION = 0.5
 
@@ -261,9 +262,13 @@ def interpolate(initial, final, n_images: int, method: str = "idpp") -> List:
         a.positions = initial.positions + j * d  # plain assignment: FixAtoms atoms have d = 0
         images.append(a)
     if method == "idpp":
+        import warnings
+
         from ase.mep import idpp_interpolate
 
-        idpp_interpolate(images, traj=None, log=None, mic=bool(initial.pbc.any()))
+        with warnings.catch_warnings():  # ASE's notice about NEB's default method (IDPP's own band)
+            warnings.filterwarnings("ignore", message="The default method has changed")
+            idpp_interpolate(images, traj=None, log=None, mic=bool(initial.pbc.any()))
     return images
 
 
