@@ -171,6 +171,9 @@ EPILOGS = {
           "  eqcalc md slab.extxyz --steps 10000 --output-dir run2 --checkpoint-interval 100 --restart run2/checkpoint.pt",
     "relax": "example:\n  eqcalc relax slab.extxyz co.xyz --fmax 0.02 --output-dir relaxed\n"
              "  eqcalc relax Cu.cif --cell --fmax 0.01 --optimizer lbfgs --output-dir relaxed",
+    "neb": "example:\n  eqcalc neb is.extxyz fs.extxyz --images 7 --fmax 0.03 --output-dir hop\n"
+           "  eqcalc neb o_fcc.xyz o_hcp.xyz vac_a.xyz vac_b.xyz --images 9 --optimizer lbfgs --output-dir paths\n"
+           "  eqcalc neb a.extxyz b.extxyz --no-relax-endpoints --interpolation linear --no-climb",
     "adsorption": "example:\n  eqcalc adsorption pt111.extxyz --adsorbate CO --fmax 0.05 --output-dir co_pt111\n"
                   "  eqcalc adsorption cu111.extxyz --adsorbate O --sites ontop hollow --distance 1.5",
 }
@@ -249,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("relax", "relax all inputs as one batch (FIRE, FixAtoms, optional cell for bulk)")
     drivers.add_relax_arguments(c)
     c.set_defaults(func=drivers.relax_main)
+
+    c = command("neb", "minimum energy paths and barriers (climbing-image NEB) of many reactions as one batch")
+    drivers.add_neb_arguments(c)
+    c.set_defaults(func=drivers.neb_main)
 
     c = command("adsorption", "adsorption energies of a molecule on every site of a slab, relaxed as one batch")
     from eqcalc.workflows import adsorption

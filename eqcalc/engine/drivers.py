@@ -332,3 +332,110 @@ def relax_main(args) -> int:
               f"{'converged' if ok else 'NOT converged'} -> {path}")
     print(f"relaxed {len(structures)} systems as one batch ({args.optimizer}) in {result.seconds:.1f} s")
     return 0 if all(result.converged) else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# eqcalc neb
+# ----------------------------------------------------------------------------------------------
+def add_neb_arguments(parser) -> None:
+    """Options of ``eqcalc neb``."""
+    import argparse
+
+    parser.add_argument("inputs", nargs="+", metavar="INITIAL FINAL",
+                        help="end points in pairs (extxyz, POSCAR, ...): INITIAL FINAL [INITIAL FINAL ...]; "
+                             "all bands run as one batch")
+    add_model_arguments(parser)
+    parser.add_argument("--images", type=int, default=7, help="images per band, end points included (>= 3)")
+    parser.add_argument("--climb", action=argparse.BooleanOptionalAction, default=True,
+                        help="climbing image (default: on)")
+    parser.add_argument("--fmax", type=float, default=0.03, help="force threshold on the band and end points, eV/Å")
+    parser.add_argument("--k", type=float, default=0.1, help="spring constant, eV/Å²")
+    parser.add_argument("--interpolation", default="idpp", help="idpp | linear (minimum image on periodic cells)")
+    parser.add_argument("--optimizer", default="fire", help="fire | lbfgs (per band, as ASE's)")
+    parser.add_argument("--max-steps", type=int, default=1000, help="optimizer steps at most")
+    parser.add_argument("--no-relax-endpoints", action="store_true", help="use the end points as given")
+    parser.add_argument("--skin", type=float, default=0.5, help="neighbor-list skin, Å")
+    parser.add_argument("--output-dir", default="eqcalc-neb", help="folder for bands, barriers.csv and profiles")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_neb(results, names: Sequence[str], output_dir) -> List[str]:
+    """Per reaction ``NAME.extxyz`` (the band) and ``NAME.png`` (energy profile), and
+    ``barriers.csv`` for all, each written atomically. Returns the paths."""
+    import csv
+    import io
+
+    import ase.io
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, r in zip(names, results):
+        path = out / f"{name}.extxyz"
+        _atomic_write(path, lambda p: ase.io.write(p, r.images, format="extxyz"))
+        s = np.concatenate([[0.0], np.cumsum([np.linalg.norm(b.positions - a.positions)
+                                              for a, b in zip(r.images, r.images[1:])])])
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        ax.plot(s, r.energies - r.energies[0], "o-")
+        ax.plot(s[r.climbing_image], r.barrier, "r*", ms=12, label="climbing image" if
+                r.images[r.climbing_image].info.get("climbing") else "highest image")
+        ax.set_xlabel("path length (Å)")
+        ax.set_ylabel("E - E(initial) (eV)")
+        ax.set_title(f"{name}: barrier {r.barrier:.3f} eV, ΔE {r.reaction_energy:.3f} eV"
+                     + ("" if r.converged else " (NOT converged)"), fontsize=8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        png = out / f"{name}.png"
+        _atomic_write(png, lambda p: fig.savefig(p, format="png", dpi=100))
+        plt.close(fig)
+        files += [str(path), str(png)]
+    rows = [dict(reaction=name, barrier_eV=f"{r.barrier:.6f}", reaction_energy_eV=f"{r.reaction_energy:.6f}",
+                 converged=r.converged, endpoints_converged=r.endpoints_converged, steps=r.steps,
+                 fmax_eV_per_A=f"{r.fmax:.4f}", climbing_image=r.climbing_image,
+                 imaginary_modes="not checked" if r.imaginary_modes is None else r.imaginary_modes)
+            for name, r in zip(names, results)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(out / "barriers.csv", lambda p: Path(p).write_text(buffer.getvalue()))
+    return [str(out / "barriers.csv")] + files
+
+
+def neb_main(args) -> int:
+    from eqcalc.engine.neb import neb
+
+    if len(args.inputs) % 2:
+        raise InvalidOptionError(f"got {len(args.inputs)} structure files; give them in pairs: INITIAL FINAL "
+                                 "[INITIAL FINAL ...]")
+    structures = read_structures(args.inputs)
+    pairs = list(zip(structures[0::2], structures[1::2]))
+    stems = unique_names(args.inputs)
+    names = unique_names([f"{a}-{b}" for a, b in zip(stems[0::2], stems[1::2])])
+    potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile,
+                                  dtype=args.dtype, skin=args.skin)
+    start = time.perf_counter()
+    results = neb(pairs, potential, n_images=args.images, climb=args.climb, fmax=args.fmax, k=args.k,
+                  interpolation=args.interpolation, optimizer=args.optimizer, max_steps=args.max_steps,
+                  relax_endpoints=not args.no_relax_endpoints, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    files = write_neb(results, names, args.output_dir)
+    print(f"{'reaction':30s} {'barrier/eV':>10s} {'dE/eV':>8s} {'steps':>6s} {'fmax':>7s}  status")
+    for name, r in zip(names, results):
+        status = "converged" if r.converged else ("NOT converged" + ("" if r.endpoints_converged else
+                                                                     " (end points not relaxed)"))
+        print(f"{name:30s} {r.barrier:10.4f} {r.reaction_energy:8.4f} {r.steps:6d} {r.fmax:7.4f}  {status}")
+    print(f"{len(results)} bands x {args.images} images in {seconds:.1f} s; wrote {', '.join(files[:3])}"
+          f"{' ...' if len(files) > 3 else ''}")
+    return 0 if all(r.converged for r in results) else 1

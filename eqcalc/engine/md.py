@@ -94,7 +94,13 @@ class MDState:
         return self.positions.device
 
     def replace(self, **changes) -> "MDState":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (tensors shared, not copied). Cheaper than
+        ``dataclasses.replace`` (no ``__init__`` round trip): integrators call it every step."""
+        if not changes.keys() <= self.__dict__.keys():
+            raise TypeError(f"MDState has no field(s) {sorted(set(changes) - set(self.__dict__))}")
+        new = object.__new__(type(self))
+        new.__dict__ = {**self.__dict__, **changes}
+        return new
 
     def select(self, keep: Tensor) -> "MDState":
         """The systems where ``keep`` ``(n_systems,)`` bool is True, renumbered in order (how
@@ -279,14 +285,18 @@ class ModelPotential:
                 "stress": out[keys.STRESS].to(torch.float64)}
 
 
-def evaluate(state: MDState, potential) -> MDState:
-    """``state`` with energy, forces (zeroed on fixed atoms) and stress at its positions."""
-    if not bool(torch.isfinite(state.positions).all() & torch.isfinite(state.momenta).all()):
+def evaluate(state: MDState, potential, check: bool = True) -> MDState:
+    """``state`` with energy, forces (zeroed on fixed atoms) and stress at its positions.
+
+    Positions are checked finite first (``check=False``: the caller already knows, as the
+    integrators do: :func:`_checked` tested the state at the end of the previous step)."""
+    # One reduction and one host sync: a NaN/inf anywhere makes the sum non-finite.
+    if check and not bool(torch.isfinite(state.positions.sum())):
         raise NonFiniteOutputError(
-            f"positions or momenta became NaN/inf at step {state.step}; the simulation exploded. "
+            f"positions became NaN/inf at step {state.step}; the simulation exploded. "
             "Use a smaller timestep_fs or check the starting structure")
     out = potential(state)
-    forces = out["forces"] * (~state.fixed).unsqueeze(1)
+    forces = out["forces"].masked_fill(state.fixed.unsqueeze(1), 0.0)
     return state.replace(energy=out["energy"], forces=forces, stress=out.get("stress"))
 
 
@@ -299,7 +309,7 @@ def _check_timestep(timestep_fs: float) -> None:
 
 
 def _drift(state: MDState, momenta: Tensor, dt: float) -> Tensor:
-    return state.positions + dt * momenta / state.masses.unsqueeze(1)
+    return torch.addcdiv(state.positions, momenta, state.masses.unsqueeze(1), value=dt)
 
 
 @dataclass(frozen=True)
@@ -328,19 +338,20 @@ class NVE:
         return state
 
     def verlet(self, state: MDState, potential, dt: float) -> MDState:
-        p = state.momenta + 0.5 * dt * state.forces
+        p = torch.add(state.momenta, state.forces, alpha=0.5 * dt)
         state = state.replace(positions=_drift(state, p, dt), momenta=p, step=state.step + 1)
-        state = evaluate(state, potential)
-        return state.replace(momenta=state.momenta + 0.5 * dt * state.forces)
+        state = evaluate(state, potential, check=False)
+        return state.replace(momenta=torch.add(state.momenta, state.forces, alpha=0.5 * dt))
 
     def step(self, state: MDState, potential, generator: Optional[torch.Generator] = None) -> MDState:
         return _checked(self.verlet(state, potential, self.dt))
 
 
 def _checked(state: MDState) -> MDState:
-    if not bool(torch.isfinite(state.momenta).all()):
+    """``state`` if its positions and momenta are finite (one reduction, one host sync per step)."""
+    if not bool(torch.isfinite(state.momenta.sum() + state.positions.sum())):
         raise NonFiniteOutputError(
-            f"momenta became NaN/inf at step {state.step}; the simulation exploded. Use a smaller "
+            f"positions or momenta became NaN/inf at step {state.step}; the simulation exploded. Use a smaller "
             "timestep_fs or check the starting structure")
     return state
 
@@ -384,7 +395,7 @@ class Langevin(_Thermostat):
         noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
         p = (c * p + torch.sqrt((1.0 - c * c) * m * kT) * noise) * free               # O
         r = r + 0.5 * dt * p / m                                                      # A
-        state = evaluate(state.replace(positions=r, momenta=p, step=state.step + 1), potential)
+        state = evaluate(state.replace(positions=r, momenta=p, step=state.step + 1), potential, check=False)
         return _checked(state.replace(momenta=state.momenta + 0.5 * dt * state.forces))  # B
 
 

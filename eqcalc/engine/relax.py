@@ -43,14 +43,21 @@ class Segments:
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.sum(a * b)
 
+    def dots(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Several dot products at once: ``a``, ``b`` ``(k, n_rows, 3)`` → ``(n_systems, k)``."""
+        rows = (a * b).sum(2).T
+        return torch.zeros((self.n, rows.shape[1]), dtype=rows.dtype, device=rows.device).index_add(0, self.row, rows)
+
     def max_norm(self, v: torch.Tensor) -> torch.Tensor:
         """Largest row norm per system ``(n_systems,)``."""
         return torch.zeros(self.n, dtype=v.dtype, device=v.device).scatter_reduce(
             0, self.row, v.norm(dim=1), "amax", include_self=True)
 
     def atoms(self, per_system: torch.Tensor) -> torch.Tensor:
-        """``(n_systems,)`` → ``(n_rows, 1)`` for broadcasting over rows."""
-        return per_system[self.row].unsqueeze(1)
+        """``(n_systems,)`` → ``(n_rows, 1)`` (or ``(n_systems, k)`` → ``(n_rows, k)``) for
+        broadcasting over rows."""
+        out = per_system[self.row]
+        return out.unsqueeze(1) if per_system.dim() == 1 else out
 
 
 @dataclass(frozen=True)
@@ -79,16 +86,20 @@ class FIRE:
         if vel is None:
             vel = torch.zeros_like(g)
         else:
-            up = seg.dot(g, vel) > 0
-            mixed = (1 - seg.atoms(a)) * vel + seg.atoms(a) * g / seg.atoms(
-                seg.dot(g, g).clamp(min=1e-300).sqrt()) * seg.atoms(seg.dot(vel, vel).sqrt())
-            vel = torch.where(seg.atoms(up), mixed, torch.zeros_like(vel))
+            gv, gg, vv = seg.dots(torch.stack([g, g, vel]), torch.stack([vel, g, vel])).unbind(1)
+            up = gv > 0
+            # where the power is positive v <- (1 - a) v + a |v| g / |g|, elsewhere v <- 0
+            zero = torch.zeros_like(a)
+            mix = seg.atoms(torch.stack([torch.where(up, 1 - a, zero),
+                                         torch.where(up, a * vv.sqrt() / gg.clamp(min=1e-300).sqrt(), zero)], 1))
+            vel = mix[:, :1] * vel + mix[:, 1:] * g
             grow = up & (n_up > self.n_min)
             dt = torch.where(grow, (dt * self.finc).clamp(max=self.dtmax), torch.where(up, dt, dt * self.fdec))
             a = torch.where(grow, a * self.fa, torch.where(up, a, torch.full_like(a, self.astart)))
             n_up = torch.where(up, n_up + 1, torch.zeros_like(n_up))
-        vel = vel + seg.atoms(dt) * g
-        dr = seg.atoms(dt) * vel
+        dt_rows = seg.atoms(dt)
+        vel = torch.addcmul(vel, dt_rows, g)
+        dr = dt_rows * vel
         norm = seg.sum(dr * dr).sqrt()
         dr = dr * seg.atoms(torch.where(norm > self.maxstep, self.maxstep / norm.clamp(min=1e-300),
                                         torch.ones_like(norm)))
