@@ -176,6 +176,10 @@ EPILOGS = {
            "  eqcalc neb a.extxyz b.extxyz --no-relax-endpoints --interpolation linear --no-climb",
     "adsorption": "example:\n  eqcalc adsorption pt111.extxyz --adsorbate CO --fmax 0.05 --output-dir co_pt111\n"
                   "  eqcalc adsorption cu111.extxyz --adsorbate O --sites ontop hollow --distance 1.5",
+    "vib": "example:\n  eqcalc vib o_pt111.extxyz co_pt111.extxyz --temperature-K 500 --output-dir vib\n"
+           "  eqcalc vib slab_with_h.extxyz --indices 36 --dtype float64",
+    "phonons": "example:\n  eqcalc phonons Cu_primitive.cif --supercell 4 4 4 --output-dir cu_phonons\n"
+               "  eqcalc phonons Pt.extxyz --method hessian --dtype float64",
 }
 
 
@@ -257,10 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     drivers.add_neb_arguments(c)
     c.set_defaults(func=drivers.neb_main)
 
+    from eqcalc.workflows import adsorption, phonons, vibrations
+
     c = command("adsorption", "adsorption energies of a molecule on every site of a slab, relaxed as one batch")
-    from eqcalc.workflows import adsorption
     adsorption.add_arguments(c)
     c.set_defaults(func=adsorption.main)
+
+    c = command("vib", "harmonic vibrations of all inputs in one batch (autograd Hessian): frequencies, "
+                       "ZPE, free energy, mode animations")
+    vibrations.add_arguments(c)
+    c.set_defaults(func=vibrations.main)
+
+    c = command("phonons", "phonon band structure and DOS of a crystal with phonopy (needs the phonons extra)")
+    phonons.add_arguments(c)
+    c.set_defaults(func=phonons.main)
     return p
 
 

@@ -17,9 +17,10 @@ from torch import Tensor
 from eqcalc import compile as compiled
 from eqcalc import keys, package
 from eqcalc.atoms import SystemTensors, check_overlaps, symbols_to_numbers
+from eqcalc import derivatives
 from eqcalc.derivatives import FORCE_MODES, ForceStressModel, edge_vectors
 from eqcalc.errors import (CompileError, DeviceError, InvalidOptionError, NonFiniteOutputError,
-                           check_choice)
+                           PropertyNotAvailableError, check_choice)
 
 log = logging.getLogger("eqcalc")
 
@@ -173,6 +174,37 @@ class Model:
                     f"the model returned non-finite {k}; the structure is far outside its training "
                     "data (atoms too close, or an exploding simulation). Check the input geometry")
         return out
+
+    def hessian(self, t: SystemTensors, edge_index: Tensor, shifts: Tensor, rows: Tensor,
+                max_batch: int = 64) -> Tensor:
+        """Rows ``rows`` ``(n_rows,)`` (flat ``3 * atom + axis``) of the Hessian of the batch ``t``,
+        ``(n_rows, 3 * n_atoms)`` eV/Å², float64, by autograd through the eager model in this
+        Model's dtype (see :func:`eqcalc.derivatives.hessian`)."""
+        self.check_smooth()
+        lengths = edge_vectors(t.positions, t.cell, edge_index, shifts.to(t.positions.dtype), t.system).norm(dim=1)
+        check_overlaps(lengths, edge_index)
+        keep = lengths < self.cutoff
+        edge_index, shifts = edge_index[:, keep], shifts[keep]
+        h = derivatives.hessian(self.wrapper.model, *self.inputs(t, edge_index, shifts), rows=rows,
+                                max_batch=max_batch)
+        if not bool(torch.isfinite(h).all()):
+            raise NonFiniteOutputError(
+                "the model returned a non-finite Hessian; the structure is far outside its training "
+                "data. Check the input geometry")
+        return h
+
+    def check_smooth(self) -> None:
+        """Second derivatives need an energy that is twice differentiable everywhere; a model that
+        is not (frame averaging switches frames where eigenvalues cross; PaiNN files written with
+        the paper's norm have a cusp at symmetric sites) gets a typed error saying why."""
+        model = self.wrapper.model
+        if getattr(model, "smooth", True):
+            return
+        reason = getattr(model, "not_smooth_because", "its energy is not twice differentiable everywhere")
+        raise PropertyNotAvailableError(
+            f"second derivatives (Hessian, vibrations, phonons) are not available for this "
+            f"{self.metadata['architecture']} model: {reason}. Use a model without that limit, e.g. "
+            "'default', or finite differences of the forces (ase.vibrations.Vibrations)")
 
     def summary(self) -> str:
         m = self.metadata

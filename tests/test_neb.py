@@ -212,3 +212,36 @@ def test_overlapping_interpolated_images_are_refused():
     top = np.nonzero(~md.fixed_mask(a))[0][:2]  # two metal atoms swap places: they collide halfway
     b.positions[top] = a.positions[top[::-1]]
     _bad((a, b), "runs atoms through each other", interpolation="linear")
+
+
+# ----------------------------------------------------------------------------------------------
+# eqcalc neb
+# ----------------------------------------------------------------------------------------------
+def test_cli_writes_band_table_and_profile_and_fails_on_unconverged(tmp_path, capsys):
+    import csv
+
+    import ase.io
+
+    from eqcalc.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["neb", "--help"])
+    assert exit_.value.code == 0 and "example:\n  eqcalc neb" in capsys.readouterr().out
+    a, b = o_cu100()
+    ase.io.write(tmp_path / "is.extxyz", a)
+    ase.io.write(tmp_path / "fs.extxyz", b)
+    args = ["neb", str(tmp_path / "is.extxyz"), str(tmp_path / "fs.extxyz"), "--images", "3", "--no-progress",
+            "--dtype", "float64"]
+    assert main(args + ["--output-dir", str(tmp_path / "ok")]) == 0
+    band = ase.io.read(tmp_path / "ok" / "is-fs.extxyz", index=":")
+    rows = list(csv.DictReader(open(tmp_path / "ok" / "barriers.csv")))
+    energies = np.array([im.get_potential_energy() for im in band])
+    assert len(band) == 3 and rows[0]["converged"] == "True"
+    assert float(rows[0]["barrier_eV"]) == pytest.approx(energies.max() - energies[0], abs=1e-5)
+    assert 0.02 < float(rows[0]["barrier_eV"]) < 1.0
+    assert (band[1].constraints[0].index == a.constraints[0].index).all()  # FixAtoms kept in the file
+    assert (tmp_path / "ok" / "is-fs.png").stat().st_size > 1000
+    assert main(args + ["--max-steps", "1", "--output-dir", str(tmp_path / "short")]) == 1
+    assert list(csv.DictReader(open(tmp_path / "short" / "barriers.csv")))[0]["converged"] == "False"
+    assert "NOT converged" in capsys.readouterr().out
+    assert main(["neb", str(tmp_path / "is.extxyz"), "--output-dir", str(tmp_path / "odd")]) == 2  # not pairs
