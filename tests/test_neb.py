@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 from ase.calculators.emt import EMT
+from ase.constraints import FixAtoms
 from ase.mep import NEB
 from ase.optimize import FIRE
 
@@ -241,7 +242,29 @@ def test_cli_writes_band_table_and_profile_and_fails_on_unconverged(tmp_path, ca
     assert 0.02 < float(rows[0]["barrier_eV"]) < 1.0
     assert (band[1].constraints[0].index == a.constraints[0].index).all()  # FixAtoms kept in the file
     assert (tmp_path / "ok" / "is-fs.png").stat().st_size > 1000
+    # counted where the model has second derivatives, else said so
+    assert rows[0]["imaginary_modes"] == "1" or rows[0]["saddle_check"].startswith("not checked")
     assert main(args + ["--max-steps", "1", "--output-dir", str(tmp_path / "short")]) == 1
     assert list(csv.DictReader(open(tmp_path / "short" / "barriers.csv")))[0]["converged"] == "False"
     assert "NOT converged" in capsys.readouterr().out
     assert main(["neb", str(tmp_path / "is.extxyz"), "--output-dir", str(tmp_path / "odd")]) == 2  # not pairs
+
+
+def test_saddle_check_with_the_model_hessian():
+    """A model with second derivatives (the shipped SchNet): the converged climbing image of an
+    O hop on Cu(100) has one imaginary mode, the initial state none; EMT has no eqcalc model
+    and the default PaiNN file no smooth second derivatives: both say "not checked"."""
+    from eqcalc.model import Model
+    from eqcalc.workflows.vibrations import summary, vibrations
+
+    a, b = o_cu100()
+    for s in (a, b):  # only the top layer and O move: a 30-row Hessian
+        s.set_constraint(FixAtoms(mask=s.get_tags() > 1))
+    model = Model("schnet", device="cpu", compile="eager", dtype="float64")
+    r, = neb([(a, b)], md.ModelPotential(model), n_images=N_IMAGES, fmax=0.02)
+    assert r.converged and r.imaginary_modes == 1 and r.saddle_verified, r.saddle_check
+    assert "first-order saddle" in r.saddle_check
+    nu = summary(vibrations([r.images[0]], model)[0]).frequencies_cm1
+    assert (nu > 0).all()  # the relaxed initial state is a minimum
+    emt, = neb([(r.images[0], r.images[-1])], EMTPotential(), n_images=3, fmax=0.05, relax_endpoints=False)
+    assert emt.imaginary_modes is None and "no eqcalc model" in emt.saddle_check

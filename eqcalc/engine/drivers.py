@@ -354,6 +354,10 @@ def add_neb_arguments(parser) -> None:
     parser.add_argument("--optimizer", default="fire", help="fire | lbfgs (per band, as ASE's)")
     parser.add_argument("--max-steps", type=int, default=1000, help="optimizer steps at most")
     parser.add_argument("--no-relax-endpoints", action="store_true", help="use the end points as given")
+    parser.add_argument("--no-saddle-check", action="store_true",
+                        help="skip counting imaginary modes at the climbing images (autograd Hessian of the "
+                             "free atoms; a band whose climbing image is not a first-order saddle makes the "
+                             "exit code 1, like a band that did not converge)")
     parser.add_argument("--skin", type=float, default=0.5, help="neighbor-list skin, Å")
     parser.add_argument("--output-dir", default="eqcalc-neb", help="folder for bands, barriers.csv and profiles")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -403,7 +407,8 @@ def write_neb(results, names: Sequence[str], output_dir) -> List[str]:
     rows = [dict(reaction=name, barrier_eV=f"{r.barrier:.6f}", reaction_energy_eV=f"{r.reaction_energy:.6f}",
                  converged=r.converged, endpoints_converged=r.endpoints_converged, steps=r.steps,
                  fmax_eV_per_A=f"{r.fmax:.4f}", climbing_image=r.climbing_image,
-                 imaginary_modes="not checked" if r.imaginary_modes is None else r.imaginary_modes)
+                 imaginary_modes="" if r.imaginary_modes is None else r.imaginary_modes,
+                 saddle_check=r.saddle_check)
             for name, r in zip(names, results)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
@@ -428,14 +433,17 @@ def neb_main(args) -> int:
     start = time.perf_counter()
     results = neb(pairs, potential, n_images=args.images, climb=args.climb, fmax=args.fmax, k=args.k,
                   interpolation=args.interpolation, optimizer=args.optimizer, max_steps=args.max_steps,
-                  relax_endpoints=not args.no_relax_endpoints, progress=not args.no_progress)
+                  relax_endpoints=not args.no_relax_endpoints, check_saddles=not args.no_saddle_check,
+                  progress=not args.no_progress)
     seconds = time.perf_counter() - start
     files = write_neb(results, names, args.output_dir)
     print(f"{'reaction':30s} {'barrier/eV':>10s} {'dE/eV':>8s} {'steps':>6s} {'fmax':>7s}  status")
     for name, r in zip(names, results):
         status = "converged" if r.converged else ("NOT converged" + ("" if r.endpoints_converged else
                                                                      " (end points not relaxed)"))
-        print(f"{name:30s} {r.barrier:10.4f} {r.reaction_energy:8.4f} {r.steps:6d} {r.fmax:7.4f}  {status}")
+        print(f"{name:30s} {r.barrier:10.4f} {r.reaction_energy:8.4f} {r.steps:6d} {r.fmax:7.4f}  {status}; "
+              f"saddle {r.saddle_check}")
     print(f"{len(results)} bands x {args.images} images in {seconds:.1f} s; wrote {', '.join(files[:3])}"
           f"{' ...' if len(files) > 3 else ''}")
-    return 0 if all(r.converged for r in results) else 1
+    failed_saddles = [r for r in results if r.imaginary_modes is not None and r.imaginary_modes != 1]
+    return 0 if all(r.converged for r in results) and not failed_saddles else 1

@@ -50,7 +50,7 @@ from eqcalc.engine.relax import Segments, check_fmax, make_optimizer, relax
 from eqcalc.errors import InvalidAtomsError, InvalidOptionError
 
 __all__ = ["neb", "NEBResult", "NEBState", "BandLayout", "init", "evaluate", "step", "interpolate",
-           "INTERPOLATIONS"]
+           "verify_saddles", "INTERPOLATIONS"]
 
 log = logging.getLogger("eqcalc.neb")
 
@@ -60,6 +60,9 @@ INTERPOLATIONS = ("idpp", "linear")
 IDENTICAL_ENDS = 0.1
 #: Interpolated atoms closer than this fraction of their covalent-radius sum overlap.
 OVERLAP_FRACTION = 0.5
+#: Imaginary modes softer than this (cm⁻¹) are not counted by the saddle check: a minimum
+#: relaxed to fmax 0.01 eV/Å with a trained model can show soft modes of 10-25i cm⁻¹.
+SOFT_MODE_CM1 = 30.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,7 +370,7 @@ class NEBResult:
     energy and the model's forces), ``energies`` ``(n_images,)`` eV, ``converged`` (band and end
     points), ``steps`` optimizer steps, ``fmax`` final largest NEB force (eV/Å), ``climbing_image``
     (index into ``images``), ``endpoints_converged``, ``imaginary_modes`` at the climbing image
-    (``None``: not checked; see :func:`eqcalc.neb.check_saddles`)."""
+    (``None``: not checked, ``saddle_check`` says why; see :func:`verify_saddles`)."""
 
     images: List
     energies: np.ndarray
@@ -377,6 +380,12 @@ class NEBResult:
     climbing_image: int
     endpoints_converged: bool = True
     imaginary_modes: Optional[int] = None
+    saddle_check: str = "not checked"
+
+    @property
+    def saddle_verified(self) -> bool:
+        """The climbing image was checked and has exactly one imaginary mode."""
+        return self.imaginary_modes == 1
 
     @property
     def barrier(self) -> float:
@@ -409,9 +418,58 @@ def _band_result(state: NEBState, b: int, templates, ends, end_energy, fmax_b: f
                      endpoints_converged=endpoints_converged)
 
 
+def verify_saddles(results: Sequence[NEBResult], potential, soft_cm1: float = SOFT_MODE_CM1) -> None:
+    """Count the imaginary modes of each converged band's climbing image (autograd Hessian of the
+    atoms FixAtoms leaves free, :func:`eqcalc.vibrations.vibrations`, all in one batch) into
+    ``results[k].imaginary_modes``; a first-order saddle has exactly one. Modes softer than
+    ``soft_cm1`` (cm⁻¹) are numerical noise of a loosely converged structure and not counted
+    (``saddle_check`` lists the imaginary frequencies either way). Where that cannot be
+    done (no climbing image, band not converged, a potential without an eqcalc model, a model
+    without smooth second derivatives) ``imaginary_modes`` stays ``None`` and ``saddle_check``
+    says why."""
+    from eqcalc.errors import PropertyNotAvailableError
+    from eqcalc.workflows.vibrations import summary, vibrations
+
+    todo = []
+    for r in results:
+        if not r.converged:
+            r.saddle_check = "not checked: band not converged"
+        elif not r.images[r.climbing_image].info.get("climbing"):
+            r.saddle_check = "not checked: no climbing image"
+        else:
+            todo.append(r)
+    model = getattr(potential, "model", None)
+    if not todo:
+        return
+    if model is None:
+        for r in todo:
+            r.saddle_check = "not checked: the potential has no eqcalc model for a Hessian"
+        return
+    t = time.perf_counter()
+    try:
+        vibs = vibrations([r.images[r.climbing_image] for r in todo], model)
+    except PropertyNotAvailableError as e:
+        log.warning("saddle check skipped: %s", e)
+        for r in todo:
+            r.saddle_check = "not checked: the model has no smooth second derivatives"
+        return
+    for r, v in zip(todo, vibs):
+        nu = summary(v).frequencies_cm1
+        imaginary = np.sort(nu[nu < 0])
+        r.imaginary_modes = int(np.sum(imaginary < -soft_cm1))
+        listed = ", ".join(f"{-f:.0f}i" for f in imaginary[:4]) + (" ..." if len(imaginary) > 4 else "")
+        r.saddle_check = (f"{r.imaginary_modes} imaginary mode{'' if r.imaginary_modes == 1 else 's'} above "
+                          f"{soft_cm1:g}i cm-1 ({listed or 'none'})" +
+                          (": first-order saddle" if r.imaginary_modes == 1 else
+                           ": NOT a first-order saddle; tighten fmax, add images, or check the end points"))
+    log.info("saddle check of %d climbing images (Hessian of the free atoms) in %.1f s: %s", len(todo),
+             time.perf_counter() - t, ", ".join(str(r.imaginary_modes) for r in todo))
+
+
 def neb(reactions: Sequence, potential, n_images: int = 7, climb: bool = True, fmax: float = 0.03,
         interpolation: str = "idpp", k: Union[float, Sequence[float]] = 0.1, optimizer="fire",
-        max_steps: int = 1000, relax_endpoints: bool = True, progress: bool = False) -> List[NEBResult]:
+        max_steps: int = 1000, relax_endpoints: bool = True, check_saddles: bool = True,
+        progress: bool = False) -> List[NEBResult]:
     """Minimum energy paths of ``reactions`` (``(initial, final)`` ASE Atoms pairs), all bands as one batch.
 
     ``potential``: a :class:`~eqcalc.md.ModelPotential`, a model name or ``.eqm`` path (or any
@@ -419,8 +477,9 @@ def neb(reactions: Sequence, potential, n_images: int = 7, climb: bool = True, f
     eV/Å² (one, or one per reaction); ``fmax`` eV/Å for the bands and, unless
     ``relax_endpoints=False``, for the end points (relaxed first, as one batch with
     :func:`eqcalc.relax.relax`); ``optimizer`` ``"fire"`` | ``"lbfgs"``; ``interpolation``
-    ``"idpp"`` | ``"linear"``. Returns one :class:`NEBResult` per reaction, in order; a band that
-    did not reach ``fmax`` within ``max_steps`` has ``converged=False``.
+    ``"idpp"`` | ``"linear"``; ``check_saddles``: count the imaginary modes of each converged
+    climbing image (:func:`verify_saddles`). Returns one :class:`NEBResult` per reaction, in
+    order; a band that did not reach ``fmax`` within ``max_steps`` has ``converged=False``.
     """
     from tqdm.auto import tqdm
 
@@ -497,6 +556,8 @@ def neb(reactions: Sequence, potential, n_images: int = 7, climb: bool = True, f
             bar.update(1)
             state = step(state, potential)
     results = [finished[r] for r in range(len(bands))]
+    if check_saddles:
+        verify_saddles(results, potential)
     log.info("NEB of %d reactions (%d images, %d atoms in the first batch) in %.1f s: %d converged",
              len(results), n_images, sum(len(b[0]) for b in bands) * (n_images - 2),
              time.perf_counter() - start, sum(r.converged for r in results))
