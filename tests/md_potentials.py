@@ -1,7 +1,9 @@
-"""A cheap analytic potential for engine tests: smooth Morse pairs through ForceStressModel.
+"""Cheap potentials for engine tests: smooth Morse pairs through ForceStressModel, and ASE's EMT.
 
 Thermostat statistics need thousands of steps; an untrained network gives no physics worth the
-cost there, and this pair potential costs well under a millisecond per step for ~100 atoms.
+cost there, and the Morse pair potential costs well under a millisecond per step for ~100 atoms.
+EMT through the engine (``EMTPotential``) lets engine results be compared with ASE's own drivers
+running ``EMT()`` step for step (NEB, relaxation).
 """
 import numpy as np
 import torch
