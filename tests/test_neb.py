@@ -145,6 +145,13 @@ def test_model_band_matches_ase_neb_with_equivariant_calculator():
     assert r.barrier == pytest.approx(e.max() - e[0], abs=1e-4)
 
 
+def test_potential_by_model_name_evaluates_the_band_once_with_max_steps_zero():
+    a, b = o_cu100()
+    r, = neb([(a, b)], "schnet", n_images=3, max_steps=0, relax_endpoints=False, check_saddles=False)
+    assert r.steps == 0 and not r.converged and np.isfinite(r.energies).all()
+    assert r.images[1].get_potential_energy() == r.energies[1] and r.climbing_image == 1
+
+
 def test_band_that_does_not_converge_is_reported():
     r, = neb([o_pt111()], EMTPotential(), n_images=N_IMAGES, fmax=0.03, max_steps=3, relax_endpoints=False)
     assert not r.converged and r.steps == 3 and r.fmax > 0.03
