@@ -370,40 +370,43 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def write_neb(results, names: Sequence[str], output_dir) -> List[str]:
-    """Per reaction ``NAME.extxyz`` (the band) and ``NAME.png`` (energy profile), and
-    ``barriers.csv`` for all, each written atomically. Returns the paths."""
-    import csv
-    import io
-
+def write_band(result, name: str, output_dir) -> List[str]:
+    """``NAME.extxyz`` (the band: energies, forces, FixAtoms) and ``NAME.png`` (energy profile
+    along the path length), each written atomically. Returns the paths."""
     import ase.io
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(output_dir)
+    r, out = result, Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for name, r in zip(names, results):
-        path = out / f"{name}.extxyz"
-        _atomic_write(path, lambda p: ase.io.write(p, r.images, format="extxyz"))
-        s = np.concatenate([[0.0], np.cumsum([np.linalg.norm(b.positions - a.positions)
-                                              for a, b in zip(r.images, r.images[1:])])])
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.plot(s, r.energies - r.energies[0], "o-")
-        ax.plot(s[r.climbing_image], r.barrier, "r*", ms=12, label="climbing image" if
-                r.images[r.climbing_image].info.get("climbing") else "highest image")
-        ax.set_xlabel("path length (Å)")
-        ax.set_ylabel("E - E(initial) (eV)")
-        ax.set_title(f"{name}: barrier {r.barrier:.3f} eV, ΔE {r.reaction_energy:.3f} eV"
-                     + ("" if r.converged else " (NOT converged)"), fontsize=8)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        png = out / f"{name}.png"
-        _atomic_write(png, lambda p: fig.savefig(p, format="png", dpi=100))
-        plt.close(fig)
-        files += [str(path), str(png)]
+    path = out / f"{name}.extxyz"
+    _atomic_write(path, lambda p: ase.io.write(p, r.images, format="extxyz"))
+    s = np.concatenate([[0.0], np.cumsum([np.linalg.norm(b.positions - a.positions)
+                                          for a, b in zip(r.images, r.images[1:])])])
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(s, r.energies - r.energies[0], "o-")
+    ax.plot(s[r.climbing_image], r.barrier, "r*", ms=12,
+            label="climbing image" if r.images[r.climbing_image].info.get("climbing") else "highest image")
+    ax.set_xlabel("path length (Å)")
+    ax.set_ylabel("E - E(initial) (eV)")
+    ax.set_title(f"{name}: barrier {r.barrier:.3f} eV, ΔE {r.reaction_energy:.3f} eV"
+                 + ("" if r.converged else " (NOT converged)"), fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = out / f"{name}.png"
+    _atomic_write(png, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    return [str(path), str(png)]
+
+
+def write_barriers(results, names: Sequence[str], output_dir) -> str:
+    """``barriers.csv``: one row per reaction (barrier, reaction energy, convergence, steps,
+    final fmax, climbing image, saddle check), written atomically. Returns its path."""
+    import csv
+    import io
+
     rows = [dict(reaction=name, barrier_eV=f"{r.barrier:.6f}", reaction_energy_eV=f"{r.reaction_energy:.6f}",
                  converged=r.converged, endpoints_converged=r.endpoints_converged, steps=r.steps,
                  fmax_eV_per_A=f"{r.fmax:.4f}", climbing_image=r.climbing_image,
@@ -414,8 +417,9 @@ def write_neb(results, names: Sequence[str], output_dir) -> List[str]:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(out / "barriers.csv", lambda p: Path(p).write_text(buffer.getvalue()))
-    return [str(out / "barriers.csv")] + files
+    path = Path(output_dir) / "barriers.csv"
+    _atomic_write(path, lambda p: Path(p).write_text(buffer.getvalue()))
+    return str(path)
 
 
 def neb_main(args) -> int:
@@ -434,9 +438,10 @@ def neb_main(args) -> int:
     results = neb(pairs, potential, n_images=args.images, climb=args.climb, fmax=args.fmax, k=args.k,
                   interpolation=args.interpolation, optimizer=args.optimizer, max_steps=args.max_steps,
                   relax_endpoints=not args.no_relax_endpoints, check_saddles=not args.no_saddle_check,
-                  progress=not args.no_progress)
+                  output_dir=args.output_dir, names=names, progress=not args.no_progress)
     seconds = time.perf_counter() - start
-    files = write_neb(results, names, args.output_dir)
+    files = [str(Path(args.output_dir) / n) for name in names for n in (f"{name}.extxyz", f"{name}.png")]
+    files = [str(Path(args.output_dir) / "barriers.csv")] + files
     print(f"{'reaction':30s} {'barrier/eV':>10s} {'dE/eV':>8s} {'steps':>6s} {'fmax':>7s}  status")
     for name, r in zip(names, results):
         status = "converged" if r.converged else ("NOT converged" + ("" if r.endpoints_converged else

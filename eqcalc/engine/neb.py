@@ -102,7 +102,7 @@ def band_layout(atoms_per_band: Sequence[int], n_interior: int, device) -> BandL
     first = np.concatenate([[0], np.cumsum(size)[:-1]])   # first row of each system
     n_rows, n_systems = int(size.sum()), B * M
     end_first = n_rows + np.concatenate([[0], np.cumsum(np.repeat(n, 2))[:-1]])  # rows of the ends in the path
-    prev_first = np.where(j == 0, end_first[2 * band], first - np.where(j == 0, 0, size))
+    prev_first = np.where(j == 0, end_first[2 * band], first - size)  # images of a band have equal sizes
     next_first = np.where(j == M - 1, end_first[2 * band + 1], first + size)
     row_system = np.repeat(np.arange(n_systems), size)
     atom = np.arange(n_rows) - first[row_system]
@@ -469,7 +469,7 @@ def verify_saddles(results: Sequence[NEBResult], potential, soft_cm1: float = SO
 def neb(reactions: Sequence, potential, n_images: int = 7, climb: bool = True, fmax: float = 0.03,
         interpolation: str = "idpp", k: Union[float, Sequence[float]] = 0.1, optimizer="fire",
         max_steps: int = 1000, relax_endpoints: bool = True, check_saddles: bool = True,
-        progress: bool = False) -> List[NEBResult]:
+        output_dir=None, names: Optional[Sequence[str]] = None, progress: bool = False) -> List[NEBResult]:
     """Minimum energy paths of ``reactions`` (``(initial, final)`` ASE Atoms pairs), all bands as one batch.
 
     ``potential``: a :class:`~eqcalc.md.ModelPotential`, a model name or ``.eqm`` path (or any
@@ -478,11 +478,15 @@ def neb(reactions: Sequence, potential, n_images: int = 7, climb: bool = True, f
     ``relax_endpoints=False``, for the end points (relaxed first, as one batch with
     :func:`eqcalc.relax.relax`); ``optimizer`` ``"fire"`` | ``"lbfgs"``; ``interpolation``
     ``"idpp"`` | ``"linear"``; ``check_saddles``: count the imaginary modes of each converged
-    climbing image (:func:`verify_saddles`). Returns one :class:`NEBResult` per reaction, in
-    order; a band that did not reach ``fmax`` within ``max_steps`` has ``converged=False``.
+    climbing image (:func:`verify_saddles`). With ``output_dir``, each band is written as it
+    leaves the batch (``NAME.extxyz`` and ``NAME.png``, ``names`` default ``reaction0``, ...) and
+    ``barriers.csv`` at the end (:mod:`eqcalc.drivers`). Returns one :class:`NEBResult` per
+    reaction, in order; a band that did not reach ``fmax`` within ``max_steps`` has
+    ``converged=False``.
     """
     from tqdm.auto import tqdm
 
+    from eqcalc.engine import drivers
     from eqcalc.errors import check_choice
 
     start = time.perf_counter()
@@ -503,6 +507,9 @@ def neb(reactions: Sequence, potential, n_images: int = 7, climb: bool = True, f
         pairs.append(tuple(to_ase(a).copy() for a in pair))
     if not pairs:
         raise InvalidOptionError("no reactions given; pass a list of (initial, final) pairs")
+    names = list(names) if names is not None else [f"reaction{r}" for r in range(len(pairs))]
+    if len(names) != len(pairs) or len(set(names)) != len(names):
+        raise InvalidOptionError(f"names={names!r} must be {len(pairs)} distinct names, one per reaction")
     k_bands = md._per_system("k", k, len(pairs), "cpu")  # checks the count and sign before any work
     for r, (a, b) in enumerate(pairs):
         _check_reaction(r, a, b)
@@ -543,9 +550,11 @@ def neb(reactions: Sequence, potential, n_images: int = 7, climb: bool = True, f
                 r = ids[b]
                 finished[r] = _band_result(state, b, bands[r], ends_flat[2 * r:2 * r + 2], end_energy[r],
                                            f_host[b], f_host[b] <= fmax, ends_ok[2 * r] and ends_ok[2 * r + 1])
-                log.info("reaction %d: %s after %d steps, barrier %.3f eV, fmax %.3f eV/Å", r,
+                log.info("%s: %s after %d steps, barrier %.3f eV, fmax %.3f eV/Å", names[r],
                          "converged" if f_host[b] <= fmax else "NOT converged", state.step,
                          finished[r].barrier, f_host[b])
+                if output_dir is not None:
+                    drivers.write_band(finished[r], names[r], output_dir)
             if all(done):
                 break
             if any(done):
@@ -558,6 +567,8 @@ def neb(reactions: Sequence, potential, n_images: int = 7, climb: bool = True, f
     results = [finished[r] for r in range(len(bands))]
     if check_saddles:
         verify_saddles(results, potential)
+    if output_dir is not None:
+        drivers.write_barriers(results, names, output_dir)
     log.info("NEB of %d reactions (%d images, %d atoms in the first batch) in %.1f s: %d converged",
              len(results), n_images, sum(len(b[0]) for b in bands) * (n_images - 2),
              time.perf_counter() - start, sum(r.converged for r in results))
