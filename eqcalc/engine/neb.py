@@ -208,7 +208,7 @@ def nudged_forces(state: NEBState) -> NEBState:
     w_next = torch.where(up, one, torch.where(down, zero, torch.where(rising, dv_max, dv_min)))
     w_prev = torch.where(up, zero, torch.where(down, one, torch.where(rising, dv_min, dv_max)))
     tau = seg.atoms(w_next) * t_next + seg.atoms(w_prev) * t_prev
-    tau = tau / seg.atoms(seg.dot(tau, tau).sqrt())
+    tau = tau / seg.atoms(seg.dot(tau, tau).sqrt().clamp(min=1e-300))  # two images on top of each other
     f_parallel = seg.dot(im.forces, tau)
     spring = state.k[L.band] * (seg.dot(t_next, t_next).sqrt() - seg.dot(t_prev, t_prev).sqrt())
     climbing = e.view(state.n_bands, L.n_interior).argmax(1)
