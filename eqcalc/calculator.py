@@ -66,12 +66,15 @@ class EquivariantCalculator(Calculator):
         if self.metadata.get("stress", True):
             self.implemented_properties.append("stress")
         self.neighbors = NeighborList(self.model.cutoff, skin=skin)
+        # what produced the results, as ASE records it (calc.todict(): ase.db, trajectories)
+        self.parameters.update(self.model.provenance(), skin=skin)
 
     def get_property(self, name, atoms=None, allow_calculation=True):
         return super().get_property(name, None if atoms is None else to_ase(atoms), allow_calculation)
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
+        # a pymatgen structure becomes Atoms first, so self.atoms stays comparable by ASE
+        super().calculate(None if atoms is None else to_ase(atoms), properties, system_changes)
         atoms = self.atoms
         validate(atoms, self.model.species)
         if "stress" in properties and not atoms.pbc.any():

@@ -13,7 +13,7 @@ optionally, direct forces from a force head. :class:`ForceStressModel` wraps any
 The wrapper is the unit that gets compiled (TorchScript / AOTInductor), so forces and stress
 live inside the compiled graph. Hessians run eagerly: a compiled graph holds no second backward.
 """
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -115,9 +115,15 @@ class ForceStressModel(torch.nn.Module):
         return result
 
 
+#: Edge-directions per vectorised backward pass of :func:`hessian`: each direction keeps its own
+#: copy of the per-edge intermediates (measured ~3-7 kB per edge and direction for SchNet/PaiNN),
+#: so 2**17 bounds the extra memory near 1 GB whatever the system size.
+HESSIAN_EDGE_BUDGET = 2 ** 17
+
+
 def hessian(model: torch.nn.Module, positions: Tensor, cell: Tensor, species: Tensor,
             edge_index: Tensor, shifts: Tensor, system: Tensor, rows: Tensor,
-            max_batch: int = 64) -> Tensor:
+            max_batch: Optional[int] = None) -> Tensor:
     """Rows ``rows`` of the Hessian ``∂²E/∂r∂r`` of a batch, eV/Å², float64.
 
     ``model`` is an energy model (what :class:`ForceStressModel` wraps); the other arguments are
@@ -125,10 +131,13 @@ def hessian(model: torch.nn.Module, positions: Tensor, cell: Tensor, species: Te
     into the positions; the result is ``(n_rows, 3 * n_atoms)``, zero outside each row's system.
 
     The forces are built once with their graph, then differentiated again, ``max_batch``
-    directions at a time in one vectorised backward pass (bounded memory). Systems of a batch do
+    directions at a time in one vectorised backward pass (default: as many as
+    :data:`HESSIAN_EDGE_BUDGET` allows for this many edges, at most 64: bounded memory). Systems of a batch do
     not interact, so one backward pass serves a row of every system at once: the number of
     passes is the largest number of rows in one system, not the total.
     """
+    if max_batch is None:
+        max_batch = max(1, min(64, HESSIAN_EDGE_BUDGET // max(int(edge_index.shape[1]), 1)))
     wrapper = ForceStressModel(model, forces="conservative", stress=False, create_graph=True)
     positions = positions.detach().to(torch.float64).requires_grad_(True)
     forces = wrapper(positions, cell, species, edge_index, shifts, system)[keys.FORCES]

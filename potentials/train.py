@@ -492,6 +492,57 @@ class _Dist:
             self.dist.destroy_process_group()
 
 
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: option → (test, what it must be); ``None`` is allowed where the default is ``None``.
+OPTION_RULES = {
+    "lr": (lambda v: _num(v) and v > 0, "a finite number > 0, e.g. 2e-3"),
+    "weight_decay": (lambda v: _num(v) and v >= 0, "a finite number >= 0"),
+    "warmup_steps": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "min_lr_ratio": (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "clip_grad": (lambda v: _num(v) and v > 0, "a finite number > 0"),
+    "ema_decay": (lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "val_every": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "patience": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "plateau_factor": (lambda v: _num(v) and 0 < v < 1, "a number in (0, 1)"),
+    "plateau_patience": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "max_steps": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "max_time_s": (lambda v: _num(v) and v > 0, "a number of seconds > 0"),
+    "stop_after_steps": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "seed": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "cutoff": (lambda v: _num(v) and v > 0, "a finite number of Å > 0"),
+    "threads": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "max_val_frames": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "max_force": (lambda v: _num(v) and v > 0, "a number of eV/Å > 0"),
+    **{k: (lambda v: _num(v) and v >= 0, "a finite number >= 0")
+       for k in ("energy_weight", "forces_weight", "stress_weight", "energy_grad_weight",
+                 "conservative_forces_weight")},
+}
+
+
+def check_options(cfg: Dict) -> None:
+    """:class:`InvalidOptionError` naming the first option outside :data:`OPTION_RULES`; the
+    output and work folders are checked writable here, before any training."""
+    for key, (ok, what) in OPTION_RULES.items():
+        value = cfg.get(key)
+        if value is None and DEFAULTS.get(key) is None:
+            continue
+        if not ok(value):
+            raise InvalidOptionError(f"training option {key}={value!r} must be {what}; fix it in the recipe "
+                                     f"or with --set {key}=...")
+    from eqcalc import outputs
+
+    outputs.writable_file(cfg["output"])
+    outputs.writable_dir(cfg["work_dir"])
+
+
 def train(config: Dict) -> Path:
     """Train per ``config`` (see the module docstring); returns the path of the model package.
 
@@ -515,6 +566,7 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     if unknown:
         raise InvalidOptionError(f"unknown training option(s) {unknown}; valid: {sorted(DEFAULTS)}")
     cfg = dict(DEFAULTS, **config)
+    check_options(cfg)
     ddp = ddp or _Dist()
     main = ddp.rank == 0
     if int(cfg["batch_size"]) < ddp.world:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Sequence, Union
 
@@ -46,13 +47,20 @@ from ase import units
 from torch import Tensor
 
 from eqcalc import keys
-from eqcalc.errors import InvalidOptionError, NonFiniteOutputError
+from eqcalc.errors import InvalidAtomsError, InvalidOptionError, UnstableSimulationError
 
 __all__ = ["MDState", "ModelPotential", "NVE", "Langevin", "NoseHooverChain", "Bussi",
            "THERMOSTATS", "make_integrator", "state_from_atoms", "maxwell_boltzmann",
            "kinetic_energy", "temperature", "degrees_of_freedom", "to_atoms"]
 
 PerSystem = Union[float, Sequence[float]]
+
+#: The per-system check after every step (:func:`check_physical`) stops a run whose temperature
+#: or largest force passes these. No sane simulation reaches them: hot MLIP MD runs stay below
+#: ~5000 K and forces in a thermalised solid or liquid below ~20 eV/Å (a relaxation may start
+#: near 100 eV/Å); an exploding run passes both within a few steps (issue 13: 3.1e6 K at step 5).
+MAX_TEMPERATURE_K = 1e5
+MAX_FORCE = 1e3  # eV/Å
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,9 +195,20 @@ def state_from_atoms(structures, device="cpu", species=None) -> MDState:
     t = to_tensors(structures, device)
     f64 = dict(dtype=torch.float64, device=device)
     fixed = torch.as_tensor(np.concatenate([fixed_mask(s) for s in structures]), device=device)
-    momenta = torch.as_tensor(np.concatenate([s.get_momenta() for s in structures]), **f64)
-    momenta = momenta * (~fixed).unsqueeze(1)
-    masses = torch.as_tensor(np.concatenate([s.get_masses() for s in structures]), **f64)
+    momenta = np.concatenate([s.get_momenta() for s in structures])
+    masses = np.concatenate([s.get_masses() for s in structures])
+    bad = np.where(~np.isfinite(momenta).all(1))[0]
+    if len(bad):
+        raise InvalidAtomsError(
+            f"momenta of atoms {bad[:10].tolist()} (counted over all inputs) are NaN or inf; set finite "
+            "momenta (atoms.set_momenta) or none, and let temperature_K draw them")
+    bad = np.where(~(np.isfinite(masses) & (masses > 0)))[0]
+    if len(bad):
+        raise InvalidAtomsError(
+            f"atoms {bad[:10].tolist()} (counted over all inputs) have masses {masses[bad[:10]].tolist()} amu; "
+            "every atom needs a finite mass > 0 (atoms.set_masses(), or leave ASE's defaults)")
+    momenta = torch.as_tensor(momenta, **f64) * (~fixed).unsqueeze(1)
+    masses = torch.as_tensor(masses, **f64)
     return MDState(positions=t.positions, momenta=momenta, masses=masses, numbers=t.numbers,
                    cell=t.cell, pbc=t.pbc, system=t.system, fixed=fixed)
 
@@ -288,13 +307,11 @@ class ModelPotential:
 def evaluate(state: MDState, potential, check: bool = True) -> MDState:
     """``state`` with energy, forces (zeroed on fixed atoms) and stress at its positions.
 
-    Positions are checked finite first (``check=False``: the caller already knows, as the
-    integrators do: :func:`_checked` tested the state at the end of the previous step)."""
-    # One reduction and one host sync: a NaN/inf anywhere makes the sum non-finite.
-    if check and not bool(torch.isfinite(state.positions.sum())):
-        raise NonFiniteOutputError(
-            f"positions became NaN/inf at step {state.step}; the simulation exploded. "
-            "Use a smaller timestep_fs or check the starting structure")
+    The state is checked finite first, so no NaN reaches the model (``check=False``: the caller
+    knows it is, as the integrators do: :func:`check_physical` passed at the end of their last
+    step, and the positions since moved by finite momenta)."""
+    if check:
+        check_physical(state, max_temperature_K=None, max_force=math.inf)
     out = potential(state)
     forces = out["forces"].masked_fill(state.fixed.unsqueeze(1), 0.0)
     return state.replace(energy=out["energy"], forces=forces, stress=out.get("stress"))
@@ -332,28 +349,106 @@ class NVE:
                               dof=degrees_of_freedom(state, self.conserves_momentum))
         if state.forces is None:
             state = evaluate(state, potential)
+        check_physical(state)  # a start that is already unphysical (e.g. absurd momenta)
         return self._init_thermostat(state)  # keeps variables a restarted state already has
 
     def _init_thermostat(self, state: MDState) -> MDState:
         return state
 
-    def verlet(self, state: MDState, potential, dt: float) -> MDState:
+    def verlet(self, state: MDState, potential, dt: float, check: bool = True) -> MDState:
+        """Velocity Verlet; ``check=False`` when the state was checked at the end of the last step
+        and nothing changed it since (plain NVE), so the positions it drifts to are finite."""
         p = torch.add(state.momenta, state.forces, alpha=0.5 * dt)
         state = state.replace(positions=_drift(state, p, dt), momenta=p, step=state.step + 1)
-        state = evaluate(state, potential, check=False)
+        state = evaluate(state, potential, check=check)
         return state.replace(momenta=torch.add(state.momenta, state.forces, alpha=0.5 * dt))
 
     def step(self, state: MDState, potential, generator: Optional[torch.Generator] = None) -> MDState:
-        return _checked(self.verlet(state, potential, self.dt))
+        return _checked(self.verlet(state, potential, self.dt, check=False))
 
 
 def _checked(state: MDState) -> MDState:
-    """``state`` if its positions and momenta are finite (one reduction, one host sync per step)."""
-    if not bool(torch.isfinite(state.momenta.sum() + state.positions.sum())):
-        raise NonFiniteOutputError(
-            f"positions or momenta became NaN/inf at step {state.step}; the simulation exploded. Use a smaller "
-            "timestep_fs or check the starting structure")
+    check_physical(state, positions=False)  # finite before the step, moved by momenta checked here
     return state
+
+
+def check_physical(state: MDState, max_temperature_K: Optional[float] = MAX_TEMPERATURE_K,
+                   max_force: float = MAX_FORCE, positions: bool = True) -> None:
+    """Raise :class:`~eqcalc.errors.UnstableSimulationError` naming the first system (and the
+    step) whose positions, momenta, forces, energy or stress are non-finite, whose temperature
+    exceeds ``max_temperature_K`` (``None``: not checked, e.g. in a relaxation) or whose largest
+    force exceeds ``max_force`` eV/Å. A screen of four small kernels and one host sync decides
+    (:func:`_within_limits`); the per-system diagnosis runs only when it does not pass.
+    ``positions=False`` leaves positions out of the screen where they are known finite (finite
+    before a step that moved them by finite momenta)."""
+    if _within_limits(state, max_temperature_K, max_force, positions):
+        return
+    S, system = state.n_systems, state.system
+    per_atom = torch.isfinite(state.positions).all(1) & torch.isfinite(state.momenta).all(1)
+    force = torch.zeros(S, dtype=torch.float64, device=state.device)
+    if state.forces is not None:
+        norms = state.forces.norm(dim=1)
+        per_atom = per_atom & torch.isfinite(norms)
+        force = force.scatter_reduce(0, system, torch.nan_to_num(norms, nan=math.inf), "amax")
+    finite = _segment_sum((~per_atom).to(torch.float64), system, S) == 0
+    if state.energy is not None:
+        finite = finite & torch.isfinite(state.energy)
+    if state.stress is not None:
+        finite = finite & torch.isfinite(state.stress).flatten(1).all(1)
+    hot = torch.zeros(S, dtype=torch.bool, device=state.device)
+    T = None
+    if max_temperature_K is not None and state.dof is not None:
+        T = temperature(state)
+        hot = ~(T <= max_temperature_K)
+    bad = ~finite | hot | ~(force <= max_force)
+    if not bool(bad.any()):
+        return
+    s = int(torch.nonzero(bad)[0])
+    if not bool(finite[s]):
+        what = "positions, momenta, forces or energy became NaN or inf"
+    elif bool(hot[s]):
+        what = f"the temperature reached {float(T[s]):.3g} K (> {max_temperature_K:.0e} K)"
+    else:
+        what = f"a force reached {float(force[s]):.3g} eV/Å (> {max_force:.0e} eV/Å)"
+    raise UnstableSimulationError(
+        f"system {s} left physics at step {state.step}: {what}. The time step is probably too large "
+        "for it (1-2 fs for metals, 0.5 fs with hydrogen), atoms came too close, or the structure is "
+        "far outside the model's training data", system=s, step=state.step)
+
+
+_SCREENS: list = []  # [(weakref to masses, key, weights)], most recent first; see _within_limits
+
+
+def _within_limits(state: MDState, max_temperature_K: Optional[float], max_force: float,
+                   positions: bool = True) -> bool:
+    """A sufficient condition for :func:`check_physical` to pass, in four kernels and one sync:
+    every ``x w`` over (positions,) momenta, forces, energy and stress lies in (-1, 1), with
+    weights ``w``: 0 for what must only be finite (``0 * inf`` and NaN propagate), ``sqrt(3) /
+    max_force`` on force components (so every force is below ``max_force``), and
+    ``sqrt(3 / (m_i kB max_temperature_K))`` on the momentum components of atom ``i`` (so
+    ``p_i² / m_i < kB max_temperature_K`` for every atom, and a system's temperature
+    ``sum p_i² / m_i / (dof kB)`` stays below the limit since its moving atoms never outnumber its
+    degrees of freedom; fixed atoms carry no momentum). The weights are built once per masses
+    tensor and field shapes."""
+    fields = [n for n in ("positions", "momenta", "forces", "energy", "stress")
+              if getattr(state, n) is not None and (positions or n != "positions")]
+    tensors = [getattr(state, n) for n in fields]
+    key = (tuple(fields), tuple(t.shape for t in tensors),
+           max_temperature_K if state.dof is not None else None, max_force)
+    weights = next((w for ref, k, w in _SCREENS if ref() is state.masses and k == key), None)
+    if weights is None:
+        def weight(name, t):
+            if name == "momenta" and key[2] is not None:
+                return (3.0 / (state.masses * units.kB * max_temperature_K)).sqrt().unsqueeze(1).expand(-1, 3)
+            if name == "forces":
+                return torch.full_like(t, math.sqrt(3.0) / max_force, dtype=torch.float64)
+            return torch.zeros_like(t, dtype=torch.float64)
+
+        weights = torch.cat([weight(n, t).reshape(-1) for n, t in zip(fields, tensors)])
+        _SCREENS.insert(0, (weakref.ref(state.masses), key, weights))
+        del _SCREENS[8:]
+    low, high = torch.aminmax(torch.cat([t.reshape(-1) for t in tensors]) * weights)
+    return bool((low > -1.0) & (high < 1.0))
 
 
 class _Thermostat(NVE):

@@ -221,8 +221,12 @@ def nudged_forces(state: NEBState) -> NEBState:
 
 
 def evaluate(state: NEBState, potential) -> NEBState:
-    """One model call on all interior images of the batch, then the NEB forces."""
-    return nudged_forces(state.replace(images=md.evaluate(state.images, potential)))
+    """One model call on all interior images of the batch, then the NEB forces. A non-finite or
+    absurd energy or force raises :class:`~eqcalc.errors.UnstableSimulationError` (its system:
+    the image's index in the batch)."""
+    images = md.evaluate(state.images.replace(step=state.step), potential)
+    md.check_physical(images, max_temperature_K=None)  # never a NaN fmax reported as a result
+    return nudged_forces(state.replace(images=images))
 
 
 def step(state: NEBState, potential) -> NEBState:
@@ -484,12 +488,44 @@ def neb(reactions: Sequence, potential, n_images: int = 7, climb: bool = True, f
     reaction, in order; a band that did not reach ``fmax`` within ``max_steps`` has
     ``converged=False``.
     """
-    from tqdm.auto import tqdm
-
+    from eqcalc import outputs
     from eqcalc.engine import drivers
-    from eqcalc.errors import check_choice
 
     start = time.perf_counter()
+    pairs, names, k_bands = _checked_inputs(reactions, n_images, fmax, interpolation, max_steps, k, names)
+    optimizer = make_optimizer(optimizer)
+    potential = _as_potential(potential)
+    lock = outputs.FolderLock(outputs.writable_dir(output_dir)).acquire() if output_dir is not None else None
+    try:
+        ends, ends_ok, end_energy = _endpoints(pairs, potential, fmax, max_steps, relax_endpoints)
+        t = time.perf_counter()
+        bands = []
+        for r in range(len(pairs)):
+            _check_distinct(r, ends[2 * r], ends[2 * r + 1], relaxed=relax_endpoints)
+            bands.append(interpolate(ends[2 * r], ends[2 * r + 1], n_images, interpolation))
+        _check_overlaps(bands)
+        log.info("%s interpolation of %d bands x %d images in %.1f s", interpolation, len(bands), n_images,
+                 time.perf_counter() - t)
+        results = _run_bands(bands, ends, ends_ok, end_energy, k_bands, climb, optimizer, fmax, max_steps,
+                             potential, names, output_dir, progress)
+        if check_saddles:
+            verify_saddles(results, potential)
+        if output_dir is not None:
+            drivers.write_barriers(results, names, output_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+    log.info("NEB of %d reactions (%d images, %d atoms in the first batch) in %.1f s: %d converged",
+             len(results), n_images, sum(len(b[0]) for b in bands) * (n_images - 2),
+             time.perf_counter() - start, sum(r.converged for r in results))
+    return results
+
+
+def _checked_inputs(reactions, n_images, fmax, interpolation, max_steps, k, names):
+    """``(pairs, names, k per band)`` from :func:`neb`'s arguments, or a typed error naming the fix."""
+    from eqcalc.atoms import to_ase
+    from eqcalc.errors import check_choice
+
     check_fmax(fmax)
     check_choice("interpolation", interpolation, INTERPOLATIONS)
     if not (isinstance(n_images, int) and n_images >= 3):
@@ -497,49 +533,49 @@ def neb(reactions: Sequence, potential, n_images: int = 7, climb: bool = True, f
                                  "count); 5-9 is usual")
     if not (isinstance(max_steps, int) and max_steps >= 0):
         raise InvalidOptionError(f"max_steps={max_steps!r} must be an integer >= 0")
-    optimizer = make_optimizer(optimizer)
     pairs = []
     for r, pair in enumerate(reactions):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise InvalidOptionError(f"reaction {r} is {type(pair).__name__}; give (initial, final) pairs of Atoms")
-        from eqcalc.atoms import to_ase
-
         pairs.append(tuple(to_ase(a).copy() for a in pair))
     if not pairs:
         raise InvalidOptionError("no reactions given; pass a list of (initial, final) pairs")
     names = list(names) if names is not None else [f"reaction{r}" for r in range(len(pairs))]
     if len(names) != len(pairs) or len(set(names)) != len(names):
         raise InvalidOptionError(f"names={names!r} must be {len(pairs)} distinct names, one per reaction")
-    k_bands = md._per_system("k", k, len(pairs), "cpu")  # checks the count and sign before any work
+    k_bands = md._per_system("k", k, len(pairs), "cpu")
     for r, (a, b) in enumerate(pairs):
         _check_reaction(r, a, b)
         _check_distinct(r, a, b, relaxed=False)
-    potential = _as_potential(potential)
-    device = getattr(getattr(potential, "model", None), "device", "cpu")
-    species = getattr(potential, "species", None)
+    return pairs, names, k_bands
 
-    ends_flat = [a for pair in pairs for a in pair]
+
+def _endpoints(pairs, potential, fmax, max_steps, relax_endpoints):
+    """End points ``[initial0, final0, initial1, ...]`` with energies and forces (relaxed as one
+    batch unless ``relax_endpoints`` is False), whether each converged, energies ``(n_bands, 2)``."""
+    ends = [a for pair in pairs for a in pair]
     if relax_endpoints:
-        res = relax(ends_flat, potential, fmax=fmax, max_steps=max_steps)
-        ends_flat, ends_ok = res.structures, res.converged
-        log.info("relaxed %d end points as one batch in %.1f s (%d steps at most%s)", len(ends_flat),
-                 res.seconds, max(res.steps), "" if all(ends_ok) else f"; NOT converged: {ends_ok.count(False)}")
+        res = relax(ends, potential, fmax=fmax, max_steps=max_steps)
+        ends, ok = res.structures, res.converged
+        log.info("relaxed %d end points as one batch in %.1f s (%d steps at most%s)", len(ends), res.seconds,
+                 max(res.steps), "" if all(ok) else f"; NOT converged: {ok.count(False)}")
     else:
-        st = md.evaluate(md.state_from_atoms(ends_flat, device, species), potential)
-        ends_flat, ends_ok = md.to_atoms(st, ends_flat), [True] * len(ends_flat)
-    end_energy = np.array([a.get_potential_energy() for a in ends_flat]).reshape(-1, 2)
+        device = getattr(getattr(potential, "model", None), "device", "cpu")
+        state = md.evaluate(md.state_from_atoms(ends, device, getattr(potential, "species", None)), potential)
+        ends, ok = md.to_atoms(state, ends), [True] * len(ends)
+    return ends, ok, np.array([a.get_potential_energy() for a in ends]).reshape(-1, 2)
 
-    t = time.perf_counter()
-    bands = []
-    for r in range(len(pairs)):
-        initial, final = ends_flat[2 * r], ends_flat[2 * r + 1]
-        _check_distinct(r, initial, final, relaxed=relax_endpoints)
-        bands.append(interpolate(initial, final, n_images, interpolation))
-    _check_overlaps(bands)
-    log.info("%s interpolation of %d bands x %d images in %.1f s", interpolation, len(bands), n_images,
-             time.perf_counter() - t)
 
-    state = evaluate(init(bands, end_energy, k_bands, climb, optimizer, device, species), potential)
+def _run_bands(bands, ends_flat, ends_ok, end_energy, k_bands, climb, optimizer, fmax, max_steps, potential,
+               names, output_dir, progress) -> List[NEBResult]:
+    """The loop of :func:`neb`: step the batch, hand out each band as it converges."""
+    from tqdm.auto import tqdm
+
+    from eqcalc.engine import drivers
+
+    device = getattr(getattr(potential, "model", None), "device", "cpu")
+    state = evaluate(init(bands, end_energy, k_bands, climb, optimizer, device, getattr(potential, "species", None)),
+                     potential)
     ids = list(range(len(bands)))       # input index of each band still in the batch
     finished = {}
     with tqdm(total=max_steps, disable=not progress, unit="step", desc="neb") as bar:
@@ -564,12 +600,4 @@ def neb(reactions: Sequence, potential, n_images: int = 7, climb: bool = True, f
             bar.set_postfix(bands=len(ids), fmax=f"{max(f for f, d in zip(f_host, done) if not d):.3f}")
             bar.update(1)
             state = step(state, potential)
-    results = [finished[r] for r in range(len(bands))]
-    if check_saddles:
-        verify_saddles(results, potential)
-    if output_dir is not None:
-        drivers.write_barriers(results, names, output_dir)
-    log.info("NEB of %d reactions (%d images, %d atoms in the first batch) in %.1f s: %d converged",
-             len(results), n_images, sum(len(b[0]) for b in bands) * (n_images - 2),
-             time.perf_counter() - start, sum(r.converged for r in results))
-    return results
+    return [finished[r] for r in range(len(bands))]

@@ -258,7 +258,10 @@ class _Coordinates:
 
 def relax(structures: Sequence, potential, fmax: float = 0.05, max_steps: int = 500, cell: bool = False,
           optimizer="fire") -> RelaxResult:
-    """Relax ASE ``structures`` as one batch with ``potential`` (a :class:`~eqcalc.md.ModelPotential`).
+    """Relax ``structures`` (ASE Atoms or pymatgen Structures) as one batch with ``potential``
+    (a :class:`~eqcalc.md.ModelPotential`). A system with non-finite energy, forces or stress, or
+    a force above :data:`eqcalc.md.MAX_FORCE`, raises
+    :class:`~eqcalc.errors.UnstableSimulationError` naming it and the step.
 
     ``optimizer``: ``"fire"`` | ``"lbfgs"`` or a :class:`FIRE` / :class:`LBFGS` with own parameters.
     A system leaves the batch at the step it converges and is not evaluated again; every system
@@ -270,7 +273,9 @@ def relax(structures: Sequence, potential, fmax: float = 0.05, max_steps: int = 
         raise InvalidOptionError(f"max_steps={max_steps!r} must be an integer >= 0")
     start = time.perf_counter()
     device = getattr(getattr(potential, "model", None), "device", "cpu")
-    structures = [s.copy() for s in structures]
+    from eqcalc.atoms import to_ase
+
+    structures = [to_ase(s).copy() for s in structures]
     state = md.state_from_atoms(structures, device, getattr(potential, "species", None))
     coords = _Coordinates(state, cell)
     x = coords.initial(state)
@@ -279,7 +284,8 @@ def relax(structures: Sequence, potential, fmax: float = 0.05, max_steps: int = 
     finished = {}                       # input index -> (final state of that system, fmax, steps)
     step = 0
     while True:
-        state, g = coords.evaluate(state, x, potential)
+        state, g = coords.evaluate(state.replace(step=step), x, potential)
+        md.check_physical(state, max_temperature_K=None)  # never a NaN fmax reported as a result
         f_sys = coords.seg.max_norm(g)
         leaving = f_sys <= fmax if step < max_steps else torch.ones_like(f_sys, dtype=torch.bool)
         if bool(leaving.any()):  # the step's one host sync while nothing leaves
