@@ -262,3 +262,43 @@ def test_overlapping_atoms_raise_before_the_model_runs(model):
     atoms = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 0.05]], cell=[8, 8, 8], pbc=True)
     with pytest.raises(InvalidAtomsError, match="overlap"):
         run_md([atoms], md.ModelPotential(model), md.NVE(1.0), 1)
+
+
+def test_physical_screen_never_passes_what_the_full_check_refuses(monkeypatch):
+    """check_physical decides with a cheap screen (largest weighted component) and runs the
+    per-system diagnosis only when the screen does not pass. Over states from cold to far past
+    the temperature and force limits, with NaN/inf planted in every field, whenever the screen
+    passes the diagnosis passes too; and it passes ordinary thermal states."""
+    from eqcalc.errors import UnstableSimulationError
+
+    h2o = molecule("H2O")
+    h2o.center(vacuum=4.0)
+    slab = cu_slab()
+    slab.set_constraint(FixAtoms(indices=[0, 1, 2]))
+    base = md.NVE(1.0).init(md.state_from_atoms([slab, h2o, bulk("Cu", cubic=True)]), MorsePotential())
+    generator = torch.Generator().manual_seed(0)
+
+    def full_check_passes(state):
+        with monkeypatch.context() as m:
+            m.setattr(md, "_within_limits", lambda *a, **k: False)
+            try:
+                md.check_physical(state)
+                return True
+            except UnstableSimulationError:
+                return False
+
+    screened = 0
+    for temperature in (300.0, 3e4, 3e5, 1e6, 1e7):
+        for force_scale in (1.0, 1e3, 1e4, 3e4):
+            for poison in (None, "positions", "momenta", "forces", "energy", "stress"):
+                state = md.maxwell_boltzmann(base, temperature, generator)
+                state = state.replace(forces=state.forces * force_scale)
+                if poison is not None:
+                    t = getattr(state, poison).clone()
+                    t.view(-1)[int(torch.randint(t.numel(), (1,), generator=generator))] = float("nan")
+                    state = state.replace(**{poison: t})
+                if md._within_limits(state, md.MAX_TEMPERATURE_K, md.MAX_FORCE):
+                    screened += 1
+                    assert full_check_passes(state), (temperature, force_scale, poison)
+    assert screened >= 4  # ordinary states do pass the screen (300 K up to 3e4 K, ordinary forces)
+    assert md._within_limits(md.maxwell_boltzmann(base, 300.0, generator), md.MAX_TEMPERATURE_K, md.MAX_FORCE)
