@@ -31,6 +31,8 @@ recipes in ``potentials/recipes/*.yaml`` are such dicts); every key has a defaul
 ``work_dir``        checkpoint, plots and metrics; ``output``: the model package path.
 ``threads``         torch intra-op threads while training (restored afterwards); None leaves them.
 ``max_force``       drop frames with any force component above this (eV/Å) from all splits
+``select``          the model written: "best" (EMA weights with the lowest validation loss) or
+                    "last" (EMA weights at the end of the schedule)
                     (EMT puts H atoms rattled into the surface at up to ~90 eV/Å; such outliers
                     would dominate an MSE loss); the count goes into the metadata.
 ``resume``          continue from ``work_dir/checkpoint.pt`` exactly where it stopped.
@@ -119,6 +121,7 @@ DEFAULTS: Dict = {
     "plots": True,
     "max_val_frames": None,
     "max_force": None,
+    "select": "best",
 }
 
 
@@ -521,6 +524,7 @@ OPTION_RULES = {
     "threads": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "max_val_frames": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "max_force": (lambda v: _num(v) and v > 0, "a number of eV/Å > 0"),
+    "select": (lambda v: v in ("best", "last"), "'best' or 'last'"),
     **{k: (lambda v: _num(v) and v >= 0, "a finite number >= 0")
        for k in ("energy_weight", "forces_weight", "stress_weight", "energy_grad_weight",
                  "conservative_forces_weight")},
@@ -754,8 +758,8 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
         ddp.barrier()  # the checkpoint is on disk before any rank returns
         return ckpt_path  # interrupted on purpose: resume later with resume=True
 
-    # ---- final model: best EMA weights on validation ----
-    model.load_state_dict(best_state)
+    # ---- final model: the EMA weights with the best validation loss, or those at the end ----
+    model.load_state_dict(best_state if cfg["select"] == "best" else ema.shadow)
     model.eval()
     rank_hashes = ddp.gather(weights_sha256(model))
     if not main:
@@ -765,7 +769,7 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     test = evaluate(model, test_batches, weights, force_mode) if test_batches else {}
     val = evaluate(model, val_batches, weights, force_mode)
     metrics = {
-        "test": test, "val": val, "steps": state["step"], "best_step": state["best_step"],
+        "test": test, "val": val, "steps": state["step"], "best_step": state["best_step"], "select": cfg["select"],
         "stopped_early": stopped_early, "train_time_s": round(state["train_time"], 1),
         "wall_time_s": round(time.perf_counter() - started, 1),
         "test_energy_mae_meV_per_atom": test.get("energy_mae_meV_per_atom"),
