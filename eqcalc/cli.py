@@ -200,7 +200,8 @@ EPILOGS = {
              "  eqcalc relax inputs/*.extxyz --db results.db   # this machine; a rerun skips what is done",
     "neb": "example:\n  eqcalc neb is.extxyz fs.extxyz --images 7 --fmax 0.03 --output-dir hop\n"
            "  eqcalc neb o_fcc.xyz o_hcp.xyz vac_a.xyz vac_b.xyz --images 9 --optimizer lbfgs --output-dir paths\n"
-           "  eqcalc neb a.extxyz b.extxyz --no-relax-endpoints --interpolation linear --no-climb",
+           "  eqcalc neb a.extxyz b.extxyz --no-relax-endpoints --interpolation linear --no-climb\n"
+           "  eqcalc neb a_is.xyz a_fs.xyz b_is.xyz b_fs.xyz --scheduler tcp://head:8786 --db neb.db   # on a Dask cluster",
     "adsorption": "example:\n  eqcalc adsorption pt111.extxyz --adsorbate CO --fmax 0.05 --output-dir co_pt111\n"
                   "  eqcalc adsorption cu111.extxyz --adsorbate O --sites ontop hollow --distance 1.5\n"
                   "  eqcalc adsorption slabs/*.extxyz --adsorbate O OH CO --scheduler tcp://head:8786 --db ads.db",

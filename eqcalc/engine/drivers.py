@@ -508,6 +508,7 @@ def add_neb_arguments(parser) -> None:
     parser.add_argument("--skin", type=nonnegative_float, default=0.5, help="neighbor-list skin, Å")
     parser.add_argument("--output-dir", default="eqcalc-neb", help="folder for bands, barriers.csv and profiles")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _screening().add_arguments(parser)
 
 
 def write_band(result, name: str, output_dir) -> List[str]:
@@ -564,6 +565,8 @@ def write_barriers(results, names: Sequence[str], output_dir) -> str:
 def neb_main(args) -> int:
     from eqcalc.engine.neb import neb
 
+    if _screening().requested(args):
+        return _screening().neb_main(args)
     if len(args.inputs) % 2:
         raise InvalidOptionError(f"got {len(args.inputs)} structure files; give them in pairs: INITIAL FINAL "
                                  "[INITIAL FINAL ...]")

@@ -189,11 +189,11 @@ class Relax(_OneStructure):
     name: ClassVar[str] = "relax"
 
     def __post_init__(self):  # here on the client, not once per input on the workers
-        from eqcalc.engine.relax import OPTIMIZERS
+        from eqcalc.engine.relax import check_fmax, make_optimizer
 
-        _check_positive("fmax", self.fmax, "eV/Å, e.g. 0.05")
+        check_fmax(self.fmax)
         _check_count("max_steps", self.max_steps)
-        check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        make_optimizer(self.optimizer)
 
     def settings(self) -> Dict:
         return asdict(self)
@@ -285,10 +285,15 @@ class NEB:
     name: ClassVar[str] = "neb"
 
     def __post_init__(self):
-        _check_positive("fmax", self.fmax, "eV/Å, e.g. 0.03")
+        from eqcalc.engine.neb import INTERPOLATIONS
+        from eqcalc.engine.relax import check_fmax, make_optimizer
+
+        check_fmax(self.fmax)
         _check_positive("k", self.k, "eV/Å², e.g. 0.1")
         _check_count("n_images", self.n_images, 3)
         _check_count("max_steps", self.max_steps)
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        make_optimizer(self.optimizer)
 
     def settings(self) -> Dict:
         return asdict(self)
