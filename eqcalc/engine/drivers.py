@@ -364,6 +364,15 @@ def read_structures(paths: Sequence[str]) -> List:
     return out
 
 
+def read_pairs(paths: Sequence[str]) -> List[tuple]:
+    """``INITIAL FINAL [INITIAL FINAL ...]`` files → ``[(initial, final), ...]`` Atoms."""
+    if len(paths) % 2:
+        raise InvalidOptionError(f"got {len(paths)} structure files; give them in pairs: INITIAL FINAL "
+                                 "[INITIAL FINAL ...]")
+    structures = read_structures(paths)
+    return list(zip(structures[0::2], structures[1::2]))
+
+
 def unique_names(paths: Sequence[str]) -> List[str]:
     """File stems, made unique with their index where two inputs share a stem."""
     stems = [Path(p).stem for p in paths]
@@ -567,12 +576,8 @@ def neb_main(args) -> int:
 
     if _screening().requested(args):
         return _screening().neb_main(args)
-    if len(args.inputs) % 2:
-        raise InvalidOptionError(f"got {len(args.inputs)} structure files; give them in pairs: INITIAL FINAL "
-                                 "[INITIAL FINAL ...]")
-    structures = read_structures(args.inputs)
+    pairs = read_pairs(args.inputs)
     outputs.writable_dir(args.output_dir)  # before the work, not after it
-    pairs = list(zip(structures[0::2], structures[1::2]))
     stems = unique_names(args.inputs)
     names = unique_names([f"{a}-{b}" for a, b in zip(stems[0::2], stems[1::2])])
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile,

@@ -957,17 +957,13 @@ def adsorption_main(args) -> int:
 
 def neb_main(args) -> int:
     """``eqcalc neb INITIAL FINAL ... --scheduler/--db``: one row per reaction (name ``INITIAL -> FINAL``)."""
-    from eqcalc.engine.drivers import read_structures
+    from eqcalc.engine.drivers import read_pairs
 
-    if len(args.inputs) % 2:
-        raise InvalidOptionError(f"got {len(args.inputs)} structure files; give them in pairs: INITIAL FINAL "
-                                 "[INITIAL FINAL ...]")
     kind = NEB(n_images=args.images, climb=args.climb, fmax=args.fmax, interpolation=args.interpolation, k=args.k,
                optimizer=args.optimizer, max_steps=args.max_steps, relax_endpoints=not args.no_relax_endpoints,
                check_saddles=not args.no_saddle_check)
-    structures = read_structures(args.inputs)
     jobs = [Job(name=f"{a} -> {b}", item=pair) for a, b, pair in
-            zip(args.inputs[0::2], args.inputs[1::2], zip(structures[0::2], structures[1::2]))]
+            zip(args.inputs[0::2], args.inputs[1::2], read_pairs(args.inputs))]
 
     def describe(report):
         return [f"  {job.name:40s} barrier {o.values['barrier_eV']:8.4f} eV  dE {o.values['reaction_energy_eV']:8.4f} eV  "
