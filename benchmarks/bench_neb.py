@@ -23,6 +23,8 @@ cell boundary (28-31 atoms each, slabs with the bottom layer fixed).
   → ``neb_same_images.csv``.
 * ``--what accuracy``: barriers of the five reactions with EMT (ASE's, through the engine) and
   with the model → ``neb_accuracy.csv`` and ``neb_accuracy.png`` (mean absolute error).
+* ``--what saddles``: the saddle check (imaginary modes of each climbing image from the model's
+  Hessian) of the five reactions converged to ``--saddle-fmax`` → ``neb_saddles_MODEL_DTYPE.csv``.
 * ``--what relax``: atom evaluations of ``eqcalc.relax`` with converged systems leaving the batch
   against what the former loop evaluated (every system until the last converged), on 16 slabs with
   the model; and the engine's per-step overhead against torch-sim 0.3.0 with zero-cost
@@ -162,6 +164,25 @@ def accuracy(model, args) -> list:
         print(f"{r['reaction']:36s} EMT {r['barrier_emt_eV']:.3f} eV, {args.model} {r['barrier_model_eV']:.3f} eV "
               f"({1e3 * r['error_eV']:+.0f} meV)")
     print(f"barrier MAE {np.mean([abs(r['error_eV']) for r in rows]):.3f} eV")
+    return rows
+
+
+def saddles(model, args) -> list:
+    """The saddle check of each reaction's climbing image with the model's Hessian (the five bands
+    in one batch, fmax ``--saddle-fmax``): imaginary modes above the soft-mode floor and the list."""
+    from eqcalc.engine import md
+    from eqcalc.neb import neb
+
+    pairs = [f() for f in REACTIONS.values()]
+    t = time.perf_counter()
+    bands = neb(pairs, md.ModelPotential(model), n_images=N_IMAGES, fmax=args.saddle_fmax, k=K)
+    seconds = time.perf_counter() - t
+    rows = [dict(reaction=name, imaginary_modes=r.imaginary_modes, saddle_check=r.saddle_check,
+                 barrier_eV=r.barrier, converged=r.converged, fmax=args.saddle_fmax, model=args.model,
+                 dtype=model.dtype, wall_s=seconds, load=load())
+            for name, r in zip(REACTIONS, bands)]
+    for r in rows:
+        print(f"{r['reaction']:36s} {r['saddle_check']}")
     return rows
 
 
@@ -409,11 +430,12 @@ def plot_relax(rows, path: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", nargs="+", choices=["speed", "same-images", "accuracy", "relax"], default=["speed"])
+    p.add_argument("--what", nargs="+", choices=["speed", "same-images", "accuracy", "saddles", "relax"], default=["speed"])
     p.add_argument("--model", default="default")
     p.add_argument("--compile", default="eager", help="eager | torchscript | aoti (both sides)")
     p.add_argument("--dtype", default=None, help="default: the model's own")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--saddle-fmax", type=float, default=0.01, help="fmax of the --what saddles bands, eV/Å")
     p.add_argument("--overhead-systems", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--blocks", type=int, default=40, help="interleaved NVE timing blocks")
     p.add_argument("--block-steps", type=int, default=25)
@@ -440,6 +462,8 @@ def main(argv=None) -> None:
         rows = accuracy(model, args)
         write_csv(out / "neb_accuracy.csv", rows, sha)
         plot_accuracy(rows, out / "neb_accuracy.png")
+    if "saddles" in args.what:
+        write_csv(out / f"neb_saddles_{args.model}_{model.dtype}.csv".replace("torch.", ""), saddles(model, args), sha)
     if "relax" in args.what:
         rows = relax_rows(model, args)
         write_csv(out / "relax_engine.csv", rows, sha)
