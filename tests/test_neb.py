@@ -259,8 +259,8 @@ def test_cli_writes_band_table_and_profile_and_fails_on_unconverged(tmp_path, ca
 
 def test_saddle_check_with_the_model_hessian():
     """A model with second derivatives (the shipped SchNet): the converged climbing image of an
-    O hop on Cu(100) has one imaginary mode, the initial state none; EMT has no eqcalc model
-    and the default PaiNN file no smooth second derivatives: both say "not checked"."""
+    O hop on Cu(100) has one imaginary mode, the initial state none; EMT has no eqcalc model:
+    it says "not checked"."""
     from eqcalc.model import Model
     from eqcalc.workflows.vibrations import summary, vibrations
 
