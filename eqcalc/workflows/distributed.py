@@ -827,7 +827,7 @@ def _site_row(plan, k: int, needs: Tuple[str, str]) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------
-# command line: --scheduler / --db / --batch-atoms on eqcalc relax, adsorption, md
+# command line: --scheduler / --db / --batch-atoms on eqcalc relax, adsorption, md, neb
 # ----------------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
     """The screening options of a batch command."""
