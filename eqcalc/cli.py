@@ -198,6 +198,10 @@ EPILOGS = {
              "  eqcalc relax Cu.cif --cell --fmax 0.01 --optimizer lbfgs --output-dir relaxed\n"
              "  eqcalc relax inputs/*.extxyz --scheduler tcp://head:8786 --db results.db   # on a Dask cluster\n"
              "  eqcalc relax inputs/*.extxyz --db results.db   # this machine; a rerun skips what is done",
+    "neb": "example:\n  eqcalc neb is.extxyz fs.extxyz --images 7 --fmax 0.03 --output-dir hop\n"
+           "  eqcalc neb o_fcc.xyz o_hcp.xyz vac_a.xyz vac_b.xyz --images 9 --optimizer lbfgs --output-dir paths\n"
+           "  eqcalc neb a.extxyz b.extxyz --no-relax-endpoints --interpolation linear --no-climb\n"
+           "  eqcalc neb a_is.xyz a_fs.xyz b_is.xyz b_fs.xyz --scheduler tcp://head:8786 --db neb.db   # on a Dask cluster",
     "adsorption": "example:\n  eqcalc adsorption pt111.extxyz --adsorbate CO --fmax 0.05 --output-dir co_pt111\n"
                   "  eqcalc adsorption cu111.extxyz --adsorbate O --sites ontop hollow --distance 1.5\n"
                   "  eqcalc adsorption slabs/*.extxyz --adsorbate O OH CO --scheduler tcp://head:8786 --db ads.db",
@@ -281,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("relax", "relax all inputs as one batch (FIRE, FixAtoms, optional cell for bulk)")
     drivers.add_relax_arguments(c)
     c.set_defaults(func=drivers.relax_main)
+
+    c = command("neb", "minimum energy paths and barriers (climbing-image NEB) of many reactions as one batch")
+    drivers.add_neb_arguments(c)
+    c.set_defaults(func=drivers.neb_main)
 
     from eqcalc.workflows import adsorption, phonons, vibrations
 

@@ -1,8 +1,11 @@
-"""A cheap analytic potential for engine tests: smooth Morse pairs through ForceStressModel.
+"""Cheap potentials for engine tests: smooth Morse pairs through ForceStressModel, and ASE's EMT.
 
 Thermostat statistics need thousands of steps; an untrained network gives no physics worth the
-cost there, and this pair potential costs well under a millisecond per step for ~100 atoms.
+cost there, and the Morse pair potential costs well under a millisecond per step for ~100 atoms.
+EMT through the engine (``EMTPotential``) lets engine results be compared with ASE's own drivers
+running ``EMT()`` step for step (NEB, relaxation).
 """
+import numpy as np
 import torch
 
 from eqcalc import keys
@@ -48,3 +51,35 @@ class MorsePotential:
         out = self.wrapper(state.positions, state.cell, torch.zeros_like(state.numbers), edge_index,
                            shifts.to(torch.float64), state.system)
         return {"energy": out[keys.ENERGY], "forces": out[keys.FORCES], "stress": out[keys.STRESS]}
+
+
+class EMTPotential:
+    """ASE's EMT on each system of an engine batch, one system after another: reference physics
+    for engine tests (exact agreement with ASE drivers using ``EMT()`` directly). ``atom_evaluations``
+    counts the atoms evaluated."""
+
+    def __init__(self):
+        self.atom_evaluations = 0
+
+    def reset(self):
+        pass
+
+    def __call__(self, state):
+        from ase import Atoms
+        from ase.calculators.emt import EMT
+
+        pos, num = state.positions.cpu().numpy(), state.numbers.cpu().numpy()
+        cell, pbc = state.cell.cpu().numpy(), state.pbc.cpu().numpy()
+        counts = torch.bincount(state.system, minlength=state.n_systems).tolist()
+        energy, forces, stress, start = [], [], [], 0
+        for s, n in enumerate(counts):
+            atoms = Atoms(num[start:start + n], positions=pos[start:start + n], cell=cell[s], pbc=pbc[s])
+            atoms.calc = EMT()
+            energy.append(atoms.get_potential_energy())
+            forces.append(atoms.get_forces())
+            stress.append(atoms.get_stress(voigt=False) if pbc[s].all() else np.zeros((3, 3)))
+            start += n
+        self.atom_evaluations += start
+        f64 = dict(dtype=torch.float64, device=state.device)
+        return {"energy": torch.tensor(energy, **f64), "forces": torch.tensor(np.concatenate(forces), **f64),
+                "stress": torch.tensor(np.stack(stress), **f64)}

@@ -20,6 +20,7 @@ from distributed import Client, LocalCluster
 from eqcalc.cli import main
 from eqcalc.engine import md
 from eqcalc.engine.drivers import run_md
+from eqcalc.engine.neb import neb
 from eqcalc.engine.relax import relax
 from eqcalc.errors import ModelFileError
 from eqcalc.model import Model
@@ -57,6 +58,23 @@ def cluster():
 def client(cluster):
     with Client(cluster) as c:
         yield c
+
+
+def hops(n):
+    """``n`` small reactions: O hopping fcc → hcp on Pt(111) 2x2x3 and Cu(111) 2x2x3 (bottom layer fixed)."""
+    from ase.build import add_adsorbate
+
+    pairs = []
+    for k in range(n):
+        ends = []
+        for site in ("fcc", "hcp"):
+            s = fcc111(("Pt", "Cu")[k % 2], (2, 2, 3), vacuum=5.0)
+            add_adsorbate(s, "O", 1.3 + 0.05 * k, site)
+            s.info.pop("adsorbate_info", None)
+            s.set_constraint(FixAtoms(mask=s.get_tags() == 3))
+            ends.append(s)
+        pairs.append(tuple(ends))
+    return pairs
 
 
 def small_structures(n):
@@ -258,6 +276,24 @@ def test_nve_on_the_cluster_equals_one_local_batch(client, ref, potential, tmp_p
         assert r.data["step"].tolist() == [0, 5, 10, 15, 20] and r.momenta.any()
 
 
+def test_neb_on_the_cluster_equals_one_local_batch(client, ref, potential, tmp_path):
+    pairs = hops(4)
+    settings = dict(n_images=5, fmax=0.05, max_steps=6, relax_endpoints=False, check_saddles=False)
+    report = dist.neb(client, pairs, ref, names=[f"hop{k}" for k in range(4)], db=str(tmp_path / "neb.db"),
+                      batch_atoms=70, progress=False, **settings)  # 13 atoms x 5 images: one band a batch
+    local = neb(pairs, potential, **settings)
+    assert report.done == 4 and sum(w["batches"] for w in report.workers.values()) == 4
+    table = {r.name: r for r in rows(tmp_path / "neb.db")}
+    for k, (o, band) in enumerate(zip(report.outcomes, local)):
+        assert o.values["barrier_eV"] == pytest.approx(band.barrier, abs=1e-8)
+        np.testing.assert_allclose(o.data["energies"], band.energies, atol=1e-8)
+        np.testing.assert_allclose(o.data["positions"], [a.positions for a in band.images], atol=1e-8)
+        r = table[f"hop{k}"]
+        assert r.kind == "neb" and r.status == "done" and r.steps == band.steps
+        assert r.energy == pytest.approx(band.energies[band.climbing_image], abs=1e-8)  # the row is the climbing image
+        assert r.reaction_energy_eV == pytest.approx(band.reaction_energy, abs=1e-8)
+
+
 def test_the_commands_with_scheduler(cluster, model_path, tmp_path, capsys):
     files = []
     for k, a in enumerate(small_structures(3)):
@@ -287,6 +323,16 @@ def test_the_commands_with_scheduler(cluster, model_path, tmp_path, capsys):
     code = main(["md", *files, "--ensemble", "nve", "--steps", "4", "--interval", "2", *common,
                  "--output-dir", str(tmp_path / "md"), "--no-progress"])
     assert code == 0 and len(rows(tmp_path / "md" / "results.db")) == 3
+
+    ends = []
+    for k, pair in enumerate(hops(2)):
+        for end, atoms in zip(("is", "fs"), pair):
+            ends.append(str(tmp_path / f"hop{k}_{end}.extxyz"))
+            ase.io.write(ends[-1], atoms)
+    code = main(["neb", *ends, "--images", "5", "--fmax", "10", "--no-saddle-check", *common,
+                 "--output-dir", str(tmp_path / "neb"), "--no-progress"])
+    assert code == 0
+    assert sorted(r.name for r in rows(tmp_path / "neb" / "results.db")) == [f"{a} -> {b}" for a, b in zip(ends[::2], ends[1::2])]
 
 
 def _run(code, cwd):

@@ -9,7 +9,7 @@ stay fast; everything comparing to ASE uses a real (small, float64) PaiNN packag
 import numpy as np
 import pytest
 import torch
-from ase import units
+from ase import Atoms, units
 from ase.build import add_adsorbate, bulk, fcc100, fcc111, molecule
 from ase.constraints import FixAtoms, FixBondLength
 
@@ -262,3 +262,67 @@ def test_overlapping_atoms_raise_before_the_model_runs(model):
     atoms = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 0.05]], cell=[8, 8, 8], pbc=True)
     with pytest.raises(InvalidAtomsError, match="overlap"):
         run_md([atoms], md.ModelPotential(model), md.NVE(1.0), 1)
+
+
+def test_physical_screen_never_passes_what_the_full_check_refuses(monkeypatch):
+    """check_physical decides with a cheap sufficient screen (md._within_limits: every momentum
+    component below sqrt(m kB T_max / 3), every force component below F_max / sqrt(3), everything
+    finite) and runs the per-system diagnosis only when the screen does not pass. The screen is
+    strict by design (Maxwell-Boltzmann momenta at 3e4 K already cross it at 1.05 sigma; the
+    diagnosis then decides), so its soundness is tested at its boundary: states scaled to just
+    inside and just outside it, thermal ones and the worst case for the temperature bound (every
+    component at the bound, with a lone atom whose dof is clamped to 1), with NaN planted in every
+    field. The screen passes exactly the states inside its bound, and the diagnosis passes
+    every one of them."""
+    from eqcalc.errors import UnstableSimulationError
+
+    h2o = molecule("H2O")
+    h2o.center(vacuum=4.0)
+    slab = cu_slab()  # 4 fixed atoms: no momenta, dof 3 per free atom
+    lone = Atoms("Cu", positions=[[4.0, 4.0, 4.0]], cell=[8, 8, 8], pbc=True)
+    base = md.NVE(1.0).init(md.state_from_atoms([slab, h2o, bulk("Cu", cubic=True), lone]), MorsePotential())
+    free = (~base.fixed).unsqueeze(1).to(torch.float64)
+    p_bound = (base.masses * units.kB * md.MAX_TEMPERATURE_K / 3).sqrt().unsqueeze(1)
+    f_bound = md.MAX_FORCE / np.sqrt(3.0)
+    generator = torch.Generator().manual_seed(0)
+
+    def full_check_passes(state):
+        with monkeypatch.context() as m:
+            m.setattr(md, "_within_limits", lambda *a, **k: False)
+            try:
+                md.check_physical(state)
+                return True
+            except UnstableSimulationError:
+                return False
+
+    def signs(shape):
+        return torch.randint(0, 2, shape, generator=generator).to(torch.float64) * 2 - 1
+
+    screened = 0
+    for shape in ("thermal", "corner"):
+        for u in (0.5, 0.999, 1.001):  # largest momentum component / its bound
+            for v in (0.5, 0.999, 1.001):  # largest force component / its bound
+                if shape == "thermal":
+                    p = md.maxwell_boltzmann(base, 1000.0, generator, conserves_momentum=False).momenta
+                    p = p * u / (p.abs() / p_bound).max()
+                    f = base.forces * v * f_bound / base.forces.abs().max()
+                else:
+                    p = u * p_bound * signs(base.momenta.shape) * free
+                    f = v * f_bound * signs(base.forces.shape)
+                for poison in (None, "positions", "momenta", "forces", "energy", "stress"):
+                    state = base.replace(momenta=p, forces=f)
+                    if poison is not None:
+                        t = getattr(state, poison).clone()
+                        t.view(-1)[int(torch.randint(t.numel(), (1,), generator=generator))] = float("nan")
+                        state = state.replace(**{poison: t})
+                    passes = md._within_limits(state, md.MAX_TEMPERATURE_K, md.MAX_FORCE)
+                    assert passes == (u < 1 and v < 1 and poison is None), (shape, u, v, poison)
+                    if passes:
+                        screened += 1
+                        assert full_check_passes(state), (shape, u, v)
+    assert screened == 8
+    # the corner state at the bound is within 0.2 % of the temperature limit for the lone atom
+    corner = base.replace(momenta=0.999 * p_bound * free.expand(-1, 3))
+    assert float(md.temperature(corner)[3]) > 0.99 * md.MAX_TEMPERATURE_K
+    # and an ordinary thermal state with its own forces passes the screen
+    assert md._within_limits(md.maxwell_boltzmann(base, 300.0, generator), md.MAX_TEMPERATURE_K, md.MAX_FORCE)

@@ -109,3 +109,23 @@ def test_relax_rejects_bad_options(model):
         relax(systems()[:1], md.ModelPotential(model), fmax=-1)
     with pytest.raises(InvalidOptionError, match="optimizer"):
         relax(systems()[:1], md.ModelPotential(model), optimizer="newton")
+
+
+@pytest.mark.parametrize("optimizer,cell", [("fire", False), ("lbfgs", False), ("fire", True)])
+def test_converged_systems_leave_the_batch(optimizer, cell):
+    """A system is evaluated only until it converges, and follows the path it follows alone (EMT:
+    ASE's own physics through the engine)."""
+    from tests.md_potentials import EMTPotential
+
+    inputs = systems()
+    pot = EMTPotential()
+    batch = relax(inputs, pot, fmax=0.02, optimizer=optimizer, cell=cell)
+    assert all(batch.converged) and len(set(batch.steps)) == len(inputs)
+    n = [len(a) for a in inputs]
+    assert pot.atom_evaluations == sum(n_s * (s + 1) for n_s, s in zip(n, batch.steps))
+    for k, atoms in enumerate(inputs):
+        alone = relax([atoms], EMTPotential(), fmax=0.02, optimizer=optimizer, cell=cell)
+        assert alone.steps[0] == batch.steps[k]
+        np.testing.assert_allclose(alone.structures[0].positions, batch.structures[k].positions, atol=1e-10)
+        np.testing.assert_allclose(alone.structures[0].cell.array, batch.structures[k].cell.array, atol=1e-10)
+        assert alone.energy[0] == pytest.approx(batch.energy[k], abs=1e-10)

@@ -364,6 +364,15 @@ def read_structures(paths: Sequence[str]) -> List:
     return out
 
 
+def read_pairs(paths: Sequence[str]) -> List[tuple]:
+    """``INITIAL FINAL [INITIAL FINAL ...]`` files → ``[(initial, final), ...]`` Atoms."""
+    if len(paths) % 2:
+        raise InvalidOptionError(f"got {len(paths)} structure files; give them in pairs: INITIAL FINAL "
+                                 "[INITIAL FINAL ...]")
+    structures = read_structures(paths)
+    return list(zip(structures[0::2], structures[1::2]))
+
+
 def unique_names(paths: Sequence[str]) -> List[str]:
     """File stems, made unique with their index where two inputs share a stem."""
     stems = [Path(p).stem for p in paths]
@@ -476,3 +485,118 @@ def relax_main(args) -> int:
               f"{'converged' if ok else 'NOT converged'} -> {path}")
     print(f"relaxed {len(structures)} systems as one batch ({args.optimizer}) in {result.seconds:.1f} s")
     return 0 if all(result.converged) else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# eqcalc neb
+# ----------------------------------------------------------------------------------------------
+def add_neb_arguments(parser) -> None:
+    """Options of ``eqcalc neb``."""
+    import argparse
+
+    from eqcalc.cli import nonnegative_float, nonnegative_int, positive_float
+
+    parser.add_argument("inputs", nargs="+", metavar="INITIAL FINAL",
+                        help="end points in pairs (extxyz, POSCAR, ...): INITIAL FINAL [INITIAL FINAL ...]; "
+                             "all bands run as one batch")
+    add_model_arguments(parser)
+    parser.add_argument("--images", type=int, default=7, help="images per band, end points included (>= 3)")
+    parser.add_argument("--climb", action=argparse.BooleanOptionalAction, default=True,
+                        help="climbing image (default: on)")
+    parser.add_argument("--fmax", type=positive_float, default=0.03,
+                        help="force threshold on the band and end points, eV/Å")
+    parser.add_argument("--k", type=positive_float, default=0.1, help="spring constant, eV/Å²")
+    parser.add_argument("--interpolation", default="idpp", help="idpp | linear (minimum image on periodic cells)")
+    parser.add_argument("--optimizer", default="fire", help="fire | lbfgs (per band, as ASE's)")
+    parser.add_argument("--max-steps", type=nonnegative_int, default=1000, help="optimizer steps at most")
+    parser.add_argument("--no-relax-endpoints", action="store_true", help="use the end points as given")
+    parser.add_argument("--no-saddle-check", action="store_true",
+                        help="skip counting imaginary modes at the climbing images (autograd Hessian of the "
+                             "free atoms; a band whose climbing image is not a first-order saddle makes the "
+                             "exit code 1, like a band that did not converge)")
+    parser.add_argument("--skin", type=nonnegative_float, default=0.5, help="neighbor-list skin, Å")
+    parser.add_argument("--output-dir", default="eqcalc-neb", help="folder for bands, barriers.csv and profiles")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _screening().add_arguments(parser)
+
+
+def write_band(result, name: str, output_dir) -> List[str]:
+    """``NAME.extxyz`` (the band: energies, forces, FixAtoms) and ``NAME.png`` (energy profile
+    along the path length), each written atomically. Returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r, out = result, Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.extxyz"
+    outputs.write_atoms(path, r.images)
+    s = np.concatenate([[0.0], np.cumsum([np.linalg.norm(b.positions - a.positions)
+                                          for a, b in zip(r.images, r.images[1:])])])
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(s, r.energies - r.energies[0], "o-")
+    ax.plot(s[r.climbing_image], r.barrier, "r*", ms=12,
+            label="climbing image" if r.images[r.climbing_image].info.get("climbing") else "highest image")
+    ax.set_xlabel("path length (Å)")
+    ax.set_ylabel("E - E(initial) (eV)")
+    ax.set_title(f"{name}: barrier {r.barrier:.3f} eV, ΔE {r.reaction_energy:.3f} eV"
+                 + ("" if r.converged else " (NOT converged)"), fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = out / f"{name}.png"
+    outputs.replace_atomically(png, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return [str(path), str(png)]
+
+
+def write_barriers(results, names: Sequence[str], output_dir) -> str:
+    """``barriers.csv``: one row per reaction (barrier, reaction energy, convergence, steps,
+    final fmax, climbing image, saddle check), written atomically. Returns its path."""
+    import csv
+    import io
+
+    rows = [dict(reaction=name, barrier_eV=f"{r.barrier:.6f}", reaction_energy_eV=f"{r.reaction_energy:.6f}",
+                 converged=r.converged, endpoints_converged=r.endpoints_converged, steps=r.steps,
+                 fmax_eV_per_A=f"{r.fmax:.4f}", climbing_image=r.climbing_image,
+                 imaginary_modes="" if r.imaginary_modes is None else r.imaginary_modes,
+                 saddle_check=r.saddle_check)
+            for name, r in zip(names, results)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    path = Path(output_dir) / "barriers.csv"
+    outputs.replace_atomically(path, lambda f: f.write(buffer.getvalue().encode()))
+    return str(path)
+
+
+def neb_main(args) -> int:
+    from eqcalc.engine.neb import neb
+
+    if _screening().requested(args):
+        return _screening().neb_main(args)
+    pairs = read_pairs(args.inputs)
+    outputs.writable_dir(args.output_dir)  # before the work, not after it
+    stems = unique_names(args.inputs)
+    names = unique_names([f"{a}-{b}" for a, b in zip(stems[0::2], stems[1::2])])
+    potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile,
+                                  dtype=args.dtype, skin=args.skin)
+    start = time.perf_counter()
+    results = neb(pairs, potential, n_images=args.images, climb=args.climb, fmax=args.fmax, k=args.k,
+                  interpolation=args.interpolation, optimizer=args.optimizer, max_steps=args.max_steps,
+                  relax_endpoints=not args.no_relax_endpoints, check_saddles=not args.no_saddle_check,
+                  output_dir=args.output_dir, names=names, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    files = [str(Path(args.output_dir) / n) for name in names for n in (f"{name}.extxyz", f"{name}.png")]
+    files = [str(Path(args.output_dir) / "barriers.csv")] + files
+    print(f"{'reaction':30s} {'barrier/eV':>10s} {'dE/eV':>8s} {'steps':>6s} {'fmax':>7s}  status")
+    for name, r in zip(names, results):
+        status = "converged" if r.converged else ("NOT converged" + ("" if r.endpoints_converged else
+                                                                     " (end points not relaxed)"))
+        print(f"{name:30s} {r.barrier:10.4f} {r.reaction_energy:8.4f} {r.steps:6d} {r.fmax:7.4f}  {status}; "
+              f"saddle {r.saddle_check}")
+    print(f"{len(results)} bands x {args.images} images in {seconds:.1f} s; wrote {', '.join(files[:3])}"
+          f"{' ...' if len(files) > 3 else ''}")
+    failed_saddles = [r for r in results if r.imaginary_modes is not None and r.imaginary_modes != 1]
+    return 0 if all(r.converged for r in results) and not failed_saddles else 1

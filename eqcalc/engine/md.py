@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Sequence, Union
 
@@ -101,7 +102,28 @@ class MDState:
         return self.positions.device
 
     def replace(self, **changes) -> "MDState":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (tensors shared, not copied). Cheaper than
+        ``dataclasses.replace`` (no ``__init__`` round trip): integrators call it every step."""
+        if not changes.keys() <= self.__dict__.keys():
+            raise TypeError(f"MDState has no field(s) {sorted(set(changes) - set(self.__dict__))}")
+        new = object.__new__(type(self))
+        new.__dict__ = {**self.__dict__, **changes}
+        return new
+
+    def select(self, keep: Tensor) -> "MDState":
+        """The systems where ``keep`` ``(n_systems,)`` bool is True, renumbered in order (how
+        converged systems leave a batch). Thermostat variables are not carried: a state with
+        some raises :class:`InvalidOptionError`."""
+        if self.thermostat:
+            raise InvalidOptionError("select() drops systems of a state without thermostat variables only; "
+                                     "select before the integrator's init")
+        atoms = keep[self.system]
+        system = torch.cumsum(keep.to(torch.int64), 0)[self.system[atoms]] - 1
+        per_atom = {k: getattr(self, k)[atoms] for k in ("positions", "momenta", "masses", "numbers", "fixed")}
+        per_system = {k: getattr(self, k)[keep] for k in ("cell", "pbc", "energy", "stress", "dof")
+                      if getattr(self, k) is not None}
+        forces = None if self.forces is None else self.forces[atoms]
+        return self.replace(system=system, forces=forces, **per_atom, **per_system)
 
 
 def _segment_sum(values: Tensor, system: Tensor, n_systems: int) -> Tensor:
@@ -282,11 +304,16 @@ class ModelPotential:
                 "stress": out[keys.STRESS].to(torch.float64)}
 
 
-def evaluate(state: MDState, potential) -> MDState:
-    """``state`` with energy, forces (zeroed on fixed atoms) and stress at its positions."""
-    check_physical(state, max_temperature_K=None, max_force=math.inf)  # no NaN into the model
+def evaluate(state: MDState, potential, check: bool = True) -> MDState:
+    """``state`` with energy, forces (zeroed on fixed atoms) and stress at its positions.
+
+    The state is checked finite first, so no NaN reaches the model (``check=False``: the caller
+    knows it is, as the integrators do: :func:`check_physical` passed at the end of their last
+    step, and the positions since moved by finite momenta)."""
+    if check:
+        check_physical(state, max_temperature_K=None, max_force=math.inf)
     out = potential(state)
-    forces = out["forces"] * (~state.fixed).unsqueeze(1)
+    forces = out["forces"].masked_fill(state.fixed.unsqueeze(1), 0.0)
     return state.replace(energy=out["energy"], forces=forces, stress=out.get("stress"))
 
 
@@ -299,7 +326,7 @@ def _check_timestep(timestep_fs: float) -> None:
 
 
 def _drift(state: MDState, momenta: Tensor, dt: float) -> Tensor:
-    return state.positions + dt * momenta / state.masses.unsqueeze(1)
+    return torch.addcdiv(state.positions, momenta, state.masses.unsqueeze(1), value=dt)
 
 
 @dataclass(frozen=True)
@@ -328,27 +355,34 @@ class NVE:
     def _init_thermostat(self, state: MDState) -> MDState:
         return state
 
-    def verlet(self, state: MDState, potential, dt: float) -> MDState:
-        p = state.momenta + 0.5 * dt * state.forces
+    def verlet(self, state: MDState, potential, dt: float, check: bool = True) -> MDState:
+        """Velocity Verlet; ``check=False`` when the state was checked at the end of the last step
+        and nothing changed it since (plain NVE), so the positions it drifts to are finite."""
+        p = torch.add(state.momenta, state.forces, alpha=0.5 * dt)
         state = state.replace(positions=_drift(state, p, dt), momenta=p, step=state.step + 1)
-        state = evaluate(state, potential)
-        return state.replace(momenta=state.momenta + 0.5 * dt * state.forces)
+        state = evaluate(state, potential, check=check)
+        return state.replace(momenta=torch.add(state.momenta, state.forces, alpha=0.5 * dt))
 
     def step(self, state: MDState, potential, generator: Optional[torch.Generator] = None) -> MDState:
-        return _checked(self.verlet(state, potential, self.dt))
+        return _checked(self.verlet(state, potential, self.dt, check=False))
 
 
 def _checked(state: MDState) -> MDState:
-    check_physical(state)
+    check_physical(state, positions=False)  # finite before the step, moved by momenta checked here
     return state
 
 
 def check_physical(state: MDState, max_temperature_K: Optional[float] = MAX_TEMPERATURE_K,
-                   max_force: float = MAX_FORCE) -> None:
+                   max_force: float = MAX_FORCE, positions: bool = True) -> None:
     """Raise :class:`~eqcalc.errors.UnstableSimulationError` naming the first system (and the
     step) whose positions, momenta, forces, energy or stress are non-finite, whose temperature
     exceeds ``max_temperature_K`` (``None``: not checked, e.g. in a relaxation) or whose largest
-    force exceeds ``max_force`` eV/Å. A few small kernels and one host sync."""
+    force exceeds ``max_force`` eV/Å. A screen of four small kernels and one host sync decides
+    (:func:`_within_limits`); the per-system diagnosis runs only when it does not pass.
+    ``positions=False`` leaves positions out of the screen where they are known finite (finite
+    before a step that moved them by finite momenta)."""
+    if _within_limits(state, max_temperature_K, max_force, positions):
+        return
     S, system = state.n_systems, state.system
     per_atom = torch.isfinite(state.positions).all(1) & torch.isfinite(state.momenta).all(1)
     force = torch.zeros(S, dtype=torch.float64, device=state.device)
@@ -380,6 +414,41 @@ def check_physical(state: MDState, max_temperature_K: Optional[float] = MAX_TEMP
         f"system {s} left physics at step {state.step}: {what}. The time step is probably too large "
         "for it (1-2 fs for metals, 0.5 fs with hydrogen), atoms came too close, or the structure is "
         "far outside the model's training data", system=s, step=state.step)
+
+
+_SCREENS: list = []  # [(weakref to masses, key, weights)], most recent first; see _within_limits
+
+
+def _within_limits(state: MDState, max_temperature_K: Optional[float], max_force: float,
+                   positions: bool = True) -> bool:
+    """A sufficient condition for :func:`check_physical` to pass, in four kernels and one sync:
+    every ``x w`` over (positions,) momenta, forces, energy and stress lies in (-1, 1), with
+    weights ``w``: 0 for what must only be finite (``0 * inf`` and NaN propagate), ``sqrt(3) /
+    max_force`` on force components (so every force is below ``max_force``), and
+    ``sqrt(3 / (m_i kB max_temperature_K))`` on the momentum components of atom ``i`` (so
+    ``p_i² / m_i < kB max_temperature_K`` for every atom, and a system's temperature
+    ``sum p_i² / m_i / (dof kB)`` stays below the limit since its moving atoms never outnumber its
+    degrees of freedom; fixed atoms carry no momentum). The weights are built once per masses
+    tensor and field shapes."""
+    fields = [n for n in ("positions", "momenta", "forces", "energy", "stress")
+              if getattr(state, n) is not None and (positions or n != "positions")]
+    tensors = [getattr(state, n) for n in fields]
+    key = (tuple(fields), tuple(t.shape for t in tensors),
+           max_temperature_K if state.dof is not None else None, max_force)
+    weights = next((w for ref, k, w in _SCREENS if ref() is state.masses and k == key), None)
+    if weights is None:
+        def weight(name, t):
+            if name == "momenta" and key[2] is not None:
+                return (3.0 / (state.masses * units.kB * max_temperature_K)).sqrt().unsqueeze(1).expand(-1, 3)
+            if name == "forces":
+                return torch.full_like(t, math.sqrt(3.0) / max_force, dtype=torch.float64)
+            return torch.zeros_like(t, dtype=torch.float64)
+
+        weights = torch.cat([weight(n, t).reshape(-1) for n, t in zip(fields, tensors)])
+        _SCREENS.insert(0, (weakref.ref(state.masses), key, weights))
+        del _SCREENS[8:]
+    low, high = torch.aminmax(torch.cat([t.reshape(-1) for t in tensors]) * weights)
+    return bool((low > -1.0) & (high < 1.0))
 
 
 class _Thermostat(NVE):
@@ -421,7 +490,7 @@ class Langevin(_Thermostat):
         noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
         p = (c * p + torch.sqrt((1.0 - c * c) * m * kT) * noise) * free               # O
         r = r + 0.5 * dt * p / m                                                      # A
-        state = evaluate(state.replace(positions=r, momenta=p, step=state.step + 1), potential)
+        state = evaluate(state.replace(positions=r, momenta=p, step=state.step + 1), potential, check=False)
         return _checked(state.replace(momenta=state.momenta + 0.5 * dt * state.forces))  # B
 
 

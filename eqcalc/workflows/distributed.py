@@ -189,11 +189,11 @@ class Relax(_OneStructure):
     name: ClassVar[str] = "relax"
 
     def __post_init__(self):  # here on the client, not once per input on the workers
-        from eqcalc.engine.relax import OPTIMIZERS
+        from eqcalc.engine.relax import check_fmax, make_optimizer
 
-        _check_positive("fmax", self.fmax, "eV/Å, e.g. 0.05")
+        check_fmax(self.fmax)
         _check_count("max_steps", self.max_steps)
-        check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        make_optimizer(self.optimizer)
 
     def settings(self) -> Dict:
         return asdict(self)
@@ -285,10 +285,15 @@ class NEB:
     name: ClassVar[str] = "neb"
 
     def __post_init__(self):
-        _check_positive("fmax", self.fmax, "eV/Å, e.g. 0.03")
+        from eqcalc.engine.neb import INTERPOLATIONS
+        from eqcalc.engine.relax import check_fmax, make_optimizer
+
+        check_fmax(self.fmax)
         _check_positive("k", self.k, "eV/Å², e.g. 0.1")
         _check_count("n_images", self.n_images, 3)
         _check_count("max_steps", self.max_steps)
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        make_optimizer(self.optimizer)
 
     def settings(self) -> Dict:
         return asdict(self)
@@ -822,7 +827,7 @@ def _site_row(plan, k: int, needs: Tuple[str, str]) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------
-# command line: --scheduler / --db / --batch-atoms on eqcalc relax, adsorption, md
+# command line: --scheduler / --db / --batch-atoms on eqcalc relax, adsorption, md, neb
 # ----------------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
     """The screening options of a batch command."""
@@ -952,17 +957,13 @@ def adsorption_main(args) -> int:
 
 def neb_main(args) -> int:
     """``eqcalc neb INITIAL FINAL ... --scheduler/--db``: one row per reaction (name ``INITIAL -> FINAL``)."""
-    from eqcalc.engine.drivers import read_structures
+    from eqcalc.engine.drivers import read_pairs
 
-    if len(args.inputs) % 2:
-        raise InvalidOptionError(f"got {len(args.inputs)} structure files; give them in pairs: INITIAL FINAL "
-                                 "[INITIAL FINAL ...]")
     kind = NEB(n_images=args.images, climb=args.climb, fmax=args.fmax, interpolation=args.interpolation, k=args.k,
                optimizer=args.optimizer, max_steps=args.max_steps, relax_endpoints=not args.no_relax_endpoints,
                check_saddles=not args.no_saddle_check)
-    structures = read_structures(args.inputs)
     jobs = [Job(name=f"{a} -> {b}", item=pair) for a, b, pair in
-            zip(args.inputs[0::2], args.inputs[1::2], zip(structures[0::2], structures[1::2]))]
+            zip(args.inputs[0::2], args.inputs[1::2], read_pairs(args.inputs))]
 
     def describe(report):
         return [f"  {job.name:40s} barrier {o.values['barrier_eV']:8.4f} eV  dE {o.values['reaction_energy_eV']:8.4f} eV  "
