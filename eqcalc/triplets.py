@@ -11,13 +11,13 @@ smaller than the cutoff have many). That excluded edge is the reverse of ``j→i
 Index tensors are built with sort, cumsum and repeat_interleave: no Python loop over atoms or
 edges, no ``.item()``, no data-dependent Python branch, so TorchScript and
 ``make_fx(tracing_mode="symbolic")`` (AOTInductor) take them; the triplet count is a size known
-only at run time. :func:`check_memory` estimates the memory of a batch's triplets before a
-model allocates it.
+only at run time. :func:`plan` estimates the memory of a batch's triplets before a model
+allocates it and splits the batch into pieces that fit.
 """
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -80,18 +80,38 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def check_memory(edge_index: Tensor, n_atoms: int, bytes_per_triplet: float,
-                 device: torch.device) -> int:
-    """Raise :class:`SystemTooLargeError` when the triplets of this batch need more memory
-    (``bytes_per_triplet``, the model's estimate) than ``device`` has available; else return
-    the triplet count. Called before the model runs, so nothing large was allocated yet."""
-    n = count(edge_index, n_atoms)
-    need = n * float(bytes_per_triplet)
+#: Largest piece of a batch evaluated at once on the CPU: its throughput is flat well below this,
+#: and a smaller peak leaves memory to whatever else runs on the machine.
+CPU_PIECE_BYTES = 2 * 2**30
+
+
+def plan(edge_index: Tensor, system: Tensor, n_systems: int, bytes_per_triplet: float,
+         device: torch.device) -> List[Tuple[int, int]]:
+    """Consecutive system ranges ``[(first, stop), ...]`` whose triplets each fit in half the
+    available memory (at most :data:`CPU_PIECE_BYTES` on the CPU), estimated from the triplet
+    count before anything is allocated. One range when the batch fits. Raises
+    :class:`SystemTooLargeError`, naming the sizes, when a single system needs more than the
+    available memory."""
+    n_atoms = int(system.shape[0])
+    degree = _degrees(edge_index[0], n_atoms)
+    per_edge = (degree[edge_index[1]] - 1).to(torch.float64)
+    per_system = torch.zeros(n_systems, dtype=torch.float64, device=per_edge.device).index_add(
+        0, system[edge_index[0]], per_edge).tolist()
     have = available_memory(device)
-    if need > have:
-        raise SystemTooLargeError(
-            f"this batch has {n:,} triplets (angle terms) for {int(edge_index.shape[1]):,} edges and "
-            f"{n_atoms:,} atoms; the model needs about {need / 2**30:.1f} GiB for them but "
-            f"{have / 2**30:.1f} GiB are available on {device}. Evaluate fewer or smaller systems per "
-            "call, or use a model without angle terms (e.g. 'painn', 'mace')")
-    return n
+    budget = have / 2 if device.type == "cuda" else min(have / 2, CPU_PIECE_BYTES)
+    pieces: List[Tuple[int, int]] = []
+    first, used = 0, 0.0
+    for s, n in enumerate(per_system):
+        need = n * float(bytes_per_triplet)
+        if need > have:
+            atoms = int((system == s).sum())
+            raise SystemTooLargeError(
+                f"system {s} ({atoms:,} atoms) has {int(n):,} triplets (angle terms); the model "
+                f"needs about {need / 2**30:.1f} GiB for them but {have / 2**30:.1f} GiB are available "
+                f"on {device}. Use a smaller system, or a model without angle terms (e.g. 'painn', 'mace')")
+        if s > first and used + need > budget:
+            pieces.append((first, s))
+            first, used = s, 0.0
+        used += need
+    pieces.append((first, n_systems))
+    return pieces

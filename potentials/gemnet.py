@@ -94,8 +94,10 @@ class EfficientBilinear(torch.nn.Module):
         """``x_kj`` ``(n_edges, T)``, ``radial`` ``(n_edges, L, N)``, ``angular`` ``(n_triplets, L)``."""
         n_edges = radial.shape[0]
         gathered = x_kj.index_select(0, kj)                                    # (n_triplets, T)
-        summed = torch.stack([scatter_sum(gathered * angular[:, l:l + 1], ji, n_edges)
-                              for l in range(self.num_spherical)], dim=1)        # (n_edges, L, T)
+        # One (n_triplets,) column per degree via unbind: slicing columns instead would cost a
+        # full-size zero fill per degree in the backward pass.
+        summed = torch.stack([scatter_sum(gathered * y.unsqueeze(1), ji, n_edges)
+                              for y in angular.unbind(1)], dim=1)                # (n_edges, L, T)
         r = torch.einsum("eln,lnc->ecl", radial, self.radial)                  # (n_edges, C, L)
         return self.weight(torch.bmm(r, summed).reshape(n_edges, -1))
 
@@ -253,6 +255,14 @@ class GemNetT(Potential):
         self.outputs = torch.nn.ModuleList([Output(c) for _ in range(c.num_interactions)])
         self.force_head = EdgeForces() if c.direct_forces else NoEdgeForces()
         init_weights_(self)
+
+    @torch.jit.unused
+    def bytes_per_triplet(self) -> float:
+        """Peak memory per triplet of an inference call with forces and stress (bytes): live
+        tensors measured at the peak on dense Cu cells, 2.2 n T + 150 numbers for n interactions
+        with trip_features T, rounded up (eqcalc.triplets.plan splits batches by it)."""
+        c = self.config
+        return float(self.embedding.weight.element_size() * (200 + 3 * c.num_interactions * c.trip_features))
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
