@@ -115,7 +115,7 @@ class SphericalBasis(torch.nn.Module):
     def forward(self, lengths: Tensor, envelope: Tensor, cosines: Tensor, kj: Tensor) -> Tensor:
         radial = self.radial(lengths) * envelope.view(-1, 1, 1)              # (n_edges, L, N)
         sbf = radial.index_select(0, kj) * self.angular(cosines).unsqueeze(2)
-        return sbf.reshape(cosines.shape[0], -1)
+        return sbf.flatten(1)
 
 
 @register("dimenet")

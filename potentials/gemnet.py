@@ -99,7 +99,7 @@ class EfficientBilinear(torch.nn.Module):
         summed = torch.stack([scatter_sum(gathered * y.unsqueeze(1), ji, n_edges)
                               for y in angular.unbind(1)], dim=1)                # (n_edges, L, T)
         r = torch.einsum("eln,lnc->ecl", radial, self.radial)                  # (n_edges, C, L)
-        return self.weight(torch.bmm(r, summed).reshape(n_edges, -1))
+        return self.weight(torch.bmm(r, summed).flatten(1))
 
 
 class TripletInteraction(torch.nn.Module):
