@@ -7,7 +7,7 @@ One run, one machine, torch with 1 thread. Every model is trained by ``potential
 same EMT train/val/test split (``build/potentials/emt.xyz``, the default recipe's data; generated
 if missing), with the same budget: ``--steps`` optimizer steps of ``batch_size`` 8, linear warm-up
 then cosine to 2 % of the learning rate, the same loss weights (default recipe), EMA, one
-validation at the end. Hyperparameters: the shipped recipes' where one exists (SchNet, PaiNN =
+validation (16 frames) at the end, inside the timed training. Hyperparameters: the shipped recipes' where one exists (SchNet, PaiNN =
 default, FAENet with its direct-force loss), benchmarks/mace_accuracy.py's for NequIP and MACE,
 the registry defaults for DimeNet++ and GemNet-T (GemNet's scaling factors are calibrated on
 the first training batch). Then, for all models back to back:
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 #: The budget every model gets (default recipe's loss weights; steps from the command line).
 TRAIN = dict(energy_weight=20.0, forces_weight=1.0, stress_weight=100.0, lr=0.003, weight_decay=1e-4,
              min_lr_ratio=0.02, clip_grad=10.0, ema_decay=0.99, batch_size=8, max_force=20.0,
-             cutoff=5.0, dtype="float32", seed=0, threads=1, max_val_frames=120, progress=False,
+             cutoff=5.0, dtype="float32", seed=0, threads=1, max_val_frames=16, progress=False,
              plots=False, patience=1000)
 
 #: FAENet paper (Duval et al., ICML 2023), Table 9/10 on OC20: inference structures/s on a GPU

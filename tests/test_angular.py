@@ -28,9 +28,10 @@ from eqcalc.neighbors import neighbor_list
 from tests.conftest import SPECIES
 
 ANGULAR = ["dimenet", "gemnet"]
-SMALL = {"dimenet": dict(features=16, out_features=16, int_features=8, num_interactions=2),
+#: Small models at a 3.5 Å cutoff: every kind of triplet, few of them (fast tests).
+SMALL = {"dimenet": dict(features=16, out_features=16, int_features=8, num_interactions=2, cutoff=3.5),
          "gemnet": dict(features=16, edge_features=16, trip_features=8, bilinear_features=8,
-                        num_interactions=2)}
+                        num_interactions=2, cutoff=3.5)}
 
 
 def brute_force(i, j, S):
@@ -136,8 +137,8 @@ def test_angles_reach_the_energy_where_distances_cannot(arch, tmp_path):
     angles = [100.0, 120.0, 150.0, 179.0]
     energies = {}
     for name in ("schnet", arch):
-        hyper = SMALL.get(name, dict(features=16, num_interactions=2))
-        path = potentials.save(potentials.build(name, SPECIES, cutoff=3.0, dtype="float64", **hyper),
+        hyper = dict(SMALL.get(name, dict(features=16, num_interactions=2)), cutoff=3.0)
+        path = potentials.save(potentials.build(name, SPECIES, dtype="float64", **hyper),
                                tmp_path / f"{name}.eqm")
         calc = EquivariantCalculator(path, compile="eager")
         energies[name] = np.array([r["energy"] for r in calc.predict([bent(x) for x in angles])])
@@ -145,7 +146,7 @@ def test_angles_reach_the_energy_where_distances_cannot(arch, tmp_path):
     assert np.ptp(energies[arch]) > 1e-4 * np.abs(energies[arch]).max()
 
 
-def graph(repeat, cutoff=5.0):
+def graph(repeat, cutoff=3.5):
     from ase.neighborlist import neighbor_list as ase_nl
 
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
@@ -159,12 +160,13 @@ def graph(repeat, cutoff=5.0):
             keys.SHIFTS: shifts, keys.EDGE_VECTORS: vectors}
 
 
-@pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("arch", ANGULAR)
-def test_torchscript_symbolic_trace_skin_and_rotation(arch, direct):
+def test_torchscript_symbolic_trace_skin_and_rotation(arch):
+    """With the direct-force head: energies and head in one graph (test_compiled.py compiles the
+    conservative models through TorchScript and AOTInductor)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    model = potentials.build(arch, ["Cu", "Pt"], dtype="float64", direct_forces=direct, **SMALL[arch])
+    model = potentials.build(arch, ["Cu", "Pt"], dtype="float64", direct_forces=True, **SMALL[arch])
     data = graph((1, 1, 2))
     reference = model(data)
     for key, value in torch.jit.script(model)(data).items():
@@ -181,15 +183,14 @@ def test_torchscript_symbolic_trace_skin_and_rotation(arch, direct):
     for key, value in model(bigger).items():
         torch.testing.assert_close(out[key], value, rtol=0, atol=1e-12)
     # Pairs between the cutoff and a skin contribute exactly nothing.
-    skin = graph((1, 1, 2), cutoff=6.0)
+    skin = graph((1, 1, 2), cutoff=4.5)
     assert skin[keys.EDGE_INDEX].shape[1] > data[keys.EDGE_INDEX].shape[1]
     for key, value in model(skin).items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=1e-13)
     q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     rotated = model(dict(data, **{keys.EDGE_VECTORS: data[keys.EDGE_VECTORS] @ q.T}))
     torch.testing.assert_close(rotated[keys.ENERGIES], reference[keys.ENERGIES], rtol=0, atol=1e-12)
-    if direct:
-        torch.testing.assert_close(rotated[keys.FORCES], reference[keys.FORCES] @ q.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotated[keys.FORCES], reference[keys.FORCES] @ q.T, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ANGULAR)
@@ -280,4 +281,7 @@ def test_bad_hyperparameters_are_refused():
         potentials.build("dimenet", ["Cu"], int_features=0)
     with pytest.raises(InvalidOptionError, match="num_spherical"):
         potentials.build("gemnet", ["Cu"], num_spherical=-1)
-    potentials.build("gemnet", ["Cu"], num_before_skip=0, num_after_skip=0)  # layer counts may be 0
+    with pytest.raises(InvalidOptionError, match="cutoff"):
+        potentials.build("gemnet", ["Cu"], cutoff=0.0)
+    model = potentials.build("gemnet", ["Cu"], num_before_skip=0, num_after_skip=0, **SMALL["gemnet"])
+    assert len(model.interactions[0].before_skip) == 0  # layer counts may be 0
