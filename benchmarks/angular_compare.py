@@ -95,9 +95,10 @@ def ensure_data():
         datamod.generate(DATA, gen["n_structures"], gen["seed"], elements=gen["elements"], progress=True)
 
 
-def train_all(names, steps: int, work: Path, rows):
+def train_all(names, steps: int, work: Path, rows, reuse: bool = False):
     """Train each model with the common budget; test-split accuracy comes from the training
-    run's own evaluation (EMA weights, faenet: its direct head)."""
+    run's own evaluation (EMA weights, faenet: its direct head). ``reuse``: take a model already
+    trained in ``work`` with the same number of steps."""
     from eqcalc import package
     from potentials.train import train
 
@@ -110,8 +111,11 @@ def train_all(names, steps: int, work: Path, rows):
         config = dict(TRAIN, architecture=name, model=model, data=str(DATA), max_steps=steps,
                       val_every=steps, warmup_steps=max(1, steps // 10), work_dir=str(work / name),
                       output=str(work / f"{name}.eqm"), **extra)
-        paths[name] = train(config)
-        metrics = json.loads((work / name / "metrics.json").read_text())
+        done = work / name / "metrics.json"
+        if not (reuse and done.exists() and json.loads(done.read_text())["steps"] == steps):
+            train(config)
+        paths[name] = Path(config["output"])
+        metrics = json.loads(done.read_text())
         seconds = metrics["train_time_s"] / metrics["steps"] * per_epoch
         rows += [("train", name, "train_s_per_epoch", seconds), ("train", name, "steps", metrics["steps"]),
                  ("accuracy", name, "energy_mae_meV_per_atom", metrics["test_energy_mae_meV_per_atom"]),
@@ -235,13 +239,15 @@ def main(argv=None):
                         default=["schnet", "painn", "faenet", "nequip", "mace", "dimenet", "gemnet"])
     parser.add_argument("--steps", type=int, default=236, help="optimizer steps per model (236 = 1 epoch)")
     parser.add_argument("--work", default=None, help="keep the trained models here (default: a temp dir)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse models already trained in --work with the same --steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ensure_data()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
-        paths = train_all(args.models, args.steps, work, rows)
+        paths = train_all(args.models, args.steps, work, rows, args.reuse)
         inference(paths, rows)
         profile(paths, rows)
     ratios(rows)

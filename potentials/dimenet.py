@@ -18,10 +18,9 @@ import torch
 from torch import Tensor
 
 from eqcalc import keys
-from eqcalc.triplets import triplets
-from potentials.angular import (Dense, EdgeForceHead, LegendreHarmonics, SphericalBesselBasis,
-                                check_sizes, init_weights_, residuals, triplet_cosines)
-from potentials.nn import NoForceHead, Potential, edge_geometry, scatter_sum, validate_config
+from potentials.angular import (AngularPotential, Dense, EdgeForceHead, LegendreHarmonics,
+                                SphericalBesselBasis, check_sizes, init_weights_, residuals, triplet_cosines)
+from potentials.nn import NoForceHead, scatter_sum, validate_config
 from potentials.registry import register
 
 
@@ -119,7 +118,7 @@ class SphericalBasis(torch.nn.Module):
 
 
 @register("dimenet")
-class DimeNetPP(Potential):
+class DimeNetPP(AngularPotential):
     """DimeNet++ energy model. ``forward(data)`` → ``{"energies": (n_atoms,) eV}`` plus
     ``"forces": (n_atoms, 3) eV/Å`` when ``config.direct_forces``. Inputs per :mod:`eqcalc.keys`
     (``shifts`` tell periodic images apart when forming triplets)."""
@@ -129,6 +128,7 @@ class DimeNetPP(Potential):
 
     def __init__(self, config: DimeNetConfig):
         super().__init__(config)
+        self.triplet_features = config.int_features
         self.sbf = SphericalBasis(config)
         self.embed_edges = Embedding(config.features, config.num_radial)
         self.interactions = torch.nn.ModuleList([Interaction(config) for _ in range(config.num_interactions)])
@@ -137,21 +137,10 @@ class DimeNetPP(Potential):
         self.force_head = EdgeForceHead(config.features, config.num_radial) if config.direct_forces else NoForceHead()
         init_weights_(self)
 
-    @torch.jit.unused
-    def bytes_per_triplet(self) -> float:
-        """Peak memory per triplet of an inference call with forces and stress (bytes): live
-        tensors measured at the peak on dense Cu cells, 2.8 n I + 160 numbers for n interactions
-        of width I, rounded up (eqcalc.triplets.plan splits batches by it)."""
-        c = self.config
-        return float(self.embedding.weight.element_size() * (200 + 3 * c.num_interactions * c.int_features))
-
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
         n_atoms = species.shape[0]
-        lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
-        kj, ji, _ = triplets(edge_index, data[keys.SHIFTS], n_atoms)
-        basis, envelope = self.radial(lengths)
-        rbf = basis * envelope.unsqueeze(1)                                  # e_ji, 0 beyond the cutoff
+        lengths, unit_vectors, envelope, rbf, kj, ji, _ = self.geometry(data)
         sbf = self.sbf(lengths, envelope, triplet_cosines(unit_vectors, kj, ji), kj)
         m = self.embed_edges(self.embedding(species), rbf, edge_index)
         energies = self.first_output(m, rbf, edge_index[0], n_atoms)

@@ -28,10 +28,9 @@ import torch
 from torch import Tensor
 
 from eqcalc import keys
-from eqcalc.triplets import triplets
-from potentials.angular import (Dense, LegendreHarmonics, SphericalBesselBasis, check_sizes,
-                                init_weights_, residuals, triplet_cosines)
-from potentials.nn import Potential, edge_geometry, scatter_sum, validate_config
+from potentials.angular import (AngularPotential, Dense, LegendreHarmonics, SphericalBesselBasis,
+                                check_sizes, init_weights_, residuals, triplet_cosines)
+from potentials.nn import scatter_sum, validate_config
 from potentials.registry import register
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +230,7 @@ class NoEdgeForces(torch.nn.Module):
 
 
 @register("gemnet")
-class GemNetT(Potential):
+class GemNetT(AngularPotential):
     """GemNet-T energy model. ``forward(data)`` → ``{"energies": (n_atoms,) eV}`` plus
     ``"forces": (n_atoms, 3) eV/Å`` when ``config.direct_forces``. Inputs per :mod:`eqcalc.keys`
     (``shifts`` tell periodic images apart when forming triplets)."""
@@ -242,6 +241,7 @@ class GemNetT(Potential):
     def __init__(self, config: GemNetConfig):
         super().__init__(config)
         c = config
+        self.triplet_features = c.trip_features
         self.cbf_radial = SphericalBesselBasis(c.cutoff, c.num_spherical, c.num_radial)
         self.cbf_angular = LegendreHarmonics(c.num_spherical)
         # Radial down-projections shared by all blocks (orange in the paper's Fig. 4).
@@ -256,21 +256,10 @@ class GemNetT(Potential):
         self.force_head = EdgeForces() if c.direct_forces else NoEdgeForces()
         init_weights_(self)
 
-    @torch.jit.unused
-    def bytes_per_triplet(self) -> float:
-        """Peak memory per triplet of an inference call with forces and stress (bytes): live
-        tensors measured at the peak on dense Cu cells, 2.2 n T + 150 numbers for n interactions
-        with trip_features T, rounded up (eqcalc.triplets.plan splits batches by it)."""
-        c = self.config
-        return float(self.embedding.weight.element_size() * (200 + 3 * c.num_interactions * c.trip_features))
-
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
         n_atoms, centre = species.shape[0], edge_index[0]
-        lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
-        kj, ji, reverse = triplets(edge_index, data[keys.SHIFTS], n_atoms)
-        basis, envelope = self.radial(lengths)
-        rbf = basis * envelope.unsqueeze(1)                                  # (n_edges, R), 0 beyond the cutoff
+        lengths, unit_vectors, envelope, rbf, kj, ji, reverse = self.geometry(data)
         radial = self.cbf_radial(lengths) * envelope.view(-1, 1, 1)          # (n_edges, L, N)
         angular = self.cbf_angular(triplet_cosines(unit_vectors, kj, ji))    # (n_triplets, L)
         rbf3, rbf_h, rbf_out = self.rbf3(rbf), self.rbf_h(rbf), self.rbf_out(rbf)
