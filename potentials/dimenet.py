@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from eqcalc import keys
-from potentials.angular import (AngularPotential, Dense, EdgeForceHead, LegendreHarmonics,
-                                SphericalBesselBasis, check_sizes, init_weights_, residuals, triplet_cosines)
+from potentials.angular import AngularPotential, Dense, EdgeForceHead, check_sizes, init_weights_, residuals
 from potentials.nn import NoForceHead, scatter_sum, validate_config
 from potentials.registry import register
 
@@ -102,21 +101,6 @@ class Output(torch.nn.Module):
         return self.out(self.mlp(self.up(x))).squeeze(1)
 
 
-class SphericalBasis(torch.nn.Module):
-    """The SBF ``a_kji`` ``(n_triplets, num_spherical * num_radial)``: enveloped spherical Bessel
-    functions of ``d_kj`` times ``Y_l^0`` of the angle at ``j``."""
-
-    def __init__(self, c: DimeNetConfig):
-        super().__init__()
-        self.radial = SphericalBesselBasis(c.cutoff, c.num_spherical, c.num_radial)
-        self.angular = LegendreHarmonics(c.num_spherical)
-
-    def forward(self, lengths: Tensor, envelope: Tensor, cosines: Tensor, kj: Tensor) -> Tensor:
-        radial = self.radial(lengths) * envelope.view(-1, 1, 1)              # (n_edges, L, N)
-        sbf = radial.index_select(0, kj) * self.angular(cosines).unsqueeze(2)
-        return sbf.flatten(1)
-
-
 @register("dimenet")
 class DimeNetPP(AngularPotential):
     """DimeNet++ energy model. ``forward(data)`` → ``{"energies": (n_atoms,) eV}`` plus
@@ -129,7 +113,6 @@ class DimeNetPP(AngularPotential):
     def __init__(self, config: DimeNetConfig):
         super().__init__(config)
         self.triplet_features = config.int_features
-        self.sbf = SphericalBasis(config)
         self.embed_edges = Embedding(config.features, config.num_radial)
         self.interactions = torch.nn.ModuleList([Interaction(config) for _ in range(config.num_interactions)])
         self.first_output = Output(config)   # on the embeddings, before any interaction
@@ -140,12 +123,14 @@ class DimeNetPP(AngularPotential):
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
         n_atoms = species.shape[0]
-        lengths, unit_vectors, envelope, rbf, kj, ji, _ = self.geometry(data)
-        sbf = self.sbf(lengths, envelope, triplet_cosines(unit_vectors, kj, ji), kj)
+        g = self.geometry(data)
+        rbf, kj, ji = g.rbf, g.kj, g.ji
+        # The SBF a_kji: spherical Bessel functions of d_kj times Y_l^0 of the angle at j.
+        sbf = (g.radial.index_select(0, kj) * g.angular.unsqueeze(2)).flatten(1)
         m = self.embed_edges(self.embedding(species), rbf, edge_index)
         energies = self.first_output(m, rbf, edge_index[0], n_atoms)
         for interaction, output in zip(self.interactions, self.outputs):
             m = interaction(m, rbf, sbf, kj, ji)
             energies = energies + output(m, rbf, edge_index[0], n_atoms)
         out: Dict[str, Tensor] = {keys.ENERGIES: self.scale_shift(energies, species)}
-        return self.force_head(out, m, m, rbf, unit_vectors, edge_index)
+        return self.force_head(out, m, m, rbf, g.unit_vectors, edge_index)

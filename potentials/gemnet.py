@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 
 from eqcalc import keys
-from potentials.angular import (AngularPotential, Dense, LegendreHarmonics, SphericalBesselBasis,
-                                check_sizes, init_weights_, residuals, triplet_cosines)
+from potentials.angular import AngularPotential, Dense, check_sizes, init_weights_, residuals
 from potentials.nn import scatter_sum, validate_config
 from potentials.registry import register
 
@@ -242,8 +241,6 @@ class GemNetT(AngularPotential):
         super().__init__(config)
         c = config
         self.triplet_features = c.trip_features
-        self.cbf_radial = SphericalBesselBasis(c.cutoff, c.num_spherical, c.num_radial)
-        self.cbf_angular = LegendreHarmonics(c.num_spherical)
         # Radial down-projections shared by all blocks (orange in the paper's Fig. 4).
         self.rbf_edge = torch.nn.Linear(c.num_radial, c.edge_features, bias=False)
         self.rbf3 = torch.nn.Linear(c.num_radial, c.rbf_features, bias=False)
@@ -259,9 +256,8 @@ class GemNetT(AngularPotential):
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
         n_atoms, centre = species.shape[0], edge_index[0]
-        lengths, unit_vectors, envelope, rbf, kj, ji, reverse = self.geometry(data)
-        radial = self.cbf_radial(lengths) * envelope.view(-1, 1, 1)          # (n_edges, L, N)
-        angular = self.cbf_angular(triplet_cosines(unit_vectors, kj, ji))    # (n_triplets, L)
+        g = self.geometry(data)
+        rbf, radial, angular, kj, ji, reverse = g.rbf, g.radial, g.angular, g.kj, g.ji, g.reverse
         rbf3, rbf_h, rbf_out = self.rbf3(rbf), self.rbf_h(rbf), self.rbf_out(rbf)
         h = self.embedding(species)
         m = self.embed_edges(h, self.rbf_edge(rbf), edge_index)
@@ -271,7 +267,7 @@ class GemNetT(AngularPotential):
             e, f = output(m, rbf_out, centre, n_atoms)
             energies, magnitudes = energies + e, magnitudes + f
         out: Dict[str, Tensor] = {keys.ENERGIES: self.scale_shift(energies, species)}
-        return self.force_head(out, magnitudes, unit_vectors, centre)
+        return self.force_head(out, magnitudes, g.unit_vectors, centre)
 
     @torch.jit.unused
     def calibrate(self, run: Callable[[], object], n_batches: int = 1) -> Dict[str, float]:
