@@ -2,13 +2,15 @@
 
     nice -n 15 python benchmarks/angular_compare.py                 # all models, ~45 min on 2 busy cores
     python benchmarks/angular_compare.py --models schnet dimenet --steps 50   # a quick look
+    python benchmarks/angular_compare.py --work build/angular_bench --reuse --sections speed
 
 One run, one machine, torch with 1 thread. Every model is trained by ``potentials.train`` on the
 same EMT train/val/test split (``build/potentials/emt.xyz``, the default recipe's data; generated
 if missing), with the same budget: ``--steps`` optimizer steps of ``batch_size`` 8, linear warm-up
 then cosine to 2 % of the learning rate, the same loss weights (default recipe), EMA, one
-validation (16 frames) at the end, inside the timed training. Hyperparameters: the shipped recipes' where one exists (SchNet, PaiNN =
-default, FAENet with its direct-force loss), benchmarks/mace_accuracy.py's for NequIP and MACE,
+validation (16 frames) at the end, inside the timed training. Hyperparameters: the shipped
+recipes' where one exists (SchNet, PaiNN = default, FAENet with its direct-force loss),
+benchmarks/mace_accuracy.py's for NequIP and MACE,
 the registry defaults for DimeNet++ and GemNet-T (GemNet's scaling factors are calibrated on
 the first training batch). Then, for all models back to back:
 
@@ -16,7 +18,9 @@ the first training batch). Then, for all models back to back:
   (``potentials.train``'s own evaluation; FAENet's forces from its direct head);
 * inference: structures/s of ``EquivariantCalculator.predict`` over the test split in batches
   of 8 (TorchScript, float32, forces and stress), best of two passes;
-* training: seconds per epoch (training time / steps × steps per epoch) and parameters;
+* training: seconds per epoch (training time / steps × steps per epoch) and parameters; and,
+  measured interleaved over all models after training (load on a shared machine changes
+  between the training runs), seconds per training step × steps per epoch;
 * profile (angular models): share of one inference call spent building triplets and in
   triplet-sized tensor operations (torch.profiler, ops classified by their input sizes).
 
@@ -187,6 +191,48 @@ def profile(paths, rows):
               "of op time", flush=True)
 
 
+def step_speed(paths, rows, rounds: int = 3, steps: int = 3):
+    """Seconds per training step of every model, measured interleaved (round after round over
+    all models) on the same 8-frame batches, so that changing load on a shared machine hits all
+    alike; median over rounds × steps per epoch. Same step as potentials.train: forward with
+    forces and stress, loss, backward, AdamW."""
+    from ase.data import atomic_numbers
+
+    from eqcalc import package
+    from potentials import load
+    from potentials.train import Frame, _forward, _loss, collate, make_wrapper
+
+    hyper = hyperparameters()
+    train_frames = splits(TRAIN["max_force"])["train"]
+    per_epoch = max(1, len(train_frames) // TRAIN["batch_size"])
+    runs = {}
+    for name, path in paths.items():
+        meta = package.read(path).metadata
+        index = {atomic_numbers[s]: k for k, s in enumerate(meta["species"])}
+        frames = [Frame(a, index) for a in train_frames[:8 * steps]]
+        batches = [collate(frames[k:k + 8], float(meta["cutoff"])) for k in range(0, len(frames), 8)]
+        model = load(path).train()
+        extra = hyper[name][1]
+        weights = (TRAIN["energy_weight"], TRAIN["forces_weight"], TRAIN["stress_weight"],
+                   extra.get("energy_grad_weight", 0.0), extra.get("conservative_forces_weight", 0.0))
+        wrapper = make_wrapper(model, extra.get("force_mode", "conservative"), create_graph=True)
+        runs[name] = (model, wrapper, torch.optim.AdamW(model.parameters(), lr=1e-4), batches, weights)
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (model, wrapper, optimizer, batches, weights) in runs.items():
+            for batch in batches:
+                start = time.perf_counter()
+                loss = _loss(_forward(wrapper, batch), batch, weights)["total"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                times[name].append(time.perf_counter() - start)
+    for name, t in times.items():
+        rows.append(("speed", name, "train_s_per_step", float(np.median(t))))
+        rows.append(("speed", name, "train_s_per_epoch_interleaved", float(np.median(t)) * per_epoch))
+        print(f"{name}: {np.median(t):.3f} s per training step (interleaved)", flush=True)
+
+
 def _time(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -201,10 +247,11 @@ def ratios(rows):
             rows.append(("ratio", name, "inference_vs_schnet", ours))
             print(f"{name}: inference speed / SchNet's = {ours:.3f} here; FAENet paper: "
                   f"{ {k: round(v[name], 3) for k, v in PAPER.items() if name in v} }", flush=True)
-        if (name, "train_s_per_epoch") in value and ("schnet", "train_s_per_epoch") in value:
-            ours = value[(name, "train_s_per_epoch")] / value[("schnet", "train_s_per_epoch")]
-            rows.append(("ratio", name, "train_time_vs_schnet", ours))
-            print(f"{name}: training time / SchNet's = {ours:.1f} here", flush=True)
+        for metric in ("train_s_per_epoch", "train_s_per_epoch_interleaved"):
+            if (name, metric) in value and ("schnet", metric) in value:
+                ours = value[(name, metric)] / value[("schnet", metric)]
+                rows.append(("ratio", name, metric.replace("train_s_per_epoch", "train_time_vs_schnet"), ours))
+                print(f"{name}: training time / SchNet's = {ours:.1f} here ({metric})", flush=True)
 
 
 def plot(rows, path: Path):
@@ -219,7 +266,8 @@ def plot(rows, path: Path):
     panels = [("forces_mae_meV_per_A", "test force MAE (meV/Å)", False),
               ("energy_mae_meV_per_atom", "test energy MAE (meV/atom)", False),
               ("structures_per_s", "inference (structures/s)", True),
-              ("train_s_per_epoch", "training (s/epoch)", True)]
+              ("train_s_per_epoch_interleaved" if any(r[2] == "train_s_per_epoch_interleaved" for r in rows)
+               else "train_s_per_epoch", "training (s/epoch)", True)]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     colors = ["tab:orange" if n in ("dimenet", "gemnet") else "tab:blue" for n in names]
     for ax, (metric, label, log) in zip(axes, panels):
@@ -233,6 +281,9 @@ def plot(rows, path: Path):
     fig.savefig(path, dpi=100)
 
 
+SECTIONS = {"inference": inference, "profile": profile, "speed": step_speed}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*",
@@ -240,7 +291,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=236, help="optimizer steps per model (236 = 1 epoch)")
     parser.add_argument("--work", default=None, help="keep the trained models here (default: a temp dir)")
     parser.add_argument("--reuse", action="store_true",
-                        help="reuse models already trained in --work with the same --steps")
+                        help="reuse models already trained in --work with the same --steps, and the rows "
+                             "of sections not run now from the existing CSV")
+    parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="what to measure after training (training and accuracy always)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ensure_data()
@@ -248,8 +302,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         paths = train_all(args.models, args.steps, work, rows, args.reuse)
-        inference(paths, rows)
-        profile(paths, rows)
+        for section in args.sections:
+            SECTIONS[section](paths, rows)
+    if args.reuse and (RESULTS / "angular_compare.csv").exists():
+        with open(RESULTS / "angular_compare.csv") as f:
+            kept = [r for r in csv.reader(f)][1:]
+        done = {"train", "accuracy", "ratio"} | set(args.sections)
+        rows += [(r[0], r[1], r[2], float(r[3])) for r in kept if r[0] not in done and r[1] in paths]
     ratios(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "angular_compare.csv", "w", newline="") as f:
