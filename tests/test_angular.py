@@ -1,7 +1,9 @@
 """Angular message passing: triplets of the neighbor list, DimeNet++ and GemNet-T.
 
-Physics checked here (the physics library in tests/test_physics.py and the compiled forms in
-tests/test_compiled.py cover both architectures as well, like every registered one):
+Physics checked here (the physics library covers both architectures like every registered
+one: first order in tests/test_physics.py, compiled forms in tests/test_compiled.py, second
+order -- linear response at symmetric sites with collinear triplets, Hessian vs finite
+differences -- in tests/test_second_order.py):
 
 * triplets equal a brute-force enumeration over (atom, shift) edge identities on periodic,
   mixed-pbc, cell-smaller-than-cutoff and molecular systems, also batched; the reverse-edge map;
@@ -144,29 +146,6 @@ def test_angles_reach_the_energy_where_distances_cannot(arch, tmp_path):
         energies[name] = np.array([r["energy"] for r in calc.predict([bent(x) for x in angles])])
     assert np.ptp(energies["schnet"]) < 1e-12
     assert np.ptp(energies[arch]) > 1e-4 * np.abs(energies[arch]).max()
-
-
-@pytest.mark.parametrize("arch", ANGULAR)
-def test_smooth_at_symmetric_sites_of_a_perfect_crystal(arch, tmp_path):
-    """A perfect fcc crystal has collinear triplets (angle π at every atom): forces there are
-    zero, and their linear response is smooth (finite differences of the analytic forces at h and
-    h/2 agree to O(h²)). A basis of the angle itself instead of its cosine has a kink at π: the
-    two estimates then differ by a factor ~2 (checked by hand)."""
-    path = potentials.save(potentials.build(arch, SPECIES, dtype="float64", **SMALL[arch]), tmp_path / "m.eqm")
-    calc = EquivariantCalculator(path, compile="eager")
-    crystal = bulk("Cu", "fcc", a=3.6).repeat((2, 2, 2))
-    direction = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
-    displaced = []
-    for h in (1e-3, -1e-3, 5e-4, -5e-4):
-        d = crystal.copy()
-        d.positions[0] += h * direction
-        displaced.append(d)
-    results = calc.predict([crystal] + displaced)
-    assert np.abs(results[0]["forces"]).max() < 1e-10
-    f = [r["forces"] for r in results[1:]]
-    response_h, response_h2 = (f[0] - f[1]) / 2e-3, (f[2] - f[3]) / 1e-3   # -H · direction
-    assert np.abs(response_h).max() > 1e-2
-    assert np.abs(response_h - response_h2).max() < 1e-4 * np.abs(response_h).max()
 
 
 def graph(repeat, cutoff=3.5):
