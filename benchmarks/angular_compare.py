@@ -1,6 +1,6 @@
 """Angular message passing (DimeNet++, GemNet-T) vs SchNet, PaiNN, NequIP, MACE, FAENet (issue 17).
 
-    nice -n 15 python benchmarks/angular_compare.py                 # all models, ~45 min on 2 busy cores
+    nice -n 15 python benchmarks/angular_compare.py                 # all models, ~80 min on 2 busy cores
     python benchmarks/angular_compare.py --models schnet dimenet --steps 50   # a quick look
     python benchmarks/angular_compare.py --work build/angular_bench --reuse --sections speed
 
