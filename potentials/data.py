@@ -252,6 +252,73 @@ def generate(path: str | os.PathLike, n_structures: int, seed: int = 0,
     return write_split(path, frames, group, seed)
 
 
+def generate_near_minima(path: str | os.PathLike, n_structures: int, seed: int = 0,
+                         elements: Sequence[str] = ELEMENTS, progress: bool = False) -> Path:
+    """Write ``n_structures`` EMT-labelled frames near EMT minima to ``path`` (extxyz).
+
+    Vibrational frequencies and phonons read the curvature of the energy surface within ~0.1 Å
+    of a minimum, where :func:`generate`'s frames (rattled, partly relaxed, hot MD) are sparse.
+    Here each adsorbate on a (111), (100) or (211) slab (85 %) is relaxed by EMT to 0.01 eV/Å
+    (bottom layer fixed; it may move to a neighbouring site, as it would), and each fcc crystal
+    (15 %, unstrained) starts at its lattice sites; then three frames displace the adsorbate by a
+    Gaussian of 0.02–0.1 Å and the metal by 0.005–0.03 Å. ``info["kind"]`` is
+    ``"near-minimum"``; groups and splits as in :func:`generate`. Deterministic for given
+    arguments; returns the path.
+    """
+    from ase.calculators.emt import EMT
+    from ase.constraints import FixAtoms
+    from ase.optimize import BFGS
+
+    unknown = sorted(set(elements) - set(ELEMENTS))
+    if unknown:
+        raise InvalidAtomsError(f"elements {unknown} are not covered by EMT here; use some of "
+                                f"{', '.join(ELEMENTS)}")
+    metals = [m for m in METALS if m in elements]
+    adsorbates = [a for a in ADSORBATES if set(_MOLECULE_ON_SURFACE[a][0]) <= set(elements)]
+    if not metals:
+        raise InvalidAtomsError(f"elements={list(elements)} contain no metal; use some of {', '.join(METALS)}")
+    rng = np.random.default_rng([seed, 11])
+    frames: List = []
+    group = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n_structures, desc="EMT near-minimum data", unit="frame")
+    while len(frames) < n_structures:
+        metal = metals[rng.integers(len(metals))]
+        if adsorbates and rng.random() < 0.85:
+            facet = ["111", "100", "211"][rng.choice(3, p=[0.45, 0.35, 0.2])]
+            atoms = _slab(metal, facet, rng)
+            sites = _sites(atoms, facet)
+            site = sorted(sites)[rng.integers(len(sites))]
+            ads = adsorbates[rng.integers(len(adsorbates))]
+            n_metal = len(atoms)
+            bottom = atoms.positions[:, 2] < atoms.positions[:, 2].min() + 0.5
+            _place(atoms, ads, sites[site])
+            atoms.set_constraint(FixAtoms(indices=np.flatnonzero(bottom)))
+            atoms.calc = EMT()
+            BFGS(atoms, logfile=None).run(fmax=0.01, steps=150)
+            atoms.constraints = []
+            label = f"{facet}-{site}-{ads}"
+        else:
+            from ase.build import bulk
+            atoms = bulk(metal, "fcc", cubic=True).repeat((2, 2, 2))
+            n_metal, label = len(atoms), "bulk"
+        for _ in range(3):
+            frame = atoms.copy()
+            sigma = np.where(np.arange(len(frame)) < n_metal, rng.uniform(0.005, 0.03), rng.uniform(0.02, 0.1))
+            frame.positions += rng.normal(size=(len(frame), 3)) * sigma[:, None]
+            frame = _label(frame)
+            frame.info.update(group=group, kind="near-minimum", reference="ASE EMT", site=label)
+            frames.append(frame)
+        if bar is not None:
+            bar.update(min(3, bar.total - bar.n))
+        group += 1
+    if bar is not None:
+        bar.close()
+    return write_split(path, frames[:n_structures], group, seed)
+
+
 def write_split(path: str | os.PathLike, frames: List, n_groups: int, seed: int) -> Path:
     """Give each frame the split of its ``info["group"]`` (fixed by ``seed``) and write all
     frames to ``path`` (extxyz); returns the path."""

@@ -6,6 +6,12 @@ recipes in ``potentials/recipes/*.yaml`` are such dicts); every key has a defaul
 
 ``data``            extxyz file from :func:`potentials.data.generate` (splits in ``info``).
 ``generate``        optional ``{n_structures, seed, elements}``: write ``data`` first if missing.
+``extra_data``      more data files (a path or a list), each with its own splits, joined to ``data``'s.
+``generate_extra``  optional ``{n_structures, seed, elements}``: write the first ``extra_data``
+                    file with :func:`potentials.data.generate_near_minima` if missing.
+``init``            fine-tune: start from this model package (path or shipped name) instead of
+                    fresh weights; its architecture, hyperparameters, species, cutoff, dtype and
+                    reference energies are kept (recipe values for those must agree or be unset).
 ``architecture``    registry name (``"painn"``, ``"schnet"``, ...); ``model``: its hyperparameters;
                     ``cutoff`` (Å), ``dtype``, ``species`` (default: the elements in the data).
 ``energy_weight``, ``forces_weight``, ``stress_weight``: loss = w_E MSE(E/N) [eV²/atom²]
@@ -87,6 +93,9 @@ from eqcalc.errors import InvalidOptionError
 DEFAULTS: Dict = {
     "data": "build/potentials/emt.xyz",
     "generate": None,
+    "extra_data": [],
+    "generate_extra": None,
+    "init": None,
     "architecture": "painn",
     "model": {},
     "cutoff": 5.0,
@@ -281,6 +290,42 @@ def _loss(out, batch, weights) -> Dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # model preparation
 # ----------------------------------------------------------------------------------------------
+def _initial_model(cfg: Dict, species: List[str], cutoff: float) -> torch.nn.Module:
+    """The model of ``cfg["init"]`` (a package path or shipped name), trainable, checked against
+    the recipe: fine-tuning keeps the package's architecture, hyperparameters, species and cutoff."""
+    import potentials
+    from eqcalc import package
+
+    model = potentials.load(cfg["init"])
+    config = model.config_dict()
+    problems = []
+    architecture = package.read(package.resolve(cfg["init"])).metadata.get("architecture")
+    if cfg["architecture"] != architecture:
+        problems.append(f"architecture {cfg['architecture']!r} vs the package's {architecture!r}")
+    if list(config["species"]) != list(species):
+        problems.append(f"species {species} (from the data) vs the package's {list(config['species'])}")
+    if abs(float(model.cutoff) - cutoff) > 1e-9:
+        problems.append(f"cutoff {cutoff} vs the package's {float(model.cutoff)}")
+    if str(next(model.parameters()).dtype).replace("torch.", "") != cfg["dtype"]:
+        problems.append(f"dtype {cfg['dtype']} vs the package's {next(model.parameters()).dtype}")
+    for key, value in (cfg["model"] or {}).items():
+        if key in config and config[key] != value:
+            problems.append(f"model.{key}={value!r} vs the package's {config[key]!r}")
+    if problems:
+        raise InvalidOptionError(f"init={cfg['init']!r} does not match the recipe: {'; '.join(problems)}; "
+                                 "fine-tuning keeps the package's model, so remove or align these options "
+                                 "(species: set species to the package's list)")
+    return model.train()
+
+
+def _init_card(init) -> Dict:
+    """Which package a fine-tune started from (name and file hash), for the new model's metadata."""
+    from eqcalc import package
+
+    meta = package.read(package.resolve(init)).metadata
+    return {"model": str(init), "sha256": meta.get("sha256"), "weights_sha256": meta.get("weights_sha256")}
+
+
 def _species_parameter(model: torch.nn.Module, name: str, n_species: int) -> torch.Tensor:
     """The per-species tensor of ``model`` whose name ends in ``name`` (``shift``/``scale``)."""
     found = [(k, p) for k, p in list(model.named_parameters()) + list(model.named_buffers())
@@ -604,7 +649,14 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
         raise InvalidOptionError("conservative_forces_weight > 0 needs force_mode: direct (in conservative "
                                  "mode forces_weight already trains -dE/dr); set it to 0")
     require = ("energy", "forces") if weights[1] > 0 else ("energy",)
-    frames_ase = datamod.read_dataset(data_path, require=require)
+    extra = cfg["extra_data"] or []
+    extra = [extra] if isinstance(extra, (str, Path)) else list(extra)
+    if extra and cfg["generate_extra"] and not Path(extra[0]).exists() and main:
+        gen = dict(cfg["generate_extra"])
+        datamod.generate_near_minima(extra[0], int(gen.get("n_structures", 1000)), int(gen.get("seed", seed)),
+                                     elements=gen.get("elements", datamod.ELEMENTS), progress=cfg["progress"])
+    ddp.barrier()
+    frames_ase = [f for p in [data_path, *extra] for f in datamod.read_dataset(p, require=require)]
     n_dropped = 0
     if cfg["max_force"] is not None:
         kept = [a for a in frames_ase if "forces" not in datamod.labels(a)
@@ -628,19 +680,29 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     val_batches = _batches(splits["val"], 2 * bs, cutoff, cfg["max_val_frames"])
 
     # ---- model ----
-    model = potentials.build(cfg["architecture"], species=species, cutoff=cutoff, dtype=cfg["dtype"],
-                             seed=seed, **cfg["model"])
-    dtype = next(model.parameters()).dtype
-    refs = fit_reference_energies(splits["train"], len(species))
-    forces_rms = (float(torch.cat([f.forces for f in splits["train"] if f.forces is not None]).pow(2).mean().sqrt())
-                  if require[-1] == "forces" else 1.0)
-    with torch.no_grad():
-        _species_parameter(model, "shift", len(species)).copy_(torch.as_tensor(refs, dtype=dtype))
-        _species_parameter(model, "scale", len(species)).fill_(max(forces_rms, 1e-2))
-    if hasattr(model, "calibrate"):
-        # GemNet's scaling factors, fitted on a training batch before the EMA copies the weights.
-        calibration = _batches(splits["train"][:bs], bs, cutoff)[0]
-        model.calibrate(lambda: _forward(make_wrapper(model, stress=False), calibration))
+    if cfg["init"]:
+        model = _initial_model(cfg, species, cutoff)
+        dtype = next(model.parameters()).dtype
+        from eqcalc import package
+
+        fitted = (package.read(package.resolve(cfg["init"])).metadata.get("training") or {}).get("reference_energies_eV")
+        refs = (np.array([fitted[s] for s in species]) if fitted and set(species) <= set(fitted)
+                else _species_parameter(model, "shift", len(species)).detach().double().numpy())
+    else:
+        model = potentials.build(cfg["architecture"], species=species, cutoff=cutoff, dtype=cfg["dtype"],
+                                 seed=seed, **cfg["model"])
+        dtype = next(model.parameters()).dtype
+        refs = fit_reference_energies(splits["train"], len(species))
+        forces_rms = (float(torch.cat([f.forces for f in splits["train"] if f.forces is not None]).pow(2).mean().sqrt())
+                      if require[-1] == "forces" else 1.0)
+        with torch.no_grad():
+            _species_parameter(model, "shift", len(species)).copy_(torch.as_tensor(refs, dtype=dtype))
+            _species_parameter(model, "scale", len(species)).fill_(max(forces_rms, 1e-2))
+        if hasattr(model, "calibrate"):
+            # GemNet's scaling factors, fitted on a training batch before the EMA copies the weights
+            # (a fine-tune keeps its package's).
+            calibration = _batches(splits["train"][:bs], bs, cutoff)[0]
+            model.calibrate(lambda: _forward(make_wrapper(model, stress=False), calibration))
     if force_mode == "direct" and not model.config_dict().get("direct_forces"):
         raise InvalidOptionError("force_mode: direct needs a force head; add direct_forces: true under model")
     wrapper = make_wrapper(model, force_mode, stress=weights[2] > 0, create_graph=True)
@@ -789,6 +851,10 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
         _plots(work, state["history"], predictions(model, test_batches or val_batches, force_mode))
     summary = datamod.summary(frames_ase)
     summary.update(file=str(data_path.name), generate=cfg["generate"], dropped_max_force=n_dropped)
+    if extra:
+        summary.update(extra_files=[Path(p).name for p in extra], generate_extra=cfg["generate_extra"])
+    if cfg["init"]:
+        summary["init"] = _init_card(cfg["init"])
     training = {
         "data": summary,
         "reference_energies_eV": {s: round(float(e), 6) for s, e in zip(species, refs)},

@@ -136,3 +136,32 @@ def test_db_reader_refuses_a_file_that_is_not_a_database(tmp_path):
     path.write_text("this is not sqlite\n" * 10)
     with pytest.raises(data.DataLabelError, match="junk.db"):
         data.read_dataset(path)
+
+
+def test_near_minimum_frames_sit_close_to_emt_minima(tmp_path):
+    """Each relaxed structure gives three small displacements inside one basin: relaxing their
+    mean with EMT again finds a minimum below every frame, each frame's EMT forces point back to
+    it (F·u < 0) and no atom is further than 0.4 Å from it; the file is deterministic."""
+    from ase.calculators.emt import EMT
+    from ase.optimize import BFGS
+
+    path = data.generate_near_minima(tmp_path / "m.xyz", 6, seed=2, elements=("Cu", "O", "H"))
+    frames = data.read_dataset(path)
+    assert len(frames) == 6 and {f.info["kind"] for f in frames} == {"near-minimum"}
+    groups = {}
+    for f in frames:
+        groups.setdefault(f.info["group"], []).append(f)
+    assert sorted(len(g) for g in groups.values()) == [3, 3]
+    for g in groups.values():
+        minimum = g[0].copy()
+        minimum.positions = np.mean([f.positions for f in g], axis=0)
+        minimum.calc = EMT()
+        BFGS(minimum, logfile=None).run(fmax=1e-3, steps=300)
+        e_min = minimum.get_potential_energy()
+        for f in g:
+            u = f.positions - minimum.positions
+            assert np.abs(u).max() < 0.4, f.info["site"]
+            assert data.labels(f)["energy"] > e_min
+            assert np.sum(data.labels(f)["forces"] * u) < 0, f.info["site"]
+    assert data.generate_near_minima(tmp_path / "again.xyz", 6, seed=2,
+                                     elements=("Cu", "O", "H")).read_text() == path.read_text()

@@ -114,3 +114,28 @@ def test_gemnet_scaling_factors_are_fitted_before_training(dataset, tmp_path):
                          warmup_steps=1, val_every=2))
     scales = [float(v) for k, v in potentials.load(path).state_dict().items() if k.endswith(".scale") and v.dim() == 0]
     assert len(scales) >= 5 and any(abs(s - 1.0) > 0.05 for s in scales), scales
+
+
+def test_fine_tune_starts_from_the_package_and_refuses_a_different_model(dataset, tmp_path):
+    """init= starts from the package's weights (its validation loss at step 0 is far below a
+    fresh model's), keeps its reference energies, trains on data + extra_data,
+    and records where it came from; a recipe asking for another model is refused by name."""
+    from eqcalc import package
+
+    base = train(_config(dataset, tmp_path / "base"))
+    extra = data.generate_near_minima(tmp_path / "minima.xyz", 3, seed=1, elements=ELEMENTS)
+    tuned = train(_config(dataset, tmp_path / "tuned", init=str(base), extra_data=[str(extra)], lr=1e-3,
+                          max_steps=2))
+    fresh = train(_config(dataset, tmp_path / "fresh", extra_data=[str(extra)], max_steps=1))
+    start = json.loads((tmp_path / "tuned" / "history.json").read_text())[0]
+    start_fresh = json.loads((tmp_path / "fresh" / "history.json").read_text())[0]
+    # step 0 of the fine-tune evaluates the base weights, not fresh ones
+    assert start["val_loss"] < 0.5 * start_fresh["val_loss"]
+    refs = lambda m: package.read(m).metadata["training"]["reference_energies_eV"]
+    assert refs(tuned) == pytest.approx(refs(base), abs=1e-6)  # kept, not refitted
+    card = package.read(tuned).metadata["training"]["data"]
+    assert card["init"]["sha256"] == package.read(base).metadata["sha256"] and card["extra_files"] == ["minima.xyz"]
+    with pytest.raises(InvalidOptionError, match="cutoff 4.0 vs the package's 5.0"):
+        train(_config(dataset, tmp_path / "bad", init=str(base), cutoff=4.0))
+    with pytest.raises(InvalidOptionError, match="model.features=16 vs the package's 8"):
+        train(_config(dataset, tmp_path / "bad2", init=str(base), model=dict(features=16)))
