@@ -83,6 +83,7 @@ class ForceStressModel(torch.nn.Module):
             keys.CELL: cell_s.to(dtype),
             keys.SPECIES: species,
             keys.EDGE_INDEX: edge_index,
+            keys.SHIFTS: shifts,  # tells periodic images apart (triplets of angular models)
             keys.SYSTEM: system,
             keys.EDGE_VECTORS: vectors.to(dtype),
         }

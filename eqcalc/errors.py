@@ -57,6 +57,10 @@ class MissingDependencyError(EqcalcError, ImportError):
     """An optional package a feature needs is not installed (the message says which extra)."""
 
 
+class SystemTooLargeError(EqcalcError, MemoryError):
+    """The batch would need more memory than the device has (e.g. the triplets of a dense cell)."""
+
+
 class NonFiniteOutputError(EqcalcError, FloatingPointError):
     """The model produced NaN or inf; the structure is far outside what it was trained on."""
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from eqcalc import compile as compiled
-from eqcalc import keys, package
+from eqcalc import keys, package, triplets
 from eqcalc.atoms import SystemTensors, check_overlaps, symbols_to_numbers
 from eqcalc import derivatives
 from eqcalc.derivatives import FORCE_MODES, ForceStressModel, edge_vectors
@@ -78,7 +78,11 @@ class Model:
         table = torch.full((119,), -1, dtype=torch.int64)
         table[symbols_to_numbers(self.species)] = torch.arange(len(self.species))
         self.species_index = table.to(self.device)
-        eager = package.build_eager(self.package, self.dtype)
+        # Inference only: frozen weights, so autograd keeps nothing for weight gradients.
+        eager = package.build_eager(self.package, self.dtype).requires_grad_(False)
+        # Models with angle terms (DimeNet++, GemNet) say how much memory a triplet costs, so a
+        # batch is split before it is allocated (eqcalc.triplets.plan); 0 for the others.
+        self.bytes_per_triplet = float(getattr(eager, "bytes_per_triplet", lambda: 0.0)())
         self.wrapper = ForceStressModel(eager, forces=forces, stress=True).to(self.device)
         self.compile_kind, self.runner = self._choose_runner(compile)
 
@@ -184,13 +188,34 @@ class Model:
         edge (16 catalyst slabs, 0.5 Å skin: 22282 -> 18640 edges, model call 206 -> 142 ms).
         Results are the same either way: every edge term carries an envelope that is 0 there.
         """
-        out = dict(self.runner(*self.inputs(t, *self.within_cutoff(t, edge_index, shifts))))
+        edge_index, shifts = self.within_cutoff(t, edge_index, shifts)
+        pieces = [(0, int(t.cell.shape[0]))]
+        if self.bytes_per_triplet > 0:
+            pieces = triplets.plan(edge_index, t.system, pieces[0][1], self.bytes_per_triplet, self.device)
+        if len(pieces) == 1:
+            out = dict(self.runner(*self.inputs(t, edge_index, shifts)))
+        else:
+            out = self._in_pieces(t, edge_index, shifts, pieces)
         for k in (keys.ENERGY, keys.FORCES):
             if not bool(torch.isfinite(out[k]).all()):
                 raise NonFiniteOutputError(
                     f"the model returned non-finite {k}; the structure is far outside its training "
                     "data (atoms too close, or an exploding simulation). Check the input geometry")
         return out
+
+    def _in_pieces(self, t: SystemTensors, edge_index: Tensor, shifts: Tensor, pieces) -> Dict[str, Tensor]:
+        """The runner on consecutive ranges of systems (atoms and their edges are contiguous
+        per system), outputs concatenated: what one call would give, at a fraction of the peak."""
+        starts = torch.cumsum(torch.bincount(t.system, minlength=int(t.cell.shape[0])), 0).tolist()
+        starts = [0] + starts
+        parts = []
+        for first, stop in pieces:
+            a0, a1 = starts[first], starts[stop]
+            mine = (edge_index[0] >= a0) & (edge_index[0] < a1)
+            piece = SystemTensors(positions=t.positions[a0:a1], numbers=t.numbers[a0:a1], cell=t.cell[first:stop],
+                                  pbc=t.pbc[first:stop], system=t.system[a0:a1] - first)
+            parts.append(self.runner(*self.inputs(piece, edge_index[:, mine] - a0, shifts[mine])))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def hessian(self, t: SystemTensors, edge_index: Tensor, shifts: Tensor, rows: Tensor,
                 max_batch: Optional[int] = None) -> Tensor:

@@ -269,6 +269,7 @@ class FrameAveraging(torch.nn.Module):
             keys.POSITIONS: positions.to(dtype),
             keys.CELL: cell.to(dtype),
             keys.SPECIES: data[keys.SPECIES].repeat(k),
+            keys.SHIFTS: data[keys.SHIFTS].repeat(k, 1),
             keys.SYSTEM: (system.unsqueeze(0) + n_systems * offsets.unsqueeze(1)).reshape(-1),
             # Row by row, not reshape(2, -1) or unbind: in a symbolic trace of a 2-system probe the
             # size 2 of edge_index and n_systems share one symbol, which those would pin to 2.

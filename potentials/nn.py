@@ -49,10 +49,16 @@ def edge_geometry(vectors: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
-    """Sum rows of ``src`` ``(n, ...)`` into ``(dim_size, ...)`` bins given by ``index`` ``(n,)``."""
+    """Sum rows of ``src`` ``(n, ...)`` into ``(dim_size, ...)`` bins given by ``index`` ``(n,)``.
+
+    scatter_add, not index_add: autograd's index_add keeps ``src`` alive for the backward pass
+    (it only needs its shape), which for triplet sums was most of the peak memory.
+    """
     size = list(src.shape)
     size[0] = dim_size
-    return torch.zeros(size, dtype=src.dtype, device=src.device).index_add(0, index, src)
+    shape = [-1] + [1] * (src.dim() - 1)
+    return torch.zeros(size, dtype=src.dtype, device=src.device).scatter_add(
+        0, index.view(shape).expand_as(src), src)
 
 
 # ---- cutoff envelopes -------------------------------------------------------------------------

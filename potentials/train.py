@@ -49,7 +49,8 @@ recipes in ``potentials/recipes/*.yaml`` are such dicts); every key has a defaul
 Before training the per-element reference energies are fitted by least squares on the training
 split (``E ≈ Σ_Z n_Z e_Z``) and written into the model's per-species energy shift, and the
 per-species energy scale is set to the RMS training force, so the network starts from the right
-magnitudes. Everything random draws from local ``torch.Generator`` / numpy generators seeded by
+magnitudes; a model with a ``calibrate(run)`` method (GemNet's scaling factors) then calibrates
+on the first training batch. Everything random draws from local ``torch.Generator`` / numpy generators seeded by
 ``seed``; torch's global dtype, seed and thread count are left alone.
 
 Data-parallel training: under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1`` in the
@@ -697,6 +698,11 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
         with torch.no_grad():
             _species_parameter(model, "shift", len(species)).copy_(torch.as_tensor(refs, dtype=dtype))
             _species_parameter(model, "scale", len(species)).fill_(max(forces_rms, 1e-2))
+        if hasattr(model, "calibrate"):
+            # GemNet's scaling factors, fitted on a training batch before the EMA copies the weights
+            # (a fine-tune keeps its package's).
+            calibration = _batches(splits["train"][:bs], bs, cutoff)[0]
+            model.calibrate(lambda: _forward(make_wrapper(model, stress=False), calibration))
     if force_mode == "direct" and not model.config_dict().get("direct_forces"):
         raise InvalidOptionError("force_mode: direct needs a force head; add direct_forces: true under model")
     wrapper = make_wrapper(model, force_mode, stress=weights[2] > 0, create_graph=True)

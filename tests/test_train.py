@@ -104,6 +104,18 @@ def test_demo_end_to_end(tmp_path):
     assert "E_ads" in result["summary"]
 
 
+def test_gemnet_scaling_factors_are_fitted_before_training(dataset, tmp_path):
+    """Scaling factors are buffers, not trained: values away from 1 in the written model come from
+    the calibration on the first training batch."""
+    from tests.conftest import TEST_HYPER
+
+    hyper = {k: v for k, v in TEST_HYPER["gemnet"].items() if k != "cutoff"}
+    path = train(_config(dataset, tmp_path, architecture="gemnet", model=hyper, cutoff=3.5, max_steps=2,
+                         warmup_steps=1, val_every=2))
+    scales = [float(v) for k, v in potentials.load(path).state_dict().items() if k.endswith(".scale") and v.dim() == 0]
+    assert len(scales) >= 5 and any(abs(s - 1.0) > 0.05 for s in scales), scales
+
+
 def test_fine_tune_starts_from_the_package_and_refuses_a_different_model(dataset, tmp_path):
     """init= starts from the package's weights (its validation loss at step 0 is far below a
     fresh model's), keeps its reference energies, trains on data + extra_data,
