@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from eqcalc.atoms import to_ase
 from eqcalc.engine import md
 from eqcalc.errors import InvalidOptionError, ModelFileError
 
@@ -135,7 +136,7 @@ def run_md(structures: Sequence, potential, integrator, steps: int, *,
     log_interval = log_interval or interval
     import ase.io
 
-    structures = [s.copy() for s in structures]
+    structures = [to_ase(s).copy() for s in structures]  # pymatgen Structures too
     names = _names(structures, names)
     device = getattr(getattr(potential, "model", None), "device", "cpu")
     species = getattr(potential, "species", None)

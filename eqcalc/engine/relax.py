@@ -24,6 +24,7 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
+from eqcalc.atoms import to_ase
 from eqcalc.engine import md
 from eqcalc.errors import InvalidOptionError
 
@@ -177,7 +178,7 @@ def relax(structures: Sequence, potential, fmax: float = 0.05, max_steps: int = 
         raise InvalidOptionError(f"max_steps={max_steps!r} must be an integer >= 0")
     start = time.perf_counter()
     device = getattr(getattr(potential, "model", None), "device", "cpu")
-    structures = [s.copy() for s in structures]
+    structures = [to_ase(s).copy() for s in structures]  # pymatgen Structures too
     state = md.state_from_atoms(structures, device, getattr(potential, "species", None))
     S, n = state.n_systems, len(state.system)
     f64 = dict(dtype=torch.float64, device=state.device)

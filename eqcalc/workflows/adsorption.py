@@ -19,6 +19,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from eqcalc.atoms import to_ase
 from eqcalc.errors import InvalidAtomsError, InvalidOptionError
 
 SITE_KINDS = ("ontop", "bridge", "hollow")
@@ -134,7 +135,7 @@ def adsorption_energies(slab, adsorbate: str, potential, distance: float = 2.0,
 
     if not (np.isfinite(distance) and distance > 0.5):
         raise InvalidOptionError(f"distance={distance!r} must be > 0.5 Å (height of the binding atom)")
-    slab = slab.copy()
+    slab = to_ase(slab).copy()  # a pymatgen Structure too
     slab.info.pop("adsorbate_info", None)  # ase.build's helper dict: not storable in extxyz
     mol = gas_molecule(adsorbate)
     binding = _binding_index(adsorbate, mol)
