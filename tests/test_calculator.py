@@ -135,6 +135,20 @@ def test_pymatgen_structures_work_outside_the_calculator(tmp_path):
     assert tables[0][0]["E_ads_eV"] == pytest.approx(tables[1][0]["E_ads_eV"], abs=1e-8)
 
 
+def test_a_model_returning_nan_raises_instead_of_returning_it(tmp_path):
+    """Never return NaN: a package whose weights hold a NaN gives NonFiniteOutputError."""
+    import potentials
+    from eqcalc.errors import NonFiniteOutputError
+
+    model = potentials.build("schnet", species=["Cu"], cutoff=5.0, dtype="float64", features=8, num_interactions=1)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.dim() == 2).view(-1)[0] = float("nan")
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.calc = EquivariantCalculator(str(potentials.save(model, tmp_path / "nan.eqm")), compile="eager")
+    with pytest.raises(NonFiniteOutputError, match="non-finite"):
+        atoms.get_potential_energy()
+
+
 def test_fixatoms_hold_in_bfgs(path):
     a = slab()
     a.calc = EquivariantCalculator(path, compile="eager")

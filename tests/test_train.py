@@ -131,12 +131,12 @@ def test_loss_terms_are_the_documented_weighted_mses():
            "stress": torch.zeros(2, 3, 3, dtype=torch.float64)}
     batch = {"n_atoms": torch.tensor([1.0, 2.0], dtype=torch.float64),
              "energy_ref": torch.tensor([0.5, -1.0], dtype=torch.float64),
-             "forces_ref": torch.zeros(3, 3, dtype=torch.float64),
+             "forces_ref": torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.1], [0.0, 0.0, -0.1]], dtype=torch.float64),
              "stress_mask": torch.tensor([False, True]),
              "stress_ref": torch.stack([torch.eye(3), 0.01 * torch.ones(3, 3)]).double()}
     terms = _loss(out, batch, (10.0, 1.0, 100.0))
     e = ((0.5 / 1) ** 2 + (-1.0 / 2) ** 2) / 2
-    f = (0.01 + 0.04 + 0.09) / 9
+    f = (0.01 + 0.04 + 0.01 + 0.16) / 9
     s = 1e-4  # only the second frame has stress
     assert float(terms["energy"]) == pytest.approx(e)
     assert float(terms["forces"]) == pytest.approx(f)

@@ -81,9 +81,15 @@ def select_tests(tree: Path, selection):
             continue
         if node:
             name = node.split("[")[0].split("::")[-1]
-            if not re.search(rf"^\s*def {re.escape(name)}\(", file.read_text(), re.M):
+            text = file.read_text()
+            found = re.search(rf"^\s*def {re.escape(name)}\(", text, re.M)
+            if not found:
                 continue
-        kept.append(item)
+            decorators = text[:found.start()].rstrip().split("\n\n")[-1]
+            if "[" in node and "parametrize" not in decorators:
+                item = f"{path}::{name}"  # parametrized in one tree, plain in the other
+        if item not in kept:
+            kept.append(item)
     return kept
 
 
@@ -107,7 +113,9 @@ def run_pytest(workdir: Path, selection, timeout: float, report: Path):
         if case.find("failure") is not None or case.find("error") is not None:
             name = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "")
             failed.append(name)
-    if proc.returncode not in (0, 1):  # collection errors, internal errors
+    if proc.returncode in (4, 5):  # a node id that does not exist, or nothing collected
+        return ["<pytest exit %d>" % proc.returncode], n, seconds, "error"
+    if proc.returncode not in (0, 1):  # collection errors (a mutant that breaks imports), internal errors
         failed = failed or ["<pytest exit %d>" % proc.returncode]
     return failed, n, seconds, "ok"
 
