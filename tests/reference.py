@@ -1,4 +1,5 @@
-"""An independent reference path to a model's results, for checking EquivariantCalculator.
+"""Independent references for the tests: a model's results without eqcalc's runtime
+(:class:`ReferenceCalculator`), and EMT relaxations (:func:`emt_relaxed`).
 
 Everything around the network is done here without eqcalc's own runtime: ASE's neighbor list
 (``ase.neighborlist.neighbor_list``), the species index looked up by symbol in the package's
@@ -43,3 +44,15 @@ class ReferenceCalculator(Calculator):
         self.results["free_energy"] = self.results["energy"]
         if a.pbc.any():
             self.results["stress"] = full_3x3_to_voigt_6_stress(out[keys.STRESS][0].double().numpy())
+
+
+def emt_relaxed(atoms, fmax: float = 0.05):
+    """A copy of ``atoms`` relaxed with ASE's EMT and BFGS to ``fmax`` (eV/Å; asserted reached):
+    the reference the shipped models were trained on."""
+    from ase.calculators.emt import EMT
+    from ase.optimize import BFGS
+
+    atoms = atoms.copy()
+    atoms.calc = EMT()
+    assert BFGS(atoms, logfile=None).run(fmax=fmax, steps=300)
+    return atoms

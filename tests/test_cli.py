@@ -63,14 +63,9 @@ def emt_co_on_pt111():
     BFGS, built here as the demo describes it: the reference the demo's model is compared with."""
     from ase import Atoms
     from ase.build import add_adsorbate, fcc111
-    from ase.calculators.emt import EMT
     from ase.constraints import FixAtoms
-    from ase.optimize import BFGS
 
-    def relaxed(atoms):
-        atoms.calc = EMT()
-        assert BFGS(atoms, logfile=None).run(fmax=0.05, steps=200)
-        return atoms
+    from tests.reference import emt_relaxed as relaxed
 
     slab = fcc111("Pt", (3, 3, 4), vacuum=10.0)
     slab.set_constraint(FixAtoms(mask=slab.get_tags() >= 3))

@@ -9,6 +9,7 @@ from ase.constraints import FixAtoms
 
 from eqcalc import EquivariantCalculator
 from eqcalc.cli import build_parser, main
+from tests.reference import emt_relaxed
 
 
 @pytest.fixture
@@ -83,16 +84,6 @@ def test_relax_writes_relaxed_structures(inputs, capsys):
         atoms = ase.io.read(out / f"{name}.extxyz")
         assert np.abs(atoms.get_forces()).max() <= 0.03
     assert ase.io.read(out / "cu.extxyz").get_volume() < ase.io.read(inputs / "cu.extxyz").get_volume()
-
-
-def emt_relaxed(atoms):
-    from ase.calculators.emt import EMT
-    from ase.optimize import BFGS
-
-    atoms = atoms.copy()
-    atoms.calc = EMT()
-    assert BFGS(atoms, logfile=None).run(fmax=0.05, steps=300)
-    return atoms
 
 
 @pytest.mark.parametrize("adsorbate", ["O", "CO"])
