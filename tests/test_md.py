@@ -102,9 +102,9 @@ def kinetic_samples(integrator, systems, targets, steps, seed=0):
 
 
 @pytest.mark.parametrize("integrator", [
-    md.Langevin(4.0, [400.0, 800.0] * 8, friction_per_fs=0.02),
-    md.Bussi(4.0, [400.0, 800.0] * 8, tau_fs=50.0),
-    md.NoseHooverChain(4.0, [400.0, 800.0] * 8, tau_fs=50.0),
+    md.Langevin(5.0, [400.0, 800.0] * 8, friction_per_fs=0.02),
+    md.Bussi(5.0, [400.0, 800.0] * 8, tau_fs=50.0),
+    md.NoseHooverChain(5.0, [400.0, 800.0] * 8, tau_fs=50.0),
 ], ids=["langevin", "bussi", "nose-hoover"])
 def test_thermostat_temperature_with_fixed_atoms(integrator):
     """8 Cu slabs (8 free, 4 fixed atoms) and 8 four-atom Cu crystals at 400 K and 800 K
@@ -116,13 +116,13 @@ def test_thermostat_temperature_with_fixed_atoms(integrator):
     temperature must read the target too (Langevin losing 3 dof reads 33 % high)."""
     targets = np.array(integrator.temperature_K)
     systems = [cu_slab() for _ in range(8)] + [small_bulk() for _ in range(8)]
-    kinetic, reported, state = kinetic_samples(integrator, systems, targets, 1000)
+    kinetic, reported, state = kinetic_samples(integrator, systems, targets, 800)
     crystal_dof = 12 if isinstance(integrator, md.Langevin) else 9
     dof = np.array([3 * 8] * 8 + [crystal_dof] * 8)
-    ratio = kinetic[200:].mean(0) / (0.5 * dof * units.kB * targets)  # after 0.8 ps of equilibration
-    T = reported[200:] / targets
-    # measured over seeds: pooled slabs within 2.4 %, pooled crystals within 4.7 % (Nosé–Hoover
-    # is not quite canonical for 4 atoms), per target group within 8 %
+    ratio = kinetic[160:].mean(0) / (0.5 * dof * units.kB * targets)  # after 0.8 ps of equilibration
+    T = reported[160:] / targets
+    # measured over seeds (5 fs and 4 fs steps): pooled slabs within 3 %, pooled crystals within
+    # 4.7 % (Nosé–Hoover is not quite canonical for 4 atoms), per target group within 8 %
     assert abs(ratio[:8].mean() - 1) < 0.05 and abs(T[:, :8].mean() - 1) < 0.05
     assert abs(ratio[8:].mean() - 1) < 0.10 and abs(T[:, 8:].mean() - 1) < 0.10
     for group in (ratio[0::2], ratio[1::2]):  # per-system targets are honoured
@@ -334,7 +334,7 @@ def test_ase_thermostats_run_with_the_calculator(model, driver):
                }[driver]()
         energies = []
         dyn.attach(lambda: energies.append(atoms.get_total_energy()))
-        dyn.run(20)
+        dyn.run(10)
         return atoms, np.array(energies)
 
     start = thermal(pt_slab(), 500, seed=2).positions

@@ -95,7 +95,9 @@ def select_tests(tree: Path, selection):
 
 def run_pytest(workdir: Path, selection, timeout: float, report: Path):
     """Run ``selection`` in ``workdir``; returns (failed test ids, n tests, seconds, status)."""
-    env = dict(os.environ, PYTHONPATH=str(workdir), PYTHONDONTWRITEBYTECODE="1")
+    # One OpenMP thread: with two or more, torch's threads spin-wait for each other on a busy
+    # machine and a test can take 10-30x longer (measured); results do not depend on it.
+    env = dict(os.environ, PYTHONPATH=str(workdir), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
     env.pop("EQCALC_CACHE", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header",
            f"--junitxml={report}", *selection]
