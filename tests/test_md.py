@@ -368,3 +368,53 @@ def test_overlapping_atoms_raise_before_the_model_runs(model):
     atoms = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 0.05]], cell=[8, 8, 8], pbc=True)
     with pytest.raises(InvalidAtomsError, match="overlap"):
         run_md([atoms], md.ModelPotential(model), md.NVE(1.0), 1)
+
+
+def test_a_system_leaving_physics_is_named_with_its_step_and_reason():
+    """The per-step guard (md.check_physical) in a batch of three slabs: the one system whose
+    kinetic temperature (computed here, 3 per free atom: fixed atoms break momentum
+    conservation) passes 1e5 K, or whose largest force passes 1e3 eV/Å, is named with the step;
+    1 % below either limit nothing is raised. Bad masses and momenta are refused at the start,
+    naming the atom counted over all inputs."""
+    from eqcalc.errors import InvalidAtomsError, UnstableSimulationError
+
+    state = md.NVE(1.0).init(md.state_from_atoms([cu_slab(), cu_slab(), cu_slab()]), MorsePotential())
+    state = state.replace(step=7)
+    free = (~state.fixed & (state.system == 1)).numpy()
+    masses = state.masses.numpy()
+    direction = np.random.default_rng(0).normal(size=(int(free.sum()), 3))
+
+    def heated(T):
+        p = np.zeros((len(masses), 3))
+        p[free] = direction * np.sqrt(masses[free, None])
+        kinetic = 0.5 * (p ** 2 / masses[:, None]).sum()
+        p *= np.sqrt(0.5 * 3 * free.sum() * units.kB * T / kinetic)
+        return state.replace(momenta=torch.as_tensor(p))
+
+    md.check_physical(heated(0.99 * md.MAX_TEMPERATURE_K))
+    with pytest.raises(UnstableSimulationError, match=r"system 1 left physics at step 7: the temperature "
+                                                      r"reached 1\.01e\+05 K") as hot:
+        md.check_physical(heated(1.01 * md.MAX_TEMPERATURE_K))
+    assert (hot.value.system, hot.value.step) == (1, 7)
+
+    def pushed(f):
+        forces = state.forces.clone()
+        forces[int(np.flatnonzero(state.system.numpy() == 2)[-1])] = torch.tensor([0.0, 0.6, 0.8]) * f
+        return state.replace(forces=forces)
+
+    md.check_physical(pushed(0.99 * md.MAX_FORCE))
+    with pytest.raises(UnstableSimulationError, match=r"system 2 left physics at step 7: a force reached 1\.01e\+03"):
+        md.check_physical(pushed(1.01 * md.MAX_FORCE))
+
+    atoms = [cu_slab(), cu_slab()]
+    bad_mass = atoms[1].get_masses()
+    bad_mass[1] = 0.0
+    atoms[1].set_masses(bad_mass)
+    with pytest.raises(InvalidAtomsError, match=r"atoms \[13\] .* masses \[0\.0\] amu"):
+        md.state_from_atoms(atoms)
+    atoms = [cu_slab(), cu_slab()]
+    momenta = np.zeros((12, 3))
+    momenta[4, 2] = np.nan
+    atoms[1].set_momenta(momenta, apply_constraint=False)
+    with pytest.raises(InvalidAtomsError, match=r"momenta of atoms \[16\]"):
+        md.state_from_atoms(atoms)
