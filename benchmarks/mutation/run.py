@@ -17,6 +17,7 @@ a test that already fails there cannot kill anything and is reported.
     nice -n 10 python benchmarks/mutation/run.py                       # every mutant, this tree
     nice -n 10 python benchmarks/mutation/run.py --only md.langevin_dof # one mutant
     python benchmarks/mutation/run.py --list                            # what would run
+    python benchmarks/mutation/run.py --plot                            # redraw mutation.png
     # the tests of an older commit against the same mutants ("before" numbers):
     git worktree add /tmp/before <commit>
     cp eqcalc/_native/*.so /tmp/before/eqcalc/_native/
@@ -27,7 +28,7 @@ functions that exist there (``before`` numbers: the original tests, same mutants
 
 Results: ``benchmarks/results/mutation.csv`` (one row per mutant and label, rows of other labels
 kept) and ``benchmarks/results/mutation_summary.csv`` (per module and label: killed / total,
-killed by more than one test).
+killed by more than one test), drawn in ``benchmarks/results/mutation.png``.
 """
 from __future__ import annotations
 
@@ -145,6 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per test run")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
     parser.add_argument("--list", action="store_true", help="print the mutants and their tests, run nothing")
+    parser.add_argument("--plot", action="store_true", help="redraw mutation.png from the CSV, run nothing")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "mutation.csv"))
     args = parser.parse_args(argv)
     tree = Path(args.tree).resolve()
@@ -152,6 +154,9 @@ def main(argv=None) -> int:
     ids = [m["id"] for m in MUTANTS]
     if len(ids) != len(set(ids)):
         raise SystemExit("duplicate mutant ids in mutants.py")
+    if args.plot:
+        print(plot(Path(args.output)))
+        return 0
     if args.list:
         for m in mutants:
             print(f"{m['id']:32s} {m['file']:34s} {' '.join(select_tests(tree, m['tests']))}")
@@ -195,6 +200,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     write_results(Path(args.output), rows, args.label, replace_all=args.only is None)
+    plot(Path(args.output))
     killed = sum(r["status"].startswith("killed") for r in rows)
     print(f"{args.label}: {killed}/{len(rows)} mutants killed; results in {args.output}")
     return 0
@@ -232,6 +238,46 @@ def write_results(path: Path, rows, label: str, replace_all: bool) -> None:
             tot = [s for (l2, _), s in summary.items() if l2 == lab]
             w.writerow([lab, "ALL", sum(s["total"] for s in tot), sum(s["killed"] for s in tot),
                         sum(s["multi"] for s in tot), sum(s["stale"] for s in tot)])
+
+
+def plot(path: Path) -> Path:
+    """``mutation.png`` beside the CSV: per module and label, mutants killed (by two or more
+    tests hatched apart from one) out of the total."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path.with_name(path.stem + "_summary.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["module"] != "ALL"]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    modules = sorted({r["module"] for r in rows})
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(modules) * len(labels) + 1.5))
+    height = 0.8 / len(labels)
+    for k, lab in enumerate(labels):
+        by = {r["module"]: r for r in rows if r["label"] == lab}
+        y = [m + k * height for m in range(len(modules))]
+        total = [int(by[m]["mutants"]) if m in by else 0 for m in modules]
+        multi = [int(by[m]["killed_by_2_or_more"]) if m in by else 0 for m in modules]
+        single = [int(by[m]["killed"]) - b if m in by else 0 for m, b in zip(modules, multi)]
+        ax.barh(y, total, height, color="0.88", edgecolor="0.6")
+        ax.barh(y, multi, height, color=f"C{k}", label=f"{lab}: killed by 2+ tests")
+        ax.barh(y, single, height, left=multi, color=f"C{k}", alpha=0.45, label=f"{lab}: killed by 1 test")
+        for yy, t, b, s in zip(y, total, multi, single):
+            if t:
+                ax.text(t + 0.1, yy, f"{b + s}/{t}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.12 * max(int(r["mutants"]) for r in rows) + 0.5)
+    ax.set_yticks([m + 0.4 - height / 2 for m in range(len(modules))], modules)
+    ax.invert_yaxis()
+    ax.set_xlabel("mutants (grey: total)")
+    killed = {lab: (sum(int(r["killed"]) for r in rows if r["label"] == lab),
+                    sum(int(r["mutants"]) for r in rows if r["label"] == lab)) for lab in labels}
+    ax.set_title("Mutants killed by the tests: " + ", ".join(f"{lab} {a}/{b}" for lab, (a, b) in killed.items()))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 if __name__ == "__main__":
