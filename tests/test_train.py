@@ -214,3 +214,30 @@ def test_schedule_clipping_ema_and_metrics_through_the_calculator(dataset, tmp_p
     assert ours["energy_mae_meV_per_atom"] == pytest.approx(metrics["test_energy_mae_meV_per_atom"], rel=1e-4)
     assert ours["forces_mae_meV_per_A"] == pytest.approx(metrics["test_forces_mae_meV_per_A"], rel=1e-4)
     assert ours["structures_per_s"] > 0
+
+
+def test_select_last_saves_the_final_ema_weights(dataset, tmp_path, monkeypatch):
+    """select="last" (the shipped default's recipe) writes the EMA weights at the end of the
+    schedule, "best" those of the best validation. The final validation (step 6) is made to look
+    worse than the one at step 4, so the two choices differ."""
+    import potentials.train as training
+
+    real, calls = training.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        calls.append(metrics["loss"])
+        return dict(metrics, loss=metrics["loss"] * 10) if len(calls) == 3 else metrics  # step 0, 4, 6
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    for select in ("last", "best"):
+        calls.clear()
+        work = tmp_path / select
+        path = train(_config(dataset, work, max_steps=6, val_every=4, select=select))
+        ckpt = torch.load(work / "checkpoint.pt", weights_only=True)
+        saved = potentials.load(path).state_dict()
+        assert any(not torch.equal(ckpt["ema"][k], ckpt["best_model"][k]) for k in saved)  # the choice matters
+        kept = ckpt["ema" if select == "last" else "best_model"]
+        for k, v in saved.items():
+            assert torch.equal(v, kept[k]), (select, k)
+        assert json.loads((work / "metrics.json").read_text())["best_step"] == 4
