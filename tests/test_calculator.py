@@ -9,6 +9,7 @@ from ase.md.langevin import Langevin
 from ase.optimize import BFGS
 
 from eqcalc import EquivariantCalculator
+from eqcalc.model import Model
 
 
 @pytest.fixture(scope="module")
@@ -136,15 +137,17 @@ def test_pymatgen_structures_work_outside_the_calculator(tmp_path):
 
 
 def test_a_model_returning_nan_raises_instead_of_returning_it(tmp_path):
-    """Never return NaN: a package whose weights hold a NaN gives NonFiniteOutputError."""
+    """Never return NaN: a model whose weights turn NaN after loading (a file with NaN weights
+    is refused earlier, by package.check_weights) gives NonFiniteOutputError."""
     import potentials
     from eqcalc.errors import NonFiniteOutputError
 
     model = potentials.build("schnet", species=["Cu"], cutoff=5.0, dtype="float64", features=8, num_interactions=1)
+    loaded = Model(str(potentials.save(model, tmp_path / "tiny.eqm")), device="cpu", compile="eager")
     with torch.no_grad():
-        next(p for p in model.parameters() if p.dim() == 2).view(-1)[0] = float("nan")
+        next(p for p in loaded.wrapper.parameters() if p.dim() == 2).view(-1)[0] = float("nan")
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-    atoms.calc = EquivariantCalculator(str(potentials.save(model, tmp_path / "nan.eqm")), compile="eager")
+    atoms.calc = EquivariantCalculator(loaded)
     with pytest.raises(NonFiniteOutputError, match="non-finite"):
         atoms.get_potential_energy()
 

@@ -32,9 +32,10 @@ def test_auto_skips_uncached_aoti_on_cpu_and_uses_it_once_cached(package_path, t
     path = package_path("schnet", "float32")
     session_cache = compiled.cache_dir()
     monkeypatch.setenv("EQCALC_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(compiled, "_CHOICES", {})  # and no choice recorded by an earlier test
     fresh = EquivariantCalculator(path, compile="auto", device="cpu")
     assert set(fresh.model.compile_timings) == {"eager", "torchscript"}
-    assert not list(tmp_path.iterdir())  # nothing was built
+    assert [p.name for p in tmp_path.iterdir()] == [f"auto-{fresh.model.aoti_key()}.json"]  # nothing built
     monkeypatch.setenv("EQCALC_CACHE", str(session_cache))
     EquivariantCalculator(path, compile="aoti", device="cpu")  # builds the cache entry (or reuses it)
 
@@ -82,6 +83,7 @@ def test_auto_drops_a_form_that_disagrees_with_eager(package_path, tmp_path, mon
     from eqcalc.errors import CompileError
 
     monkeypatch.setenv("EQCALC_CACHE", str(tmp_path))
+    monkeypatch.setattr(compiled, "_CHOICES", {})  # no choice recorded by an earlier test
     real = compiled.torchscript
 
     def off_by_1e3(wrapper):
@@ -107,6 +109,7 @@ def test_auto_uses_the_fastest_checked_form(package_path, tmp_path, monkeypatch,
     from eqcalc import compile as compiled
 
     monkeypatch.setenv("EQCALC_CACHE", str(tmp_path))
+    monkeypatch.setattr(compiled, "_CHOICES", {})  # no choice recorded by an earlier test
     clock = iter(times)  # timed in the order eager, torchscript
 
     def best_time(fn, **kwargs):

@@ -257,7 +257,7 @@ def test_exploding_step_stops_with_an_error(tmp_path, integrator):
             Exploding.calls += 1
             return dict(out, forces=out["forces"] * (float("nan") if Exploding.calls >= 3 else 1.0))
 
-    with pytest.raises(NonFiniteOutputError, match="at step 2;"):
+    with pytest.raises(NonFiniteOutputError, match="system 0 left physics at step 2: positions, momenta, forces"):
         run_md([cu_slab()], Exploding(), integrator, 5, temperature_K=300, interval=1, output_dir=tmp_path)
     import ase.io
 
