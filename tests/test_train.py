@@ -94,7 +94,7 @@ def _train_split(dataset, species):
 
 
 def test_reference_energies_are_least_squares(dataset, tmp_path):
-    """Before any step, the model's per-species energy shift holds the least-squares fit of the
+    """Before training, the model's per-species energy shift holds the least-squares fit of the
     train-split energies to element counts (computed here with numpy), and species absent from
     the data keep zero. The species order is deliberately not the sorted one."""
     import numpy as np
@@ -102,7 +102,8 @@ def test_reference_energies_are_least_squares(dataset, tmp_path):
     from potentials.train import fit_reference_energies
 
     species = ["O", "Pt", "N", "H", "Cu", "C"]  # N is not in the data
-    path = train(_config(dataset, tmp_path, max_steps=0, species=species))
+    # one step at lr 1e-12 (0 is refused): the weights move by ~1e-12, far below the tolerance
+    path = train(_config(dataset, tmp_path, max_steps=1, lr=1e-12, weight_decay=0.0, species=species))
     counts, energies = _train_split(dataset, species)
     present = counts.sum(0) > 0
     expected = np.zeros(len(species))
@@ -162,10 +163,28 @@ def test_ema_follows_its_formula():
         assert float(ema.shadow["weight"]) == pytest.approx(expected, rel=1e-12)
 
 
-def test_early_stopping_after_patience_validations_without_improvement(dataset, tmp_path):
-    """With lr = 0 the validation loss never improves after the first validation: training
-    stops after ``patience`` more validations, long before max_steps."""
-    train(_config(dataset, tmp_path, lr=0.0, weight_decay=0.0, max_steps=40, val_every=2, patience=2))
+def _scaled_validation_losses(monkeypatch, factors):
+    """Make training see its k-th validation loss (k = 0: the starting point) multiplied by
+    ``factors[k]`` (1 beyond the list), so a test chooses when validation improves."""
+    import potentials.train as training
+
+    real, calls = training.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        calls.append(None)
+        k = len(calls) - 1
+        return dict(metrics, loss=metrics["loss"] * factors[k]) if k < len(factors) else metrics
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    return calls
+
+
+def test_early_stopping_after_patience_validations_without_improvement(dataset, tmp_path, monkeypatch):
+    """Validation losses rising after the first validation (step 2): training stops after
+    ``patience`` = 2 more validations (step 6), long before max_steps, and keeps step 2."""
+    _scaled_validation_losses(monkeypatch, [1, 1, 10, 100, 1000, 1e4])
+    train(_config(dataset, tmp_path, max_steps=40, val_every=2, patience=2))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["stopped_early"] and metrics["steps"] == 6 and metrics["best_step"] == 2
 
@@ -220,16 +239,7 @@ def test_select_last_saves_the_final_ema_weights(dataset, tmp_path, monkeypatch)
     """select="last" (the shipped default's recipe) writes the EMA weights at the end of the
     schedule, "best" those of the best validation. The final validation (step 6) is made to look
     worse than the one at step 4, so the two choices differ."""
-    import potentials.train as training
-
-    real, calls = training.evaluate, []
-
-    def evaluate(*args, **kwargs):
-        metrics = real(*args, **kwargs)
-        calls.append(metrics["loss"])
-        return dict(metrics, loss=metrics["loss"] * 10) if len(calls) == 3 else metrics  # step 0, 4, 6
-
-    monkeypatch.setattr(training, "evaluate", evaluate)
+    calls = _scaled_validation_losses(monkeypatch, [1, 1, 10])  # step 0, 4, 6
     for select in ("last", "best"):
         calls.clear()
         work = tmp_path / select
