@@ -448,7 +448,7 @@ MUTANTS = [
     dict(id="vibrations.projection_not_mass_weighted", file="eqcalc/workflows/vibrations.py",
          original="sqrt_m = np.repeat(np.sqrt(masses), 3)",
          mutated="sqrt_m = np.repeat(np.ones_like(masses), 3)",
-         tests=[VIB + "test_a_batch_gives_what_each_structure_gives_alone"],
+         tests=[VIB + "test_rigid_motions_are_projected_in_mass_weighted_coordinates", VIB + "test_a_batch_gives_what_each_structure_gives_alone"],
          description="rigid motions projected in Cartesian, not mass-weighted, space"),
     dict(id="vibrations.fixatoms_ignored", file="eqcalc/workflows/vibrations.py",
          original="fixed[c.index] = True",
