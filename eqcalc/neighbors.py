@@ -82,6 +82,7 @@ import numpy as np
 import torch
 
 from eqcalc import _native as native
+from eqcalc.atoms import to_ase
 from eqcalc.errors import CellError, InvalidAtomsError, InvalidOptionError
 
 __all__ = ["compute_neighbors", "neighbor_list", "NeighborList", "compute_edge_vectors"]
@@ -580,6 +581,7 @@ def neighbor_list(quantities: str, atoms, cutoff: float, self_interaction: bool 
         raise InvalidOptionError(
             "cutoff must be a single float (Å) here; per-element or per-atom cutoffs are not "
             "supported, use ase.neighborlist.neighbor_list for those")
+    atoms = to_ase(atoms)  # a pymatgen Structure is accepted wherever Atoms is
     positions = np.ascontiguousarray(atoms.positions, dtype=np.float64)
     cell = np.ascontiguousarray(np.asarray(atoms.cell), dtype=np.float64)
     pbc = np.asarray(atoms.pbc, dtype=bool)

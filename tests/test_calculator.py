@@ -9,6 +9,7 @@ from ase.md.langevin import Langevin
 from ase.optimize import BFGS
 
 from eqcalc import EquivariantCalculator
+from eqcalc.model import Model
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,33 @@ def test_properties_follow_metadata(path):
     calc = EquivariantCalculator(path, compile="eager")
     assert set(calc.implemented_properties) == {"energy", "free_energy", "energies", "forces", "stress"}
     assert calc.metadata["cutoff"] == 5.0 and calc.metadata["architecture"] == "painn"
+
+
+def test_results_equal_an_independent_reference(path):
+    """Energy, per-atom energies, forces and stress (ASE Voigt order) of EquivariantCalculator,
+    one structure at a time through ASE and as one batch, equal those of a reference built here
+    from ASE's own neighbor list, species lookup and Voigt conversion (tests/reference.py):
+    mixed species, a cell smaller than the cutoff, a slab with an atom outside its cell, a
+    molecule."""
+    from potentials.testing import structures
+    from tests.reference import ReferenceCalculator
+    from tests.conftest import SPECIES
+
+    calc = EquivariantCalculator(path, compile="eager", device="cpu")
+    ref = ReferenceCalculator(calc.model)
+    systems = list(structures(SPECIES, seed=4).values())
+    batch = calc.predict(systems)
+    for atoms, got in zip(systems, batch):
+        atoms.calc = calc
+        single = {k: atoms.calc.get_property(k, atoms) for k in ("energy", "energies", "forces")}
+        if atoms.pbc.any():
+            single["stress"] = atoms.get_stress()
+        expected = {k: ref.get_property(k, atoms) for k in single}
+        assert set(got) == set(expected)
+        for result in (single, got):
+            for k, value in expected.items():
+                np.testing.assert_allclose(result[k], value, rtol=1e-12, atol=1e-12, err_msg=k)
+        assert np.abs(expected["forces"]).max() > 1e-3 and np.ptp(expected["energies"]) > 1e-4
 
 
 def test_results_are_cached_and_energies_sum_to_energy(path):
@@ -75,6 +103,53 @@ def test_pymatgen_structure_gives_the_same_answer(path):
     a.calc = EquivariantCalculator(path, compile="eager")
     assert e_pmg == pytest.approx(a.get_potential_energy(), rel=1e-12)
     np.testing.assert_allclose(f_pmg, a.get_forces(), atol=1e-12)
+
+
+def test_pymatgen_structures_work_outside_the_calculator(tmp_path):
+    """README: "A pymatgen Structure is accepted wherever Atoms is": the neighbor list drop-in,
+    batched MD (with files), relaxation and the adsorption workflow give what Atoms give."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from eqcalc.engine import md
+    from eqcalc.engine.drivers import run_md
+    from eqcalc.engine.relax import relax
+    from eqcalc.neighbors import neighbor_list
+    from eqcalc.workflows.adsorption import adsorption_energies
+    from tests.md_potentials import MorsePotential
+
+    a = bulk("Cu", "fcc", a=3.6, cubic=True)
+    a.rattle(0.05, seed=2)
+    s = AseAtomsAdaptor.get_structure(a)
+    for x, y in zip(neighbor_list("ijSd", s, 4.0), neighbor_list("ijSd", a, 4.0)):
+        np.testing.assert_allclose(x, y, atol=1e-12)
+    runs = [run_md([x], MorsePotential(), md.Langevin(2.0, 300.0), 4, temperature_K=300, interval=2,
+                   output_dir=tmp_path / name).state for name, x in (("s", s), ("a", a))]
+    # pymatgen's round trip moves coordinates by a few ulps, hence allclose, not equality
+    torch.testing.assert_close(runs[0].positions, runs[1].positions, rtol=0, atol=1e-10)
+    relaxed = [relax([x], MorsePotential(), fmax=0.05) for x in (s, a)]
+    assert relaxed[0].energy[0] == pytest.approx(relaxed[1].energy[0], abs=1e-10) and relaxed[0].converged[0]
+    slab = fcc111("Cu", (2, 2, 3), a=3.6, vacuum=6.0)
+    slab.pbc = True  # a pymatgen Structure is periodic in 3D; the vacuum separates the images
+    tables = [adsorption_energies(x, "O", MorsePotential(), kinds=("ontop",), max_steps=20).rows
+              for x in (AseAtomsAdaptor.get_structure(slab), slab)]
+    assert tables[0][0]["site"] == tables[1][0]["site"] == "ontop"
+    assert tables[0][0]["E_ads_eV"] == pytest.approx(tables[1][0]["E_ads_eV"], abs=1e-8)
+
+
+def test_a_model_returning_nan_raises_instead_of_returning_it(tmp_path):
+    """Never return NaN: a model whose weights turn NaN after loading (a file with NaN weights
+    is refused earlier, by package.check_weights) gives NonFiniteOutputError."""
+    import potentials
+    from eqcalc.errors import NonFiniteOutputError
+
+    model = potentials.build("schnet", species=["Cu"], cutoff=5.0, dtype="float64", features=8, num_interactions=1)
+    loaded = Model(str(potentials.save(model, tmp_path / "tiny.eqm")), device="cpu", compile="eager")
+    with torch.no_grad():
+        next(p for p in loaded.wrapper.parameters() if p.dim() == 2).view(-1)[0] = float("nan")
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.calc = EquivariantCalculator(loaded)
+    with pytest.raises(NonFiniteOutputError, match="non-finite"):
+        atoms.get_potential_energy()
 
 
 def test_fixatoms_hold_in_bfgs(path):

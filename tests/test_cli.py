@@ -56,11 +56,77 @@ def test_export_torchscript_runs_like_eager(package_path, tmp_path):
     np.testing.assert_allclose(got["forces"].numpy(), ref["forces"], atol=1e-10)
 
 
+def emt_co_on_pt111():
+    """E_ads of CO on top of Pt(111) (3x3x4, bottom two layers fixed) relaxed with ASE's EMT and
+    BFGS, built here as the demo describes it: the reference the demo's model is compared with."""
+    from ase import Atoms
+    from ase.build import add_adsorbate, fcc111
+    from ase.constraints import FixAtoms
+
+    from tests.reference import emt_relaxed as relaxed
+
+    slab = fcc111("Pt", (3, 3, 4), vacuum=10.0)
+    slab.set_constraint(FixAtoms(mask=slab.get_tags() >= 3))
+    ads = slab.copy()
+    add_adsorbate(ads, Atoms("CO", positions=[[0, 0, 0], [0, 0, 1.15]]), 1.85, "ontop")
+    ads.set_constraint(FixAtoms(mask=ads.get_tags() >= 3))
+    co = Atoms("CO", positions=[[0, 0, 0], [0, 0, 1.15]], cell=[12, 12, 12])
+    co.center()
+    ads = relaxed(ads)
+    e_ads = ads.get_potential_energy() - relaxed(slab).get_potential_energy() - relaxed(co).get_potential_energy()
+    top = ads.positions[:36][ads.get_tags()[:36] == 1, 2].mean()
+    return e_ads, ads.positions[36, 2] - top
+
+
+def test_demo_from_the_command_line(tmp_path, capsys):
+    """``eqcalc demo`` as a user runs it (the command's own argument parsing and entry point):
+    exits 0, prints the table, and its numbers hold up against EMT relaxed independently here
+    (the model's E_ads within 0.03 eV and CO height within 0.03 Å of EMT; measured 0.003 eV and
+    0.004 Å), with a trajectory of the NVT run."""
+    import ase.io
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(out), "--steps", "10", "--device", "cpu"]) == 0
+    stdout = capsys.readouterr().out
+    result = json.loads((out / "summary.json").read_text())
+    model, emt = result["model_result"], result["emt_result"]
+    assert all(v for k, v in {**model, **emt}.items() if k.startswith("converged"))
+    e_ads, height = emt_co_on_pt111()
+    assert emt["E_ads_eV"] == pytest.approx(e_ads, abs=1e-3) and emt["height_A"] == pytest.approx(height, abs=1e-3)
+    assert model["E_ads_eV"] == pytest.approx(e_ads, abs=0.03) and model["height_A"] == pytest.approx(height, abs=0.03)
+    row = next(line for line in stdout.splitlines() if line.startswith("E_ads (eV)"))
+    assert [float(x) for x in row.split()[2:]] == pytest.approx(
+        [model["E_ads_eV"], emt["E_ads_eV"], model["E_ads_eV"] - emt["E_ads_eV"]], abs=1e-3)
+    frames = ase.io.read(out / "md.extxyz", ":")
+    assert len(frames) == 3 and all(len(f) == 38 for f in frames)  # steps 0, 5, 10
+    fixed = frames[0].constraints[0].index
+    assert len(fixed) == 18 and np.array_equal(frames[0].positions[fixed], frames[-1].positions[fixed])
+    assert np.abs(frames[-1].positions - frames[0].positions).max() > 1e-3
+    assert (out / "md.png").stat().st_size > 0
+
+
 def test_bench_neighbors_writes_csv_and_png(tmp_path, capsys):
     assert main(["bench", "--what", "neighbors", "--atoms", "108", "--repeats", "1",
                  "--output-dir", str(tmp_path)]) == 0
     assert (tmp_path / "neighbors.csv").exists() and (tmp_path / "neighbors.png").exists()
     assert "ratio_to_vesin" in (tmp_path / "neighbors.csv").read_text()
+
+
+def test_bench_model_times_every_compiled_form(package_path, tmp_path, capsys):
+    """``eqcalc bench --what model``: one row per compiled form and size in model_step.csv (eager
+    is the 1.0 reference), a PNG, and the table printed."""
+    import csv
+
+    path = package_path("schnet", "float32")  # its AOTInductor build is shared with the tests below
+    assert main(["bench", "--what", "model", "--model", path, "--atoms", "32", "--device", "cpu",
+                 "--output-dir", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "model_step.csv")))
+    assert [(r["form"], int(r["atoms"])) for r in rows] == [("eager", 32), ("torchscript", 32), ("aoti", 32)]
+    assert all(float(r["step_ms"]) > 0 for r in rows) and float(rows[0]["speedup_vs_eager"]) == 1.0
+    for r in rows[1:]:
+        assert float(r["speedup_vs_eager"]) == pytest.approx(float(rows[0]["step_ms"]) / float(r["step_ms"]), rel=0.02)
+    assert (tmp_path / "model_step.png").stat().st_size > 0
+    assert "speedup_vs_eager" in capsys.readouterr().out
 
 
 def test_export_aoti_writes_a_loadable_package(package_path, tmp_path):

@@ -71,6 +71,34 @@ def test_train_writes_a_loadable_model(datafile, tmp_path, capsys):
     assert np.isfinite(atoms.get_forces()).all()
 
 
+def test_make_models_regenerates_a_shipped_model_from_its_recipe(datafile, tmp_path, capsys):
+    """``python -m potentials.make_models default`` (its ``main``) with tiny overrides trains the
+    recipe's own architecture and hyperparameters and writes a package the calculator loads;
+    every shipped model has a recipe."""
+    import json
+
+    from eqcalc import package
+    from potentials import make_models
+
+    recipes = {p.stem for p in (package.shipped_dir().parent / "recipes").glob("*.yaml")}
+    assert recipes == {p.stem for p in package.shipped_dir().glob("*.eqm")}
+    out = tmp_path / "default.eqm"
+    sets = [f"data={datafile}", "max_steps=3", "val_every=3", "warmup_steps=1", f"work_dir={tmp_path / 'run'}",
+            f"output={out}", "adsorption_check=false", "plots=false", "progress=false"]
+    assert make_models.main(["default", *[x for item in sets for x in ("--set", item)]]) == 0
+    assert f"default: wrote {out}" in capsys.readouterr().out
+    meta = package.read(out).metadata
+    assert meta["architecture"] == "painn" and meta["dtype"] == "float32"
+    assert (meta["config"]["features"], meta["config"]["num_interactions"]) == (48, 3)  # from the recipe
+    assert meta["training"]["steps"] == 3 and meta["training"]["recipe"]["lr"] == 0.003
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert meta["training"]["test_metrics"]["forces_mae_meV_per_A"] == pytest.approx(
+        metrics["test_forces_mae_meV_per_A"], abs=1e-3)
+    atoms = fcc111("Pt", size=(2, 2, 3), vacuum=6.0)
+    atoms.calc = EquivariantCalculator(str(out), device="cpu", compile="eager")
+    assert np.isfinite(atoms.get_forces()).all()
+
+
 def test_train_bad_recipe_exits_2(tmp_path, capsys):
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -10,7 +10,6 @@ import torch
 
 import potentials
 from potentials import data
-from potentials.train import weights_sha256
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys
@@ -29,6 +28,14 @@ SCRIPT = textwrap.dedent('''
         return original(*args, **kwargs)
 
     potentials.save = save
+    hash_weights = trainmod.weights_sha256
+
+    def weights_sha256(model):  # called once per rank on its final weights: keep a copy of them
+        import torch
+        torch.save(model.state_dict(), config["work_dir"] + f"/weights-{rank}.pt")
+        return hash_weights(model)
+
+    trainmod.weights_sha256 = weights_sha256
     path = trainmod.train(config)
     Path(config["work_dir"], f"returned-{rank}.txt").write_text(str(path))
 ''')
@@ -57,7 +64,12 @@ def test_two_rank_training_writes_one_model_with_identical_weights(tmp_path):
     assert (work / "returned-0.txt").read_text() == (work / "returned-1.txt").read_text() == config["output"]
     metrics = json.loads((work / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 6
-    hashes = metrics["rank_weights_sha256"]
-    assert len(hashes) == 2 and hashes[0] == hashes[1]
-    model = potentials.load(config["output"])
-    assert weights_sha256(model) == hashes[0]
+    assert len(metrics["rank_weights_sha256"]) == 2
+    # each rank's final weights, as the rank held them (not the hashes training reports)
+    ranks = [torch.load(work / f"weights-{r}.pt", weights_only=True) for r in (0, 1)]
+    written = potentials.load(config["output"]).state_dict()
+    untrained = potentials.build("painn", species=["C", "O", "Pt"], cutoff=5.0, seed=1, **config["model"]).state_dict()
+    assert ranks[0].keys() == ranks[1].keys() == written.keys()
+    for k in written:
+        assert torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(ranks[0][k], written[k]), k
+    assert any(not torch.equal(written[k], untrained[k]) for k in written if "scale_shift" not in k)  # it trained

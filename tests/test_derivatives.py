@@ -34,16 +34,19 @@ class LJ(torch.nn.Module):
         return {keys.ENERGIES: e}
 
 
-@pytest.mark.parametrize("kind", ["bulk", "triclinic", "slab", "compressed"])
+@pytest.mark.parametrize("kind", ["bulk", "triclinic", "left-handed", "slab", "compressed"])
 def test_lennard_jones_forces_and_stress_match_ase(kind):
     if kind == "slab":
         atoms = fcc111("Cu", (2, 2, 3), a=3.7, vacuum=4.0)
         atoms.pbc = (True, True, False)
     else:
         atoms = bulk("Cu", "fcc", a=3.7 if kind != "compressed" else 3.2).repeat(2)
-        if kind == "triclinic":
+        if kind in ("triclinic", "left-handed"):
             atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.05 * np.random.default_rng(0).normal(size=(3, 3))),
                            scale_atoms=True)
+        if kind == "left-handed":  # mirrored: det(cell) < 0, the volume is |det|
+            atoms.set_cell(atoms.cell.array @ np.diag([1.0, 1.0, -1.0]), scale_atoms=True)
+            assert np.linalg.det(atoms.cell.array) < 0
     atoms.rattle(0.05, seed=1)
     ref = LennardJones(sigma=SIGMA, epsilon=EPS, rc=RC, smooth=False)
     atoms.calc = ref

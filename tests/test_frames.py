@@ -66,12 +66,13 @@ def test_degenerate_structures_are_finite_and_deterministic(calc, name):
         assert np.isfinite(r["energy"]) and np.isfinite(r["forces"]).all()
     assert a["energy"] == b["energy"] and np.array_equal(a["forces"], b["forces"])
     # Invariance is lost inside the degenerate eigenspace (measured, not exact): what the wrapped
-    # model's own non-invariance gives; a rattled copy breaks the degeneracy and restores it.
+    # model's own non-invariance gives (relative energy change 5.6e-7 CH4, 1e-16 benzene, 5.6e-6
+    # cubic bulk over seeds); a rattled copy breaks the degeneracy and restores it.
     worst_degenerate = T.check_symmetry(c, atoms, n=6)["energy"]
     rattled = atoms.copy()
     rattled.rattle(0.05, seed=1)
     assert T.check_symmetry(c, rattled, n=6)["energy"] < 1e-9
-    assert worst_degenerate < 0.1
+    assert worst_degenerate < 5e-5
 
 
 def test_full_fa_makes_a_non_invariant_model_invariant(calc):

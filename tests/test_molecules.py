@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+from ase import units
 
 from eqcalc.errors import InvalidOptionError, MissingDependencyError
 from potentials import data
@@ -41,8 +42,15 @@ def test_frames_are_md_samples_at_the_temperature(molecules):
     steps = np.sqrt(((positions[1:] - positions[:-1]) ** 2).sum(-1).mean(-1))
     assert steps.min() > 0.01 and steps.max() < 0.5
     energies = np.array([data.labels(f)["energy"] for f in frames if f.info["molecule"] == "CH3OH"])
-    # thermal fluctuation of the potential energy at 500 K for 6 atoms: tenths of an eV, not zero
-    assert 0.02 < energies.std() < 1.0
+    # thermal fluctuation of the potential energy at 500 K for 6 atoms: harmonic estimate
+    # kT sqrt(12 / 2) = 0.1 eV; measured 0.037-0.075 eV over seeds (few, correlated frames)
+    assert 0.02 < energies.std() < 0.2
+    # equipartition on the stored momenta (Langevin, fixcm=False: 3N dof): the kinetic
+    # temperature of all frames pooled; 60 correlated frames measured 311-592 K over seeds 3-6
+    # for the 500 K target (451 K for this seed), so a thermostat off by 2x falls outside
+    kinetic = sum(f.get_kinetic_energy() for f in frames)
+    temperature = kinetic / (1.5 * units.kB * sum(len(f) for f in frames))
+    assert 250 < temperature < 800
 
 
 def test_splits_by_block_and_seeded(molecules, tmp_path):

@@ -29,7 +29,9 @@ def test_native_library_is_built():
     assert BUILT_LIBRARY is not None
 
 
-def test_native_and_torch_paths_give_the_same_list_on_large_cells(monkeypatch):
+@pytest.mark.parametrize("search_path", ["both"])  # overrides the autouse fixture: runs once, both paths
+def test_native_and_torch_paths_give_the_same_list_on_large_cells(monkeypatch, search_path):
+    assert _native.library() is not None  # the compiled path really runs first
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((6, 5, 4))
     atoms.rattle(0.05, seed=0)
     atoms.positions[:7] += 2.3 * atoms.cell[0]  # unwrapped atoms

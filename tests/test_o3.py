@@ -1,4 +1,14 @@
-"""potentials.o3: harmonics, Wigner-D, Clebsch-Gordan and the equivariant layers under O(3)."""
+"""potentials.o3: harmonics, Wigner-D, Clebsch-Gordan and the equivariant layers under O(3).
+
+The harmonics and Wigner-D matrices are checked against references written out here, not fitted
+from the code under test: the real spherical harmonics of the standard table (times sqrt(4 pi),
+"component" normalization, m = -l..l), and Wigner-D matrices from explicit rotation formulas: for
+l = 1 the rotation matrix itself (Y_1 = sqrt(3) (x, y, z)); for l = 2 and 3 the rotation of each
+harmonic's symmetric tensor (Y_m(r) = T_m[a, b, ...] r_a r_b ...), D_mn = <R.T_m, T_n> / <T_n, T_n>.
+"""
+import itertools
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,13 +22,79 @@ def unit_vectors(n, seed=0):
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def table_harmonics(r, l):
+    """Real spherical harmonics of degree ``l`` from the standard table, times sqrt(4 pi)
+    (homogeneous polynomials of ``r`` ``(n, 3)``, exact on unit vectors)."""
+    x, y, z = r[:, 0], r[:, 1], r[:, 2]
+    r2 = x * x + y * y + z * z
+    rows = {
+        0: [np.ones_like(x)],
+        1: [math.sqrt(3) * x, math.sqrt(3) * y, math.sqrt(3) * z],
+        2: [math.sqrt(15) * x * y, math.sqrt(15) * y * z, math.sqrt(5) / 2 * (3 * z * z - r2),
+            math.sqrt(15) * x * z, math.sqrt(15) / 2 * (x * x - y * y)],
+        3: [math.sqrt(70) / 4 * y * (3 * x * x - y * y), math.sqrt(105) * x * y * z,
+            math.sqrt(42) / 4 * y * (5 * z * z - r2), math.sqrt(7) / 2 * z * (5 * z * z - 3 * r2),
+            math.sqrt(42) / 4 * x * (5 * z * z - r2), math.sqrt(105) / 2 * z * (x * x - y * y),
+            math.sqrt(70) / 4 * x * (x * x - 3 * y * y)],
+    }[l]
+    return np.stack(rows, axis=1)
+
+
+def harmonic_tensors(l):
+    """``(2l+1, 3, ..., 3)``: the symmetric tensor of each degree-l harmonic, by polarization
+    ``T(v_1..v_l) = 1/(l! 2^l) sum_eps (prod eps) p(sum eps_k v_k)`` on the unit vectors."""
+    e = np.eye(3)
+    T = np.zeros((2 * l + 1,) + (3,) * l)
+    for idx in itertools.product(range(3), repeat=l):
+        total = np.zeros(2 * l + 1)
+        for eps in itertools.product((1, -1), repeat=l):
+            v = sum(s * e[i] for s, i in zip(eps, idx))
+            total += np.prod(eps) * table_harmonics(v[None], l)[0]
+        T[(slice(None),) + idx] = total / (math.factorial(l) * 2 ** l)
+    return T
+
+
+def reference_D(l, R):
+    """Wigner-D of degree ``l`` from explicit rotation formulas: ``Y_l(R r) = D Y_l(r)``."""
+    if l == 0:
+        return np.ones((1, 1))
+    if l == 1:
+        return np.array(R, dtype=float)  # Y_1 = sqrt(3) r, so Y_1(R r) = R Y_1(r)
+    T = harmonic_tensors(l)
+    rotated = T
+    for axis in range(1, l + 1):  # (R.T_m)[a, b, ...] = T_m[i, j, ...] R_ia R_jb ...
+        rotated = np.moveaxis(np.tensordot(rotated, R, axes=([axis], [0])), -1, axis)
+    n = T.reshape(2 * l + 1, -1)
+    return rotated.reshape(2 * l + 1, -1) @ n.T / (n * n).sum(1)
+
+
 def block_D(lmax, R):
-    """Block-diagonal Wigner-D of degrees 0..lmax (natural parity: reflections via det)."""
+    """Block-diagonal Wigner-D of degrees 0..lmax from :func:`reference_D`."""
     D = np.zeros((o3.dim(lmax), o3.dim(lmax)))
     for l in range(lmax + 1):
         s = slice(o3.offset(l), o3.offset(l) + 2 * l + 1)
-        D[s, s] = o3.wigner_D(l, R)
+        D[s, s] = reference_D(l, R)
     return D
+
+
+def test_harmonics_are_the_standard_table():
+    """Basis order (m = -l..l), signs and normalization are the textbook ones, so imported
+    weights and degree-1 features (Cartesian vectors) mean what they say."""
+    x = unit_vectors(40, seed=5)
+    Y = o3.spherical_harmonics_np(x, 3)
+    for l in range(4):
+        np.testing.assert_allclose(Y[:, o3.offset(l):o3.offset(l) + 2 * l + 1], table_harmonics(x, l),
+                                   atol=1e-13)
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_wigner_D_matches_explicit_rotation_formulas(reflect):
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        R = random_orthogonal(rng, reflect)
+        np.testing.assert_allclose(o3.wigner_D(1, R), R, atol=1e-12)
+        for l in (2, 3):
+            np.testing.assert_allclose(o3.wigner_D(l, R), reference_D(l, R), atol=1e-11)
 
 
 @pytest.mark.parametrize("reflect", [False, True])

@@ -161,6 +161,25 @@ def test_small_batches_of_directions_give_the_same_hessian(calc):
     assert torch.allclose(big, small, rtol=0, atol=1e-12 * float(big.abs().max()))
 
 
+def test_batched_rows_are_zero_outside_their_system(calc):
+    """derivatives.hessian on a batch of two systems (one backward pass serves a row of each):
+    every row is exactly zero in the other system's columns and equals the single-system Hessian
+    in its own."""
+    import torch
+    from eqcalc.atoms import to_tensors
+    from eqcalc.neighbors import compute_neighbors
+
+    c = calc("painn")
+    a, b = STRUCTS["slab"], STRUCTS["cluster"]
+    t = to_tensors([a, b])
+    e, s = compute_neighbors(t.positions, t.cell, t.pbc, c.model.cutoff, t.system)
+    h = c.model.hessian(t, e, s, torch.arange(3 * (len(a) + len(b)))).numpy()
+    na = 3 * len(a)
+    assert not h[:na, na:].any() and not h[na:, :na].any()
+    for block, single in ((h[:na, :na], c.get_hessian(a)), (h[na:, na:], c.get_hessian(b))):
+        assert np.abs(block - single).max() <= 1e-12 * np.abs(single).max()
+
+
 def test_hessian_bad_input_gets_typed_errors(calc):
     c = calc("painn")
     atoms = STRUCTS["cluster"].copy()

@@ -1,4 +1,6 @@
-"""Training: a short run lowers the validation loss, resume is exact, the demo runs end to end."""
+"""Training: a short run lowers the validation loss, resume is exact, and each documented piece
+(least-squares reference energies, loss, EMA, warm-up + cosine, clipping, early stopping) does what
+the README says, checked from outside the training loop."""
 import json
 from pathlib import Path
 
@@ -7,6 +9,7 @@ import torch
 
 import potentials
 from potentials import data
+from eqcalc import package
 from eqcalc.errors import InvalidOptionError
 from potentials.train import train
 
@@ -80,28 +83,156 @@ def test_plateau_schedule_cuts_the_rate_after_patience_and_resumes_exactly(datas
         train(_config(dataset, tmp_path / "bad", schedule="linear"))
 
 
-def test_calculator_evaluation_matches_training_metrics(dataset, tmp_path):
-    """The calculator path (neighbor list, package, compiled runner) and training's own batched
-    evaluation give the same test errors for the same weights."""
+def _train_split(dataset, species):
+    """(counts per species, energies) of the train split, read here with ASE."""
+    import ase.io
+    import numpy as np
+
+    frames = [a for a in ase.io.read(dataset, ":") if a.info["split"] == "train"]
+    counts = np.array([[a.get_chemical_symbols().count(s) for s in species] for a in frames], float)
+    return counts, np.array([a.get_potential_energy() for a in frames])
+
+
+def test_reference_energies_are_least_squares(dataset, tmp_path):
+    """Before training, the model's per-species energy shift holds the least-squares fit of the
+    train-split energies to element counts (computed here with numpy), and species absent from
+    the data keep zero. The species order is deliberately not the sorted one."""
+    import numpy as np
+
+    from potentials.train import fit_reference_energies
+
+    species = ["O", "Pt", "N", "H", "Cu", "C"]  # N is not in the data
+    # one step at lr 1e-12 (0 is refused): the weights move by ~1e-12, far below the tolerance
+    path = train(_config(dataset, tmp_path, max_steps=1, lr=1e-12, weight_decay=0.0, species=species))
+    counts, energies = _train_split(dataset, species)
+    present = counts.sum(0) > 0
+    expected = np.zeros(len(species))
+    expected[present] = np.linalg.lstsq(counts[:, present], energies, rcond=None)[0]
+    assert not present[species.index("N")] and present.sum() == 5
+    shift = potentials.load(path).scale_shift.shift.detach().double().numpy()
+    np.testing.assert_allclose(shift, expected, rtol=1e-5, atol=1e-5)  # float32 parameters
+    stored = package.read(path).metadata["training"]["reference_energies_eV"]
+    assert list(stored) == species
+    np.testing.assert_allclose(list(stored.values()), expected, atol=1e-6)
+    # the fit itself, on exact synthetic data: recovers the energies to rounding
+    rng = np.random.default_rng(0)
+    n = rng.integers(0, 6, size=(30, 4))
+    n[:, 2] = 0
+    frames = [type("F", (), {"species": torch.tensor(np.repeat(np.arange(4), row)), "energy": e})()
+              for row, e in zip(n, n @ np.array([-1.5, -3.25, 7.0, -0.5]))]
+    np.testing.assert_allclose(fit_reference_energies(frames, 4), [-1.5, -3.25, 0.0, -0.5], atol=1e-10)
+
+
+def test_loss_terms_are_the_documented_weighted_mses():
+    """loss = w_E MSE(E/N) + w_F MSE(F) + w_S MSE(stress on frames with stress)."""
+    from potentials.train import _loss
+
+    out = {"energy": torch.tensor([1.0, -2.0], dtype=torch.float64),
+           "forces": torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 0.3]], dtype=torch.float64),
+           "stress": torch.zeros(2, 3, 3, dtype=torch.float64)}
+    batch = {"n_atoms": torch.tensor([1.0, 2.0], dtype=torch.float64),
+             "energy_ref": torch.tensor([0.5, -1.0], dtype=torch.float64),
+             "forces_ref": torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.1], [0.0, 0.0, -0.1]], dtype=torch.float64),
+             "stress_mask": torch.tensor([False, True]),
+             "stress_ref": torch.stack([torch.eye(3), 0.01 * torch.ones(3, 3)]).double()}
+    terms = _loss(out, batch, (10.0, 1.0, 100.0))
+    e = ((0.5 / 1) ** 2 + (-1.0 / 2) ** 2) / 2
+    f = (0.01 + 0.04 + 0.01 + 0.16) / 9
+    s = 1e-4  # only the second frame has stress
+    assert float(terms["energy"]) == pytest.approx(e)
+    assert float(terms["forces"]) == pytest.approx(f)
+    assert float(terms["stress"]) == pytest.approx(s)
+    assert float(terms["total"]) == pytest.approx(10 * e + f + 100 * s)
+
+
+def test_ema_follows_its_formula():
+    """EMA: shadow <- d shadow + (1 - d) weights with d = min(decay, (1 + step) / (10 + step))."""
+    from potentials.train import EMA
+
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, 0.9)
+    expected = 1.0
+    for step, w in enumerate([2.0, -1.0, 4.0, 0.5, 3.0, 3.0, 3.0]):
+        with torch.no_grad():
+            model.weight.fill_(w)
+        ema.update(model, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * w
+        assert float(ema.shadow["weight"]) == pytest.approx(expected, rel=1e-12)
+
+
+def _scaled_validation_losses(monkeypatch, factors):
+    """Make training see its k-th validation loss (k = 0: the starting point) multiplied by
+    ``factors[k]`` (1 beyond the list), so a test chooses when validation improves."""
+    import potentials.train as training
+
+    real, calls = training.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        calls.append(None)
+        k = len(calls) - 1
+        return dict(metrics, loss=metrics["loss"] * factors[k]) if k < len(factors) else metrics
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    return calls
+
+
+def test_early_stopping_after_patience_validations_without_improvement(dataset, tmp_path, monkeypatch):
+    """Validation losses rising after the first validation (step 2): training stops after
+    ``patience`` = 2 more validations (step 6), long before max_steps, and keeps step 2."""
+    _scaled_validation_losses(monkeypatch, [1, 1, 10, 100, 1000, 1e4])
+    train(_config(dataset, tmp_path, max_steps=40, val_every=2, patience=2))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["stopped_early"] and metrics["steps"] == 6 and metrics["best_step"] == 2
+
+
+def test_schedule_clipping_ema_and_metrics_through_the_calculator(dataset, tmp_path, monkeypatch):
+    """One short run checked from outside the training code:
+    - the learning rate the optimizer used follows linear warm-up then cosine to min_lr_ratio
+      (formula written here), read from the optimizer itself at every step;
+    - gradients reach the optimizer clipped to clip_grad (measured at optimizer.step);
+    - the saved model is the best EMA weights, not the raw ones (from the checkpoint);
+    - the calculator path (neighbor list, package, compiled runner) gives the same test errors
+      as training's own batched evaluation, with species given in an unsorted order."""
+    import math
+
     from potentials.evaluate import evaluate
 
-    path = train(_config(dataset, tmp_path))
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad.detach().flatten() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append((self.param_groups[0]["lr"], float(torch.cat(grads).norm())))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    lr, warmup, total, floor, clip = 5e-3, 4, 16, 0.1, 0.05
+    path = train(_config(dataset, tmp_path, lr=lr, warmup_steps=warmup, max_steps=total, min_lr_ratio=floor,
+                         clip_grad=clip, species=["O", "Pt", "H", "Cu", "C"]))
+    monkeypatch.undo()
+    expected = [lr * ((k + 1) / warmup if k < warmup else
+                      floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup))))
+                for k in range(total)]
+    assert [x for x, _ in seen] == pytest.approx(expected, rel=1e-12)
+    norms = [n for _, n in seen]
+    assert max(norms) <= clip * (1 + 1e-6)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert max(h["grad_norm"] for h in history[1:]) > 2 * clip  # clipping was doing something
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    saved = potentials.load(path).state_dict()
+    for k, v in saved.items():
+        assert torch.equal(v, ckpt["best_model"][k]), k
+    assert any(not torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in saved)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     ours = evaluate(str(path), str(dataset), "test", compile="eager")
     assert ours["n_frames"] > 0 and ours["n_dropped"] == 0
     assert ours["energy_mae_meV_per_atom"] == pytest.approx(metrics["test_energy_mae_meV_per_atom"], rel=1e-4)
     assert ours["forces_mae_meV_per_A"] == pytest.approx(metrics["test_forces_mae_meV_per_A"], rel=1e-4)
     assert ours["structures_per_s"] > 0
-
-
-def test_demo_end_to_end(tmp_path):
-    from eqcalc.workflows.demo import run_demo
-
-    result = run_demo(tmp_path, steps=4, relax_steps=2, trajectory_interval=2)
-    assert abs(result["model_result"]["E_ads_eV"]) < 10
-    assert result["emt_result"] is not None
-    assert (tmp_path / "md.extxyz").exists() and (tmp_path / "md.png").exists()
-    assert "E_ads" in result["summary"]
 
 
 def test_gemnet_scaling_factors_are_fitted_before_training(dataset, tmp_path):
@@ -139,3 +270,21 @@ def test_fine_tune_starts_from_the_package_and_refuses_a_different_model(dataset
         train(_config(dataset, tmp_path / "bad", init=str(base), cutoff=4.0))
     with pytest.raises(InvalidOptionError, match="model.features=16 vs the package's 8"):
         train(_config(dataset, tmp_path / "bad2", init=str(base), model=dict(features=16)))
+
+
+def test_select_last_saves_the_final_ema_weights(dataset, tmp_path, monkeypatch):
+    """select="last" (the shipped default's recipe) writes the EMA weights at the end of the
+    schedule, "best" those of the best validation. The final validation (step 6) is made to look
+    worse than the one at step 4, so the two choices differ."""
+    calls = _scaled_validation_losses(monkeypatch, [1, 1, 10])  # step 0, 4, 6
+    for select in ("last", "best"):
+        calls.clear()
+        work = tmp_path / select
+        path = train(_config(dataset, work, max_steps=6, val_every=4, select=select))
+        ckpt = torch.load(work / "checkpoint.pt", weights_only=True)
+        saved = potentials.load(path).state_dict()
+        assert any(not torch.equal(ckpt["ema"][k], ckpt["best_model"][k]) for k in saved)  # the choice matters
+        kept = ckpt["ema" if select == "last" else "best_model"]
+        for k, v in saved.items():
+            assert torch.equal(v, kept[k]), (select, k)
+        assert json.loads((work / "metrics.json").read_text())["best_step"] == 4

@@ -167,3 +167,29 @@ def test_phonon_bad_input_gets_typed_errors(schnet64, monkeypatch):
     monkeypatch.setitem(sys.modules, "phonopy", None)
     with pytest.raises(MissingDependencyError, match="phonons"):
         P.phonons(cu, schnet64)
+
+
+def test_rigid_motions_are_projected_in_mass_weighted_coordinates():
+    """A Hessian whose mass-weighted form is made only of rigid translations and rotations of
+    water (O 16, H 1 amu: unequal masses) has nothing left after the projection, while a bond
+    stretch passes through unchanged (the vectors written out here, not taken from the code)."""
+    from eqcalc.workflows.vibrations import project_rigid
+
+    water = molecule("H2O")
+    m = water.get_masses()
+    centred = water.positions - (m[:, None] * water.positions).sum(0) / m.sum()
+    sqrt_m = np.repeat(np.sqrt(m), 3)
+    rigid = [np.tile(np.eye(3)[a], 3) for a in range(3)] + [np.cross(np.eye(3)[a], centred).reshape(-1) for a in range(3)]
+    weighted = [sqrt_m * v / np.linalg.norm(sqrt_m * v) for v in rigid]    # mass-weighted unit vectors
+    d = sum((k + 1.0) * np.outer(u, u) for k, u in enumerate(weighted))   # eV/(Å² amu)
+    hessian = d * np.outer(sqrt_m, sqrt_m)                                 # eV/Å²
+    assert np.abs(project_rigid(water, np.arange(3), hessian)).max() < 1e-10 * np.abs(hessian).max()
+    # a symmetric O-H stretch has no rigid component in mass-weighted space: kept as it is
+    stretch = np.zeros((3, 3))
+    stretch[1:] = water.positions[1:] - water.positions[0]
+    stretch[0] = -(m[1:, None] * stretch[1:]).sum(0) / m[0]               # centre of mass fixed
+    u = sqrt_m * stretch.reshape(-1)
+    q = np.linalg.qr(np.array(weighted).T)[0]
+    u -= q @ (q.T @ u)
+    kept = np.outer(u, u) * np.outer(sqrt_m, sqrt_m)
+    assert np.abs(project_rigid(water, np.arange(3), kept) - kept).max() < 1e-10 * np.abs(kept).max()

@@ -149,9 +149,8 @@ def run_demo(output_dir="eqcalc-demo", model: str = "default", device: str = "au
             if dyn.nsteps % trajectory_interval == 0:
                 ase.io.write(handle, atoms, format="extxyz")
 
-        dyn.attach(record, interval=1)
+        dyn.attach(record, interval=1)  # ASE calls it at step 0 too: no separate first record
         t = time.perf_counter()
-        record()
         dyn.run(steps)
         timings["md_s"] = time.perf_counter() - t
     md_geometry = _co_geometry(atoms)
