@@ -472,6 +472,9 @@ class SymmetricContraction(torch.nn.Module):
         parities = []
         order: List[int] = []  # output components in (parity, L, M) order
         self.n_paths = 0
+        # Where each (nu, L)'s paths sit: (parity module, term, nu, L, first path, n paths), so
+        # that weights from elsewhere (model conversion) can be placed.
+        self.layout: List[Tuple[int, int, int, int, int, int]] = []
         for parity in (0, 1):
             Ls = [L for L in range(L_out + 1) if L % 2 == parity]
             if not Ls:
@@ -495,6 +498,10 @@ class SymmetricContraction(torch.nn.Module):
                     p0, m0 = p0 + u.shape[0], m0 + 2 * L + 1
                 if n_paths == 0:
                     continue
+                first = 0
+                for (_, u), L in zip(per_L, Ls):
+                    self.layout.append((len(parities), len(terms), nu, L, first, u.shape[0]))
+                    first += u.shape[0]
                 terms.append(_Correlation(U, np.array(monos, dtype=np.int64).reshape(-1, nu),
                                           n_species, channels))
                 self.n_paths += n_paths

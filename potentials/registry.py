@@ -103,7 +103,8 @@ def from_config(name: str, config_dict: Dict, dtype="float32", frame_averaging: 
     """Rebuild a model from ``model.config_dict()`` and the metadata's ``frame_averaging`` and
     ``frame_source`` (weights still to be loaded)."""
     cls = get(name)
-    values = dict(config_dict)
+    # Fields added after a file was written take the value the file was trained with.
+    values = {**getattr(cls.Config, "FILE_DEFAULTS", {}), **config_dict}
     if "species" in values:
         values["species"] = tuple(values["species"])
     return _construct(cls, _make_config(cls, name, values), dtype, 0, frame_averaging, frame_source)
