@@ -281,31 +281,51 @@ class Linear(torch.nn.Module):
         return [torch.matmul(xl, self.weight[l]) * self.norm for l, xl in enumerate(torch.split(x, sizes, dim=1))]
 
 
+#: Up to this many species, per-species weights are applied to one-hot expanded features (one
+#: dense matmul, ``n_species`` times the multiply-adds); beyond it each atom gathers its own
+#: species' weights (memory-bound, but independent of the species count: 89-element models).
+SPECIES_EXPANSION_MAX = 8
+
+
 class _SpeciesMix(torch.nn.Module):
     def __init__(self, l: int, n_species: int, c_in: int, c_out: int):
         super().__init__()
-        self.l = l
+        self.l, self.n_species, self.c_in = l, n_species, c_in
+        # Row species * c_in + channel (the one-hot expanded layout).
         self.weight = torch.nn.Parameter(torch.randn(n_species * c_in, c_out) / math.sqrt(c_in))
 
     def forward(self, xs: Tensor) -> Tensor:
+        """One-hot expanded features ``(n, components, n_species * c_in)`` → degree ``l``."""
         l = self.l
         return torch.matmul(xs[:, l * l:(l + 1) * (l + 1)], self.weight)
+
+    def per_atom(self, x_l: Tensor, species: Tensor) -> Tensor:
+        """Degree-``l`` block ``(n, 2l+1, c_in)`` times each atom's own species' weights."""
+        w = self.weight.view(self.n_species, self.c_in, -1).index_select(0, species)
+        return torch.bmm(x_l, w)
 
 
 class SpeciesLinear(torch.nn.Module):
     """Per-species channel mixing per degree (MACE's and NequIP's self-connection: the e3nn
     tensor product of the features with the one-hot species):
     ``(n, (l_in+1)^2, c_in)`` and species ``(n,)`` → ``[(n, 2l+1, c_out[l]) for l in
-    0..min(l_in, l_out)]``; higher output degrees get no self-connection (see :func:`add_blocks`)."""
+    0..min(l_in, l_out)]``; higher output degrees get no self-connection (see :func:`add_blocks`).
+    Few species: one matmul on one-hot expanded features; many (> :data:`SPECIES_EXPANSION_MAX`):
+    each atom's weights gathered (same parameters, same numbers)."""
 
     def __init__(self, l_in: int, n_species: int, c_in: int, c_out: Sequence[int]):
         super().__init__()
         self.lmax = min(l_in, len(c_out) - 1)
         self.n_species = n_species
+        self.per_atom = n_species > SPECIES_EXPANSION_MAX
+        self.sizes: List[int] = [2 * l + 1 for l in range(self.lmax + 1)]
         self.mixes = torch.nn.ModuleList([_SpeciesMix(l, n_species, c_in, c_out[l]) for l in range(self.lmax + 1)])
 
     def forward(self, x: Tensor, species: Tensor) -> List[Tensor]:
         n, d, c = x.shape[0], dim(self.lmax), x.shape[2]
+        if self.per_atom:
+            blocks = torch.split(x[:, :d], self.sizes, dim=1)
+            return [mix.per_atom(blocks[k], species) for k, mix in enumerate(self.mixes)]
         onehot = (species.unsqueeze(1) == torch.arange(self.n_species, device=species.device)).to(x.dtype)
         xs = (x[:, :d].unsqueeze(2) * onehot.view(n, 1, -1, 1)).reshape(n, d, self.n_species * c)
         return [mix(xs) for mix in self.mixes]
@@ -408,26 +428,40 @@ class PathLinear(torch.nn.Module):
 
 
 class _Correlation(torch.nn.Module):
-    """One polynomial degree ``nu`` of one parity class of :class:`SymmetricContraction`."""
+    """One polynomial degree ``nu`` of one parity class of :class:`SymmetricContraction`.
+
+    Two evaluations of the same numbers, chosen by cost: with fewer species than paths, the
+    weights are folded into a dense coupling tensor for every species once per call (``T``) and
+    applied to all atoms, each atom later keeping its own species' rows ("expanded"); with many
+    species (89-element models), the coupling basis is applied first and each atom's own
+    weights last ("per atom")."""
 
     def __init__(self, U: np.ndarray, monos: np.ndarray, n_species: int, channels: int):
         super().__init__()
         self.nu = monos.shape[1]
         self.n_species = n_species
+        self.n_paths = U.shape[0]
         self.register_buffer("U", torch.tensor(U.reshape(U.shape[0], -1)))
         self.m_total = U.shape[1]
         self.register_buffer("monos", torch.tensor(monos.T.copy(), dtype=torch.int64))  # (nu, Q)
         # Weights (species, paths, channels): N(0, 1/paths), the output a sum of `paths` terms.
         self.weight = torch.nn.Parameter(torch.randn(n_species, U.shape[0], channels) / math.sqrt(max(U.shape[0], 1)))
+        self.per_atom = self.n_paths < n_species
 
-    def forward(self, At: Tensor) -> Tensor:
-        """``At`` ``(c, components, n_atoms)`` → every species' output ``(c, species * M, n_atoms)``."""
-        c = At.shape[0]
-        # T[c, (species, M), q] = sum_p W[s, p, c] U[p, (M, q)]: dense coupling per channel.
-        T = torch.matmul(self.weight.permute(2, 0, 1), self.U).reshape(c, self.n_species * self.m_total, -1)
+    def forward(self, At: Tensor, species: Tensor) -> Tensor:
+        """``At`` ``(c, components, n_atoms)`` → expanded: every species' output ``(c, species * M,
+        n_atoms)``; per atom: ``(c, M, n_atoms)``."""
+        c, n = At.shape[0], At.shape[2]
         mono = At.index_select(1, self.monos[0])
         for d in range(1, self.nu):
             mono = mono * At.index_select(1, self.monos[d])
+        if self.per_atom:
+            # V[c, (p, M), n] = sum_q U[p, M, q] mono[c, q, n], then each atom's own W[s, p, c].
+            V = torch.matmul(self.U.view(self.n_paths * self.m_total, -1), mono)
+            w = self.weight.index_select(0, species).permute(2, 1, 0).unsqueeze(2)  # (c, P, 1, n)
+            return (V.view(c, self.n_paths, self.m_total, n) * w).sum(1)
+        # T[c, (species, M), q] = sum_p W[s, p, c] U[p, (M, q)]: dense coupling per channel.
+        T = torch.matmul(self.weight.permute(2, 0, 1), self.U).reshape(c, self.n_species * self.m_total, -1)
         return torch.bmm(T, mono)
 
 
@@ -439,16 +473,22 @@ class _Parity(torch.nn.Module):
 
     def forward(self, At: Tensor, species: Tensor) -> Tensor:
         c, n = At.shape[0], At.shape[2]
-        total = torch.zeros(0, dtype=At.dtype, device=At.device)
+        m = self.m_total
+        expanded = torch.zeros(0, dtype=At.dtype, device=At.device)
+        own = torch.zeros(c, m, n, dtype=At.dtype, device=At.device)
         k = 0
         for term in self.terms:
-            y = term(At)
-            total = y if k == 0 else total + y
-            k += 1
-        m = self.m_total
+            y = term(At, species)
+            if term.per_atom:
+                own = own + y
+            else:
+                expanded = y if k == 0 else expanded + y
+                k += 1
+        if k == 0:
+            return own
         # Each atom takes its own species' rows.
         index = (species * m).view(1, 1, n) + torch.arange(m, device=At.device).view(1, m, 1)
-        return torch.gather(total, 1, index.expand(c, m, n))
+        return own + torch.gather(expanded, 1, index.expand(c, m, n))
 
 
 class SymmetricContraction(torch.nn.Module):
