@@ -242,7 +242,7 @@ def test_malicious_model_is_refused_and_never_runs(tmp_path, how):
 def test_unaccepted_opcodes_limits_and_foreign_layouts_are_refused(mace_reference, tmp_path):
     folder, _ = mace_reference
     # Protocol 0/1 INST runs the class with arguments: refused before unpickling.
-    inst = b"(S'touch x'\nios\nsystem\n."
+    inst = b"\x80\x02(X\x07\x00\x00\x00touch xios\nsystem\n."
     with pytest.raises(UnsafeModelError, match="opcode INST"):
         convert(torch_zip(tmp_path / "inst.model", inst), tmp_path / "o.eqm")
     # cuequivariance layout: the way out is named.
