@@ -447,19 +447,32 @@ class _Correlation(torch.nn.Module):
         # Weights (species, paths, channels): N(0, 1/paths), the output a sum of `paths` terms.
         self.weight = torch.nn.Parameter(torch.randn(n_species, U.shape[0], channels) / math.sqrt(max(U.shape[0], 1)))
         self.per_atom = self.n_paths < n_species
+        # Per atom: the k-th factor of every monomial picked by a 0/1 matrix (Q, components):
+        # a matmul whose backward is a matmul (index_select's backward is a slow scatter).
+        d = int(monos.max()) + 1 if monos.size else 1
+        pick = np.zeros((self.nu, monos.shape[0], d))
+        for k in range(self.nu):
+            pick[k, np.arange(monos.shape[0]), monos[:, k]] = 1.0
+        self.register_buffer("pick", torch.tensor(pick), persistent=False)
 
     def forward(self, At: Tensor, species: Tensor) -> Tensor:
         """``At`` ``(c, components, n_atoms)`` → expanded: every species' output ``(c, species * M,
         n_atoms)``; per atom: ``(c, M, n_atoms)``."""
         c, n = At.shape[0], At.shape[2]
+        if self.per_atom:
+            # Monomials as (Q, c * n) so that the coupling basis is one plain matmul (a
+            # broadcast batched matmul has a very slow backward on CPU), then each atom's W.
+            Ac = At.transpose(0, 1).reshape(-1, c * n)[: self.pick.shape[2]]  # (components, c n)
+            mono = torch.mm(self.pick[0], Ac)
+            for d in range(1, self.nu):
+                mono = mono * torch.mm(self.pick[d], Ac)
+            V = torch.mm(self.U.view(self.n_paths * self.m_total, -1), mono)
+            w = self.weight.index_select(0, species).permute(1, 2, 0).unsqueeze(1)  # (P, 1, c, n)
+            out = (V.view(self.n_paths, self.m_total, c, n) * w).sum(0)            # (M, c, n)
+            return out.transpose(0, 1)
         mono = At.index_select(1, self.monos[0])
         for d in range(1, self.nu):
             mono = mono * At.index_select(1, self.monos[d])
-        if self.per_atom:
-            # V[c, (p, M), n] = sum_q U[p, M, q] mono[c, q, n], then each atom's own W[s, p, c].
-            V = torch.matmul(self.U.view(self.n_paths * self.m_total, -1), mono)
-            w = self.weight.index_select(0, species).permute(2, 1, 0).unsqueeze(2)  # (c, P, 1, n)
-            return (V.view(c, self.n_paths, self.m_total, n) * w).sum(1)
         # T[c, (species, M), q] = sum_p W[s, p, c] U[p, (M, q)]: dense coupling per channel.
         T = torch.matmul(self.weight.permute(2, 0, 1), self.U).reshape(c, self.n_species * self.m_total, -1)
         return torch.bmm(T, mono)
