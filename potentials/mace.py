@@ -11,6 +11,11 @@ first layers, an MLP for the last) gives per-atom energies, summed over layers.
 Layout: features ``(n_atoms, (L+1)^2, channels)`` with degrees ``0..hidden_l`` (natural parity:
 ``hidden_l = 1`` is mace-torch's ``32x0e + 32x1o``); the last layer keeps scalars only, as
 mace-torch. The model is O(3)-invariant by construction (see :mod:`potentials.o3`).
+
+The variants of mace-torch's foundation models are options of this one implementation (see
+:class:`MACEConfig`): a plain (non-residual) first interaction, density-normalised neighbor sums,
+Agnesi/Soft distance transforms, ZBL repulsion, the envelope order, radial depth and readout
+width. With them, :mod:`potentials.convert.mace` reproduces mace-torch files exactly.
 """
 import dataclasses
 import math

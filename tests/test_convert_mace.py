@@ -288,3 +288,23 @@ def test_reader_rebuilds_every_tensor_bit_for_bit(mace_reference, variant):
     assert set(tensors) == set(expected)
     for key, t in tensors.items():
         assert hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() == expected[key], key
+
+
+def test_mace_files_written_before_the_mace_torch_options_load_unchanged(tmp_path):
+    """A package whose config predates the new MACE fields (envelope order, radial depth,
+    readout width, first interaction, normalisation, transform, pair term) loads with the
+    behaviour it was written with (FILE_DEFAULTS), giving identical numbers."""
+    from potentials.mace import MACEConfig
+    from potentials.package import metadata_of
+
+    model = potentials.build("mace", species=["Cu", "O"], dtype="float64", channels=4)
+    new = potentials.save(model, tmp_path / "new.eqm")
+    meta = metadata_of(model)
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in MACEConfig.FILE_DEFAULTS}
+    assert "envelope_p" not in meta["config"] and "pair_repulsion" not in meta["config"]
+    old = package.write(tmp_path / "old.eqm", meta, model.state_dict())
+    structure = T.structures(["Cu", "O"])["bulk"]
+    a = EquivariantCalculator(str(new), compile="eager").predict([structure])[0]
+    b = EquivariantCalculator(str(old), compile="eager").predict([structure])[0]
+    assert a["energy"] == b["energy"] and np.array_equal(a["forces"], b["forces"])
+    assert potentials.load(old).config == model.config

@@ -8,7 +8,9 @@ source (file sha256, package version, conventions, head).
 from __future__ import annotations
 
 import os
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -39,3 +41,13 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, head: Optional
     model, info = mace.read(source, head=head)
     info["conversion_seconds"] = round(time.perf_counter() - start, 3)
     return potentials.save(model, output, source=info)
+
+
+class _CallableModule(types.ModuleType):
+    """``potentials.convert`` is both this package and the function :func:`convert`."""
+
+    def __call__(self, source, output, head=None) -> Path:
+        return convert(source, output, head=head)
+
+
+sys.modules[__name__].__class__ = _CallableModule
