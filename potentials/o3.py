@@ -355,8 +355,11 @@ class _Path(torch.nn.Module):
         """``h_j[l1]`` ``(n_edges, 2l1+1, c)``, ``Y[l2]`` ``(n_edges, 2l2+1)``, ``R[path]``
         ``(n_edges, c)`` → ``(n_atoms, 2l3+1, c)``."""
         y, r = Y[self.l2], R[self.index]
-        if self.l1 == 0:  # a scalar times the harmonics: a broadcast (faster than a K=1 bmm)
+        if self.l1 == 0 and self.l2 == 0:  # scalars: a broadcast
             m = y.unsqueeze(2) * (h_j[0].squeeze(1) * r).unsqueeze(1)
+        elif self.l1 == 0:  # a scalar times the harmonics: an outer product as a K=1 bmm, whose
+            # backward needs no full-size temporaries (1.6x faster than a broadcast at 128 channels)
+            m = torch.bmm(y.unsqueeze(2), (h_j[0].squeeze(1) * r).unsqueeze(1))
         else:  # the radial weight goes on the small input side of the matmul
             fold = torch.matmul(y, self.cmat).view(-1, 2 * self.l3 + 1, 2 * self.l1 + 1)
             m = torch.bmm(fold, h_j[self.l1] * r.unsqueeze(1))
@@ -447,13 +450,6 @@ class _Correlation(torch.nn.Module):
         # Weights (species, paths, channels): N(0, 1/paths), the output a sum of `paths` terms.
         self.weight = torch.nn.Parameter(torch.randn(n_species, U.shape[0], channels) / math.sqrt(max(U.shape[0], 1)))
         self.per_atom = self.n_paths < n_species
-        # Per atom: the k-th factor of every monomial picked by a 0/1 matrix (Q, components):
-        # a matmul whose backward is a matmul (index_select's backward is a slow scatter).
-        d = int(monos.max()) + 1 if monos.size else 1
-        pick = np.zeros((self.nu, monos.shape[0], d))
-        for k in range(self.nu):
-            pick[k, np.arange(monos.shape[0]), monos[:, k]] = 1.0
-        self.register_buffer("pick", torch.tensor(pick), persistent=False)
 
     def forward(self, At: Tensor, species: Tensor) -> Tensor:
         """``At`` ``(c, components, n_atoms)`` → expanded: every species' output ``(c, species * M,
@@ -462,10 +458,11 @@ class _Correlation(torch.nn.Module):
         if self.per_atom:
             # Monomials as (Q, c * n) so that the coupling basis is one plain matmul (a
             # broadcast batched matmul has a very slow backward on CPU), then each atom's W.
-            Ac = At.transpose(0, 1).reshape(-1, c * n)[: self.pick.shape[2]]  # (components, c n)
-            mono = torch.mm(self.pick[0], Ac)
+            # Rows gathered as embeddings: the fastest gather backward on CPU measured here.
+            Ac = At.transpose(0, 1).reshape(At.shape[1], c * n)  # (components, c n)
+            mono = torch.nn.functional.embedding(self.monos[0], Ac)
             for d in range(1, self.nu):
-                mono = mono * torch.mm(self.pick[d], Ac)
+                mono = mono * torch.nn.functional.embedding(self.monos[d], Ac)
             V = torch.mm(self.U.view(self.n_paths * self.m_total, -1), mono)
             w = self.weight.index_select(0, species).permute(1, 2, 0).unsqueeze(1)  # (P, 1, c, n)
             out = (V.view(self.n_paths, self.m_total, c, n) * w).sum(0)            # (M, c, n)

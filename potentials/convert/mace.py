@@ -32,7 +32,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -65,6 +65,8 @@ ALLOW = Allow(
         *(f"mace.modules.radial.{n}" for n in (
             "BesselBasis", "PolynomialCutoff", "ZBLBasis", "AgnesiTransform", "SoftTransform")),
         "mace.modules.irreps_tools.reshape_irreps",
+        # accelerator settings recorded with the model: accepted when switched off (checked)
+        "mace.modules.wrapper_ops.CuEquivarianceConfig", "mace.modules.wrapper_ops.OEQConfig",
         "mace.modules.symmetric_contraction.SymmetricContraction",
         "mace.modules.symmetric_contraction.Contraction",
         "e3nn.o3._irreps.Irreps", "e3nn.o3._irreps.Irrep", "e3nn.o3._irreps._MulIr",
@@ -89,6 +91,8 @@ ALLOW = Allow(
         "mace.": "this file holds more than a MACE model (e.g. a training checkpoint or a "
                  "LAMMPS/compiled wrapper); save the model itself with torch.save(model, path)",
         "torch.jit": "this is a TorchScript file; convert the .model file mace-torch wrote instead",
+        "__torch__": "this is a TorchScript (compiled, e.g. LAMMPS) model; convert the .model file "
+                     "mace-torch wrote instead",
     },
 )
 
@@ -134,7 +138,8 @@ class Reader:
             cueq = module.attr("cueq_config")
             if cueq is not None and not (isinstance(cueq, Record) and not (cueq.attr("enabled") or False)):
                 self.refuse(f"block {path or '<root>'} is in cuequivariance layout", CUEQ_HINT)
-            if module.attr("oeq_config") is not None:
+            oeq = module.attr("oeq_config")
+            if oeq is not None and not (isinstance(oeq, Record) and not (oeq.attr("enabled") or False)):
                 self.refuse(f"block {path} uses openequivariance kernels",
                             "convert the model back to e3nn with mace-torch before converting")
         flags = {"use_so3": "SO(3) (parity-free) harmonics", "use_last_readout_only": "a last-layer-only readout",
@@ -215,6 +220,12 @@ class Reader:
         radial_mlp = list(interactions[0].attr("radial_MLP"))
         if len(set(radial_mlp)) != 1:
             self.refuse(f"radial MLP {radial_mlp}", "hidden layers of one width are supported")
+        products = list(root.child("products").modules.values())
+        outs = [e3nn.parse_irreps(p.child("linear").attr("irreps_out")) for p in products]
+        if outs[-1] != [(channels, 0, 1)] or any(o != hidden for o in outs[:-1]):
+            self.refuse(f"product outputs {[e3nn.irreps_str(o) for o in outs]}",
+                        "supported: hidden irreps on every layer but the last, scalars on the last "
+                        "(keep_last_layer_irreps=False)")
         correlations = {int(c.attr("correlation")) for prod in root.child("products").modules.values()
                         for c in prod.child("symmetric_contractions").child("contractions").modules.values()}
         if len(correlations) != 1:
