@@ -553,15 +553,22 @@ def read(path: str | Path, head: Optional[str] = None, progress: bool = True):
     if not isinstance(root, Record):
         raise ModelFileError(f"{path!r} holds a {type(root).__name__}, not a mace-torch model "
                              "(a state_dict or a checkpoint?); convert the file torch.save(model) wrote")
-    reader = Reader(root, path, head)
-    config = reader.config()
-    dtype = reader.tensor(root.child("node_embedding").child("linear"), "weight").dtype
-    if dtype not in (torch.float32, torch.float64):
-        reader.refuse(f"weights in {dtype}", "float32 and float64 files are supported")
-    reader.dtype = dtype
-    model = potentials.build("mace", dtype=str(dtype).replace("torch.", ""), **config)
-    state = reader.fill(model, config)
-    model.load_state_dict(state, strict=True)
+    try:
+        reader = Reader(root, path, head)
+        config = reader.config()
+        dtype = reader.tensor(root.child("node_embedding").child("linear"), "weight").dtype
+        if dtype not in (torch.float32, torch.float64):
+            reader.refuse(f"weights in {dtype}", "float32 and float64 files are supported")
+        reader.dtype = dtype
+        model = potentials.build("mace", dtype=str(dtype).replace("torch.", ""), **config)
+        state = reader.fill(model, config)
+        model.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as e:
+        if isinstance(e, ModelFileError):
+            raise
+        # Records of allowed classes arranged in a way mace-torch never writes (or damaged).
+        raise ModelFileError(f"{path!r} does not have the structure of a mace-torch model "
+                             f"({type(e).__name__}: {e})") from e
     source = {
         "format": "mace-torch .model (torch.save of the module)",
         "file": Path(path).name,

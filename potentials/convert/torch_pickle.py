@@ -376,11 +376,19 @@ class TorchArchive:
 
 
 def walk(record: Record, prefix: str = "") -> Iterator[Tuple[str, Record]]:
-    """Every module record under ``record`` with its dotted path (``"interactions.0.linear"``)."""
-    yield prefix, record
-    for key, child in record.modules.items():
-        if isinstance(child, Record):
-            yield from walk(child, f"{prefix}.{key}" if prefix else key)
+    """Every module record under ``record`` with its dotted path (``"interactions.0.linear"``),
+    depth first (iterative: a deeply nested file cannot exhaust the stack)."""
+    stack = [(prefix, record)]
+    seen = set()
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:  # a pickle may share a module; never loop on a cycle
+            continue
+        seen.add(id(module))
+        yield path, module
+        children = [(f"{path}.{k}" if path else str(k), c) for k, c in module.modules.items()
+                    if isinstance(c, Record)]
+        stack.extend(reversed(children))
 
 
 def state_dict(record: Record) -> Dict[str, torch.Tensor]:
