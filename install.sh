@@ -10,5 +10,5 @@ python3 -m venv .venv
 python -m pip install -q setuptools wheel
 python -m pip install -q torch==2.13.0
 python -c "import torch_cluster" 2>/dev/null || python -m pip install -q --no-build-isolation torch_cluster
-python -m pip install -q -e ".[test,bench,xtb]"
+python -m pip install -q -e ".[test,bench,xtb,phonons,distributed]"
 echo "eqcalc installed in $(pwd)/.venv"

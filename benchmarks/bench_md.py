@@ -78,7 +78,7 @@ def throughput(args) -> list:
     from ase.md.langevin import Langevin
 
     from eqcalc import EquivariantCalculator
-from eqcalc.engine import md
+    from eqcalc.engine import md
     from eqcalc.model import Model
 
     model = Model(args.model, device=args.device, compile=args.compile)

@@ -29,7 +29,7 @@ def main():
         path = Path(tempfile.mkdtemp()) / f"{arch}.eqm"
         potentials.save(potentials.build(arch, species=SPECIES, cutoff=5.0, dtype="float64", direct_forces=True), path)
         models.append((f"{arch} (untrained)", path))
-    models += [("shipped default", "default"), ("shipped schnet", "schnet")]
+    models += [("shipped default", "default"), ("shipped schnet", "schnet"), ("shipped faenet", "faenet")]
     for arch, path in models:
         ref = EquivariantCalculator(path, compile="eager", dtype="float64")
         has_head = "direct" in ref.metadata["force_modes"]
@@ -52,6 +52,7 @@ def main():
                 "batch_vs_single": T.check_batch(calc, list(structs.values())),
                 "wrapped_vs_unwrapped": max(T.check_wrapping(calc, structs[k]) for k in ("slab", "small_triclinic")),
                 "force_beyond_cutoff": T.check_cutoff(calc, SPECIES)["force_beyond"],
+                **second_order(calc, ref, structs),
             }
             rows.append({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()})
             print(rows[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -60,6 +61,23 @@ def main():
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {out / 'physics.csv'}")
+
+
+def second_order(calc, ref, structs) -> dict:
+    """Linear response at symmetric sites (perfect fcc/bcc/hcp Cu, O in a Cu(111) hollow; the
+    evaluation in float64 on the same weights), Hessian vs FD and its identities; or the reason
+    the model has no second derivatives."""
+    limit = T.second_order_limit(calc)
+    if limit is not None:
+        return {"linear_response_spread": "n/a", "hessian_fd": "n/a", "hessian_asymmetry": "n/a",
+                "acoustic_sum": "n/a", "second_order": limit.split(":")[1].split(".")[0].strip()}
+    sites = T.symmetric_sites(["Cu"])
+    spread = max(T.check_linear_response(ref, a, i, d)["spread"] for a, i, d in sites.values())
+    ident = [T.check_hessian_identities(calc, structs[k]) for k in ("slab", "cluster")]
+    return {"linear_response_spread": spread,
+            "hessian_fd": max(T.check_hessian_fd(calc, structs[k], reference=ref) for k in ("slab", "cluster")),
+            "hessian_asymmetry": max(r["symmetry"] for r in ident),
+            "acoustic_sum": max(r["acoustic_sum"] for r in ident), "second_order": "yes"}
 
 
 if __name__ == "__main__":

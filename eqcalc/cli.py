@@ -13,6 +13,30 @@ import time
 log = logging.getLogger("eqcalc")
 
 
+# ---- option types: a bad number is an argparse error naming the option and what it must be --
+def _number(kind, test, what):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    parse.__name__ = what  # argparse shows it in "invalid <name> value"
+    return parse
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: _finite(v) and v > 0, "a finite number > 0")
+nonnegative_float = _number(float, lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+
+
 def _speed_structure(species):
     """About 100 atoms of the model's heaviest element with an ASE reference crystal, rattled."""
     from ase.build import bulk
@@ -190,11 +214,19 @@ EPILOGS = {
     "md": "example:\n  eqcalc md slab.extxyz bulk.extxyz --ensemble nvt --thermostat bussi --temperature-K 500 "
           "--timestep-fs 1 --steps 5000 --interval 50 --output-dir run1\n"
           "  eqcalc md run1/slab.extxyz --ensemble nve --steps 1000 --checkpoint-interval 100 --output-dir run2\n"
-          "  eqcalc md slab.extxyz --steps 10000 --output-dir run2 --checkpoint-interval 100 --restart run2/checkpoint.pt",
+          "  eqcalc md slab.extxyz --steps 10000 --output-dir run2 --checkpoint-interval 100 --restart run2/checkpoint.pt\n"
+          "  eqcalc md inputs/*.extxyz --steps 2000 --scheduler tcp://head:8786 --db md.db   # on a Dask cluster",
     "relax": "example:\n  eqcalc relax slab.extxyz co.xyz --fmax 0.02 --output-dir relaxed\n"
-             "  eqcalc relax Cu.cif --cell --fmax 0.01 --optimizer lbfgs --output-dir relaxed",
+             "  eqcalc relax Cu.cif --cell --fmax 0.01 --optimizer lbfgs --output-dir relaxed\n"
+             "  eqcalc relax inputs/*.extxyz --scheduler tcp://head:8786 --db results.db   # on a Dask cluster\n"
+             "  eqcalc relax inputs/*.extxyz --db results.db   # this machine; a rerun skips what is done",
     "adsorption": "example:\n  eqcalc adsorption pt111.extxyz --adsorbate CO --fmax 0.05 --output-dir co_pt111\n"
-                  "  eqcalc adsorption cu111.extxyz --adsorbate O --sites ontop hollow --distance 1.5",
+                  "  eqcalc adsorption cu111.extxyz --adsorbate O --sites ontop hollow --distance 1.5\n"
+                  "  eqcalc adsorption slabs/*.extxyz --adsorbate O OH CO --scheduler tcp://head:8786 --db ads.db",
+    "vib": "example:\n  eqcalc vib o_pt111.extxyz co_pt111.extxyz --temperature-K 500 --output-dir vib\n"
+           "  eqcalc vib slab_with_h.extxyz --indices 36 --dtype float64",
+    "phonons": "example:\n  eqcalc phonons Cu_primitive.cif --supercell 4 4 4 --output-dir cu_phonons\n"
+               "  eqcalc phonons Pt.extxyz --method hessian --dtype float64",
 }
 
 
@@ -242,24 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("bench", "time neighbor lists against vesin/matscipy/ASE, or a model's step in each compiled form")
     c.add_argument("--what", choices=["neighbors", "model"], default="neighbors")
     c.add_argument("--model", default=None, help="model for --what model (default: an untrained PaiNN)")
-    c.add_argument("--atoms", type=int, nargs="+", default=None, help="system sizes (Cu fcc supercells)")
+    c.add_argument("--atoms", type=positive_int, nargs="+", default=None, help="system sizes (Cu fcc supercells)")
     c.add_argument("--device", default="cpu")
-    c.add_argument("--repeats", type=int, default=7, help="best of this many calls after a warm-up")
+    c.add_argument("--repeats", type=positive_int, default=7, help="best of this many calls after a warm-up")
     c.add_argument("--output-dir", default="benchmarks/results", help="where CSV and PNG go")
     c.set_defaults(func=_bench)
 
     c = command("datagen", "write reference frames to extxyz: EMT catalysts (slabs, adsorbates, bulk, gas) "
                            "or GFN2-xTB molecules from MD (needs the xtb extra)")
     c.add_argument("output", help="output .xyz file (extxyz)")
-    c.add_argument("--n-structures", type=int, required=True, help="number of frames to write")
-    c.add_argument("--seed", type=int, default=0, help="same seed and arguments give an identical file")
+    c.add_argument("--n-structures", type=positive_int, required=True, help="number of frames to write (>= 1)")
+    c.add_argument("--seed", type=nonnegative_int, default=0, help="same seed and arguments give an identical file")
     c.add_argument("--elements", nargs="+", default=None,
                    help="EMT: elements to use (default: Al Ni Cu Pd Ag Pt Au H C N O)")
     c.add_argument("--reference", choices=["emt", "xtb"], default="emt",
                    help="emt: catalyst domain (ASE EMT); xtb: organic molecules by GFN2-xTB MD (tblite)")
     c.add_argument("--molecules", nargs="+", default=None,
                    help="xtb: ASE g2 molecule names (default: CH3CH2OH)")
-    c.add_argument("--temperature-K", type=float, default=500.0, help="xtb: MD temperature (default 500)")
+    c.add_argument("--temperature-K", type=positive_float, default=500.0, help="xtb: MD temperature (default 500)")
     c.add_argument("--progress", action="store_true", help="show a progress bar")
     c.set_defaults(func=_datagen)
 
@@ -280,15 +312,28 @@ def build_parser() -> argparse.ArgumentParser:
     drivers.add_relax_arguments(c)
     c.set_defaults(func=drivers.relax_main)
 
+    from eqcalc.workflows import adsorption, phonons, vibrations
+
     c = command("adsorption", "adsorption energies of a molecule on every site of a slab, relaxed as one batch")
-    from eqcalc.workflows import adsorption
     adsorption.add_arguments(c)
     c.set_defaults(func=adsorption.main)
+
+    c = command("vib", "harmonic vibrations of all inputs in one batch (autograd Hessian): frequencies, "
+                       "ZPE, free energy, mode animations")
+    vibrations.add_arguments(c)
+    c.set_defaults(func=vibrations.main)
+
+    c = command("phonons", "phonon band structure and DOS of a crystal with phonopy (needs the phonons extra)")
+    phonons.add_arguments(c)
+    c.set_defaults(func=phonons.main)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage error (exit 2) or --help (exit 0)
+        return e.code
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from eqcalc.errors import EqcalcError

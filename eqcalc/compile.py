@@ -5,6 +5,14 @@ Built on the user's machine from the package, cached under the user's cache dire
 hash, force mode, device, dtype and torch/eqcalc versions, and checked against eager on a probe
 structure before first use.
 
+The cache is never trusted blindly: each ``KEY.pt2`` has ``KEY.pt2.json`` beside it with its
+size and sha256, checked before the entry is loaded; a truncated, corrupt or unloadable entry is
+rebuilt with a warning naming its path. A cache folder that cannot be written is detected before
+compiling (not after a minute of it): the form is built in a temporary folder for this process,
+with a warning. ``compile="auto"`` records its choice per machine (``auto-KEY.json``, keyed by
+model, force mode, device, dtype and versions, and by the forms it chose among), so every
+calculator of that model on this machine, e.g. the images of one NEB, uses the same form.
+
 AOTInductor route with autograd forces inside the graph (``torch.export`` alone cannot trace
 ``torch.autograd.grad``): trace with ``make_fx(tracing_mode="symbolic")``, export that graph with
 dynamic atom, edge and system counts, then ``aoti_compile_and_package``.
@@ -12,8 +20,10 @@ dynamic atom, edge and system counts, then ``aoti_compile_and_package``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -42,8 +52,9 @@ def cache_dir() -> Path:
 def cache_key(weights_sha256: str, forces: str, stress: bool, device: torch.device, dtype: str) -> str:
     from eqcalc import __version__
 
-    # "simd8": packages built before the vector-width fix (see aoti()) must not be reused.
-    text = f"{weights_sha256}|{forces}|{stress}|{device}|{dtype}|{torch.__version__}|{__version__}|simd8"
+    # "simd8": packages built before the vector-width fix (see aoti()) must not be reused;
+    # "checked": entries without the size/hash record are not looked at.
+    text = f"{weights_sha256}|{forces}|{stress}|{device}|{dtype}|{torch.__version__}|{__version__}|simd8|checked"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -88,30 +99,132 @@ def export_aoti(wrapper: torch.nn.Module, example: Inputs, path: Path) -> Path:
         # runs correctly. CPU code only; a context patch leaves Inductor's global config alone.
         with torch._inductor.config.patch({"cpp.simdlen": 8}):
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
-    os.replace(tmp, path)
+    try:
+        # the record first: a reader that sees the new package also sees its record
+        _write_json(_record_path(path), {"size": tmp.stat().st_size, "sha256": _file_sha256(tmp),
+                                         "torch": torch.__version__})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 
+_FALLBACK: Dict[str, Path] = {}
+
+
+def writable_cache() -> Path:
+    """:func:`cache_dir` when it can be written, else (with a warning, once per process) a
+    temporary folder that lives as long as this process."""
+    from eqcalc.errors import OutputError
+    from eqcalc.outputs import writable_dir
+
+    if "dir" in _FALLBACK:
+        return _FALLBACK["dir"]
+    try:
+        return writable_dir(cache_dir())
+    except OutputError as e:
+        _FALLBACK["dir"] = Path(tempfile.mkdtemp(prefix="eqcalc-cache-"))
+        log.warning("%s. Compiled forms go to %s for this process only (set EQCALC_CACHE to a writable "
+                    "folder to keep them)", str(e).split(";")[0], _FALLBACK["dir"])
+        return _FALLBACK["dir"]
+
+
 def aoti_path(key: str) -> Path:
-    """Where the AOTInductor package of cache ``key`` lives."""
-    return cache_dir() / f"{key}.pt2"
+    """Where the AOTInductor package of cache ``key`` lives (the cache, or this process's
+    temporary fallback when the cache cannot be written)."""
+    return (_FALLBACK.get("dir") or cache_dir()) / f"{key}.pt2"
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified(path: Path, action: str = "rebuilding it") -> bool:
+    """Whether cache entry ``path`` exists and matches the size and sha256 recorded beside it;
+    a mismatch is logged as a warning naming the path and ``action``."""
+    if not path.exists():
+        return False
+    try:
+        record = json.loads(_record_path(path).read_text())
+        ok = record["size"] == path.stat().st_size and record["sha256"] == _file_sha256(path)
+        problem = "its size or sha256 differs from the record beside it (truncated or corrupt)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ok, problem = False, f"its size/hash record {_record_path(path)} is missing or unreadable ({e})"
+    if not ok:
+        log.warning("compiled-form cache entry %s is not usable: %s; %s", path, problem, action)
+    return ok
 
 
 def aoti(wrapper: torch.nn.Module, example: Inputs, key: str) -> Runner:
-    """AOTInductor runner from the cache, compiling it first if needed. The package holds
-    compiled code: only files this machine built are loaded."""
+    """AOTInductor runner from the cache, compiling it first if the entry is missing, does not
+    match its recorded size and hash, or does not load. The package holds compiled code: only
+    files this machine built (and recorded) are loaded."""
     path = aoti_path(key)
-    if not path.exists():
-        start = time.perf_counter()
-        log.info("compiling the model with AOTInductor (once per model, device and dtype)...")
+    if verified(path):
         try:
-            export_aoti(wrapper, example, path)
-        except Exception as e:  # the compiler stack raises many types; wrap with the fix
-            raise CompileError(
-                f"AOTInductor compilation failed ({type(e).__name__}: {str(e)[:300]}); "
-                "use compile='torchscript' or compile='eager'") from e
-        log.info("AOTInductor compile took %.1f s -> %s", time.perf_counter() - start, path)
+            return torch._inductor.aoti_load_package(str(path))
+        except Exception as e:  # a damaged entry can fail inside the loader with many types
+            log.warning("compiled-form cache entry %s does not load (%s: %s); rebuilding it",
+                        path, type(e).__name__, str(e)[:200])
+    path = writable_cache() / f"{key}.pt2"
+    start = time.perf_counter()
+    log.info("compiling the model with AOTInductor (once per model, device and dtype)...")
+    try:
+        export_aoti(wrapper, example, path)
+    except Exception as e:  # the compiler stack raises many types; wrap with the fix
+        raise CompileError(
+            f"AOTInductor compilation failed ({type(e).__name__}: {str(e)[:300]}); "
+            "use compile='torchscript' or compile='eager'") from e
+    log.info("AOTInductor compile took %.1f s -> %s", time.perf_counter() - start, path)
     return torch._inductor.aoti_load_package(str(path))
+
+
+def _write_json(path: Path, data: Dict) -> None:
+    from eqcalc.outputs import replace_atomically
+
+    replace_atomically(path, lambda f: f.write(json.dumps(data).encode()))
+
+
+def recorded_choice(key: str, candidates) -> Dict | None:
+    """The ``compile="auto"`` choice recorded on this machine for cache ``key`` among
+    ``candidates`` (``{"choice", "timings"}``), or ``None``."""
+    path = (_FALLBACK.get("dir") or cache_dir()) / f"auto-{key}.json"
+    if key in _CHOICES:
+        record = _CHOICES[key]
+    else:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+    if not isinstance(record, dict) or record.get("candidates") != list(candidates) \
+            or record.get("choice") not in candidates:
+        return None
+    return record
+
+
+def record_choice(key: str, candidates, choice: str, timings: Dict[str, float]) -> None:
+    """Remember the ``compile="auto"`` choice for ``key`` in this process and on this machine."""
+    from eqcalc.errors import OutputError
+
+    record = {"candidates": list(candidates), "choice": choice, "timings": timings,
+              "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _CHOICES[key] = record
+    try:
+        _write_json(writable_cache() / f"auto-{key}.json", record)
+    except OutputError as e:  # the choice still holds for this process
+        log.warning("could not record the compiled-form choice (%s)", e)
+
+
+_CHOICES: Dict[str, Dict] = {}
 
 
 def max_relative_error(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> float:

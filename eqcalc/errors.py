@@ -4,6 +4,7 @@ Every bad input raises a subclass of :class:`EqcalcError`. Each message names th
 input and says how to fix it. Subclasses that describe a bad *value* also derive from
 ``ValueError`` (ASE habit), file problems from ``OSError`` where the file is missing.
 """
+from __future__ import annotations
 
 
 class EqcalcError(Exception):
@@ -68,6 +69,31 @@ class MissingDependencyError(EqcalcError, ImportError):
 
 class NonFiniteOutputError(EqcalcError, FloatingPointError):
     """The model produced NaN or inf; the structure is far outside what it was trained on."""
+
+
+class UnstableSimulationError(NonFiniteOutputError):
+    """An MD run or relaxation left physics (non-finite values, or temperature or forces far
+    beyond any physical run); ``system`` and ``step`` say where it happened."""
+
+    def __init__(self, message: str, system: int | None = None, step: int | None = None):
+        super().__init__(message)
+        self.system, self.step = system, step
+
+
+class OutputError(EqcalcError, OSError):
+    """An output file or folder cannot be written (missing, read-only, disk full)."""
+
+
+class RunFolderBusyError(OutputError):
+    """Another live process is writing into the same output folder."""
+
+
+class CheckpointError(EqcalcError, ValueError):
+    """A checkpoint is corrupt, foreign, or does not match the model, inputs or settings."""
+
+
+class DataFileError(EqcalcError, ValueError):
+    """A data or structure file cannot be read (the message names file and reason)."""
 
 
 def check_choice(name: str, value, choices) -> None:

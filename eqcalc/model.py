@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -17,9 +17,10 @@ from torch import Tensor
 from eqcalc import compile as compiled
 from eqcalc import keys, package
 from eqcalc.atoms import SystemTensors, check_overlaps, symbols_to_numbers
+from eqcalc import derivatives
 from eqcalc.derivatives import FORCE_MODES, ForceStressModel, edge_vectors
 from eqcalc.errors import (CompileError, DeviceError, InvalidOptionError, NonFiniteOutputError,
-                           check_choice)
+                           PropertyNotAvailableError, check_choice)
 
 log = logging.getLogger("eqcalc")
 
@@ -61,6 +62,7 @@ class Model:
         check_choice("compile", compile, ("auto",) + compiled.KINDS)
         check_choice("dtype", dtype, (None,) + package.DTYPES)
         self.device = resolve_device(device)
+        self.name = str(model)
         self.package = package.read(package.resolve(model))
         meta = self.metadata = self.package.metadata
         if forces == "auto":
@@ -111,9 +113,11 @@ class Model:
         probe = self.probe_inputs()
         reference = self.wrapper(*probe)
         candidates = [kind] if kind != "auto" else self._auto_candidates()
+        # "auto": the choice recorded on this machine, so every calculator of this model agrees
+        recorded = compiled.recorded_choice(self.aoti_key(), candidates) if kind == "auto" else None
         timings = {}
         best = None
-        for name in candidates:
+        for name in [recorded["choice"]] if recorded else candidates:
             runner = self._build(name, probe)
             error = compiled.max_relative_error(runner(*probe), reference)
             if error > compiled.tolerance(self.wrapper.dtype_probe.dtype):
@@ -122,12 +126,21 @@ class Model:
                     raise CompileError(msg + "; use compile='eager'")
                 log.warning("%s; not using it", msg)
                 continue
+            if recorded:
+                best = (name, runner)
+                break
             timings[name] = compiled.best_time(lambda: runner(*probe)[keys.ENERGY].cpu())
             if best is None or timings[name] < timings[best[0]]:
                 best = (name, runner)
-        self.compile_timings = timings
-        log.info("compiled forms timed on the probe (s): %s -> using %s",
-                 {k: round(v, 5) for k, v in timings.items()}, best[0])
+        if recorded and best is None:  # the recorded form no longer passes: forget it, choose again
+            compiled.record_choice(self.aoti_key(), [], "", {})
+            return self._choose_runner(kind)
+        if kind == "auto" and not recorded:
+            compiled.record_choice(self.aoti_key(), candidates, best[0], timings)
+        self.compile_timings = recorded["timings"] if recorded else timings
+        log.info("compiled forms timed on the probe (s): %s -> using %s%s",
+                 {k: round(v, 5) for k, v in self.compile_timings.items()}, best[0],
+                 " (the choice recorded on this machine)" if recorded else "")
         return best
 
     def aoti_key(self) -> str:
@@ -136,7 +149,7 @@ class Model:
     def _auto_candidates(self):
         # AOTInductor costs minutes to build on a CPU: "auto" uses it once it is in the cache
         # (eqcalc export or compile="aoti" puts it there) and on CUDA, where it pays off at once.
-        aoti_ready = compiled.aoti_path(self.aoti_key()).exists()
+        aoti_ready = compiled.verified(compiled.aoti_path(self.aoti_key()), "not using it")
         return ["eager", "torchscript"] + (["aoti"] if aoti_ready or self.device.type == "cuda" else [])
 
     def _build(self, name: str, probe):
@@ -152,6 +165,16 @@ class Model:
         species = self.species_index[t.numbers]
         return (t.positions, t.cell, species, edge_index, shifts.to(torch.float64), t.system)
 
+    def within_cutoff(self, t: SystemTensors, edge_index: Tensor, shifts: Tensor):
+        """The pairs of a neighbor list (possibly with a Verlet skin) within the cutoff, after
+        checking that no atoms overlap (InvalidAtomsError naming them)."""
+        lengths = edge_vectors(t.positions, t.cell, edge_index, shifts.to(t.positions.dtype), t.system).norm(dim=1)
+        check_overlaps(lengths, edge_index, t.numbers, t.system)
+        keep = lengths < self.cutoff
+        if not bool(keep.all()):
+            edge_index, shifts = edge_index[:, keep], shifts[keep]
+        return edge_index, shifts
+
     def __call__(self, t: SystemTensors, edge_index: Tensor, shifts: Tensor) -> Dict[str, Tensor]:
         """Energy ``(n_systems,)``, energies ``(n_atoms,)``, forces ``(n_atoms, 3)``, stress
         ``(n_systems, 3, 3)`` for the batch ``t`` with neighbor list ``(edge_index, shifts)``.
@@ -161,18 +184,51 @@ class Model:
         edge (16 catalyst slabs, 0.5 Å skin: 22282 -> 18640 edges, model call 206 -> 142 ms).
         Results are the same either way: every edge term carries an envelope that is 0 there.
         """
-        lengths = edge_vectors(t.positions, t.cell, edge_index, shifts.to(t.positions.dtype), t.system).norm(dim=1)
-        check_overlaps(lengths, edge_index)
-        keep = lengths < self.cutoff
-        if not bool(keep.all()):
-            edge_index, shifts = edge_index[:, keep], shifts[keep]
-        out = dict(self.runner(*self.inputs(t, edge_index, shifts)))
+        out = dict(self.runner(*self.inputs(t, *self.within_cutoff(t, edge_index, shifts))))
         for k in (keys.ENERGY, keys.FORCES):
             if not bool(torch.isfinite(out[k]).all()):
                 raise NonFiniteOutputError(
                     f"the model returned non-finite {k}; the structure is far outside its training "
                     "data (atoms too close, or an exploding simulation). Check the input geometry")
         return out
+
+    def hessian(self, t: SystemTensors, edge_index: Tensor, shifts: Tensor, rows: Tensor,
+                max_batch: Optional[int] = None) -> Tensor:
+        """Rows ``rows`` ``(n_rows,)`` (flat ``3 * atom + axis``) of the Hessian of the batch ``t``,
+        ``(n_rows, 3 * n_atoms)`` eV/Å², float64, by autograd through the eager model in this
+        Model's dtype (see :func:`eqcalc.derivatives.hessian`)."""
+        self.check_smooth()
+        h = derivatives.hessian(self.wrapper.model, *self.inputs(t, *self.within_cutoff(t, edge_index, shifts)),
+                                rows=rows, max_batch=max_batch)
+        if not bool(torch.isfinite(h).all()):
+            raise NonFiniteOutputError(
+                "the model returned a non-finite Hessian; the structure is far outside its training "
+                "data. Check the input geometry")
+        return h
+
+    def check_smooth(self) -> None:
+        """Second derivatives need an energy that is twice differentiable everywhere; a model that
+        is not (frame averaging switches frames where eigenvalues cross; PaiNN files written with
+        the paper's norm have a cusp at symmetric sites) gets a typed error saying why."""
+        model = self.wrapper.model
+        if getattr(model, "smooth", True):
+            return
+        reason = getattr(model, "not_smooth_because", "its energy is not twice differentiable everywhere")
+        raise PropertyNotAvailableError(
+            f"second derivatives (Hessian, vibrations, phonons) are not available for this "
+            f"{self.metadata['architecture']} model: {reason}. Use a model without that limit, e.g. "
+            "'default', or finite differences of the forces (ase.vibrations.Vibrations)")
+
+    def provenance(self) -> Dict[str, str]:
+        """What produces this model's numbers, as JSON-able strings: model name and file, its
+        hashes, architecture, dtype, device, force mode and compiled form."""
+        from eqcalc import __version__
+
+        m = self.metadata
+        return {"model": self.name, "model_path": os.path.abspath(self.package.path),
+                "weights_sha256": m["weights_sha256"], "sha256": m.get("sha256", ""),
+                "architecture": m["architecture"], "dtype": self.dtype, "device": str(self.device),
+                "forces": self.forces, "compile": self.compile_kind, "eqcalc_version": __version__}
 
     def summary(self) -> str:
         m = self.metadata

@@ -102,6 +102,10 @@ _BLOCK_ENTRIES = 1 << 21
 
 # non-periodic CPU systems with at least this many atoms use torch_cluster when importable
 _TORCH_CLUSTER_MIN_ATOMS = 32
+# a periodic direction needing more images than this (cutoff / perpendicular height) is refused:
+# such a cell (height < 5e-3 Å at a 5 Å cutoff) is not physical, and the search over its images
+# would run for minutes inside compiled code that Ctrl-C cannot stop
+MAX_IMAGES = 1000
 
 # ----------------------------------------------------------------------------------------------
 # input handling and validation
@@ -132,6 +136,7 @@ def _prepare(positions, cell, pbc, cutoff, system):
             f"{tuple(pbc.shape)}; give three booleans per system")
     n_systems = cell.shape[0]
     n_atoms = positions.shape[0]
+    unsorted = False
     if system is None:
         if n_systems != 1:
             raise InvalidAtomsError(
@@ -147,17 +152,26 @@ def _prepare(positions, cell, pbc, cutoff, system):
                 raise InvalidAtomsError("system indexes a system beyond cell (1 system); "
                                         "system values must lie in [0, n_systems)")
             system = None
+        elif n_atoms:
+            lo, hi, unsorted = torch.stack([system.min(), system.max(),
+                                            (system[1:] < system[:-1]).any().to(torch.int64)]).tolist()
+            if lo < 0 or hi >= n_systems:
+                raise InvalidAtomsError(
+                    f"system holds values outside [0, {n_systems}) (cell holds {n_systems} systems); "
+                    "give each atom the index of its system")
     try:
+        if isinstance(cutoff, bool):
+            raise TypeError
         cutoff = float(cutoff)
     except (TypeError, ValueError):
         raise InvalidAtomsError(f"cutoff must be a positive number in Å, got {cutoff!r}") from None
     if not (math.isfinite(cutoff) and cutoff > 0):
         raise InvalidAtomsError(
             f"cutoff must be a positive finite number in Å, got {cutoff!r}; pass e.g. cutoff=5.0")
-    return positions, cell, pbc, cutoff, system, n_systems
+    return positions, cell, pbc, cutoff, system, n_systems, bool(unsorted)
 
 
-def _effective_cell(positions, cell, pbc, system):
+def _effective_cell(positions, cell, pbc, system, cutoff):
     """Validate, then give the effective cell (open rows replaced by an orthonormal complement
     of the periodic rows) and its inverse. One host sync for all checks."""
     n_systems = cell.shape[0]
@@ -204,7 +218,24 @@ def _effective_cell(positions, cell, pbc, system):
     comp = vh.gather(1, idx.unsqueeze(-1).expand(n_systems, 3, 3))
     eff = torch.where(pbc.unsqueeze(-1), cell, comp)
     inv = torch.linalg.inv(eff)
+    if checks[4]:
+        _check_heights(inv, pbc, cutoff)
     return eff, inv, bool(checks[4])
+
+
+def _check_heights(inv, pbc, cutoff):
+    """:class:`CellError` for a periodic direction thinner than ``cutoff / MAX_IMAGES``."""
+    heights = 1.0 / torch.linalg.norm(inv, dim=1)                                 # (B, 3)
+    images = torch.where(pbc, cutoff / heights, torch.zeros_like(heights))
+    worst = images.flatten().argmax()
+    if float(images.flatten()[worst]) > MAX_IMAGES:
+        s, k = divmod(int(worst), 3)
+        raise CellError(
+            f"the cell of system {s} is only {float(heights[s, k]):.3g} Å thick along periodic "
+            f"direction {k}: a cutoff of {cutoff:g} Å would need {float(images[s, k]):.3g} periodic "
+            f"images (at most {MAX_IMAGES}). No physical cell is this flat; check the cell (units? a "
+            f"missing or nearly parallel vector?), make direction {k} open (pbc[{k}]=False), or "
+            "reduce a skewed cell (ase.build.niggli_reduce)")
 
 
 def _atom_matmul(x, mats, system):
@@ -241,7 +272,8 @@ def compute_neighbors(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Te
             vectors of open directions may be zero or arbitrary.
         pbc: ``(n_systems, 3)`` (or ``(3,)``) bool.
         cutoff: Å, pairs with ``|r_ij| < cutoff`` are edges.
-        system: ``(n_atoms,)`` int64, contiguous and sorted; ``None`` for one system.
+        system: ``(n_atoms,)`` int64 in ``[0, n_systems)``; ``None`` for one system. Sorted
+            (atoms of a system contiguous) is fastest; other orders are sorted here.
         self_interaction: keep the pair ``i == i`` with zero shift.
 
     Returns:
@@ -252,16 +284,19 @@ def compute_neighbors(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Te
 
     Raises:
         InvalidAtomsError: bad shapes, NaN/inf positions or cell, non-positive cutoff.
-        CellError: a periodic direction with a zero cell vector or a singular periodic cell.
+        CellError: a periodic direction with a zero cell vector, a singular periodic cell, or
+            one thinner than ``cutoff / MAX_IMAGES``.
     """
-    positions, cell, pbc, cutoff, system, n_systems = _prepare(positions, cell, pbc, cutoff,
-                                                              system)
+    positions, cell, pbc, cutoff, system, n_systems, unsorted = _prepare(
+        positions, cell, pbc, cutoff, system)
     device = positions.device
     n_atoms = positions.shape[0]
     if n_atoms == 0:
         return (torch.zeros((2, 0), dtype=torch.int64, device=device),
                 torch.zeros((0, 3), dtype=torch.int64, device=device))
-    eff, inv, any_pbc = _effective_cell(positions, cell, pbc, system)
+    if unsorted:
+        return _unsorted(positions, cell, pbc, cutoff, system, self_interaction)
+    eff, inv, any_pbc = _effective_cell(positions, cell, pbc, system, cutoff)
     if (not any_pbc and device.type == "cpu" and n_atoms >= _TORCH_CLUSTER_MIN_ATOMS
             and not self_interaction and native.library() is None):
         edge_index = _torch_cluster_radius(positions, cutoff, system)
@@ -269,6 +304,17 @@ def compute_neighbors(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Te
             return edge_index, torch.zeros((edge_index.shape[1], 3), dtype=torch.int64,
                                            device=device)
     return _search(positions, eff, inv, pbc, cutoff, system, n_systems, self_interaction)
+
+
+def _unsorted(positions, cell, pbc, cutoff, system, self_interaction):
+    """Atoms of a system not contiguous: search the sorted batch, map indices back (edges never
+    join two systems), sorted by ``i`` again."""
+    perm = torch.argsort(system, stable=True)
+    edge_index, shifts = compute_neighbors(positions[perm], cell, pbc, cutoff, system[perm],
+                                           self_interaction)
+    edge_index = perm[edge_index]
+    order = torch.argsort(edge_index[0], stable=True)
+    return edge_index[:, order], shifts[order]
 
 
 def _bins(frac, heights, pbc, system, n_systems, n_atoms, cut, per_cutoff):

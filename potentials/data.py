@@ -340,7 +340,11 @@ def read_dataset(path: str | os.PathLike, require: Sequence[str] = ("energy", "f
     if path.suffix.lower() == ".db":
         frames, places = _read_db(path, index)
     else:
-        frames = ase.io.read(path, index=index)
+        try:
+            frames = ase.io.read(path, index=index)
+        except Exception as e:  # ASE raises many types for unreadable files
+            raise DataLabelError(f"{path}: cannot be read as structures ({type(e).__name__}: {e}); give a "
+                                 "file ASE reads (extxyz from potentials.data.generate, .traj, an ASE .db)") from e
         if not isinstance(frames, list):
             frames = [frames]
         places = [f"frame {k}" for k in range(len(frames))]
@@ -352,7 +356,10 @@ def read_dataset(path: str | os.PathLike, require: Sequence[str] = ("energy", "f
         for k in missing_split:
             frames[k].info["split"] = split[k]
     for k, atoms in enumerate(frames):
-        found = labels(atoms)
+        try:
+            found = labels(atoms)
+        except (TypeError, ValueError) as e:
+            raise DataLabelError(f"{path}: {places[k]}: a label is not numeric ({e}); relabel or drop the frame") from e
         for key in LABELS:
             needed = key in require and (key != "stress" or bool(atoms.pbc.all()))
             if key not in found:

@@ -185,6 +185,12 @@ class FrameAveraging(torch.nn.Module):
     """
 
     __jit_ignored_attributes__ = ["config"]
+    #: No Hessian: the energy switches frames where eigenvalues of the frame's second moment
+    #: cross (cubic and other symmetric cells), so it is not twice differentiable there.
+    smooth = False
+    not_smooth_because = (
+        "frame averaging switches frames where eigenvalues of the pair-vector second moment "
+        "cross (symmetric cells, degenerate sites), so the energy is not twice differentiable there")
 
     def __init__(self, model: torch.nn.Module, mode: str = "full", source: str = "edges",
                  degeneracy_tol: float = 1e-9):

@@ -282,7 +282,8 @@ def validate_config(config) -> None:
 
     object.__setattr__(config, "species", tuple(config.species))
     atomic_numbers(config.species)
-    if not (isinstance(config.cutoff, (int, float)) and math.isfinite(config.cutoff) and config.cutoff > 0):
+    if not (isinstance(config.cutoff, (int, float)) and not isinstance(config.cutoff, bool)
+            and math.isfinite(config.cutoff) and config.cutoff > 0):
         raise InvalidOptionError(f"cutoff={config.cutoff!r} must be a positive number of Å")
     object.__setattr__(config, "cutoff", float(config.cutoff))
     for f in dataclasses.fields(config):

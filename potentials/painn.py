@@ -6,12 +6,13 @@ enter linearly, multiplied by invariants, or through norms and dot products, so 
 energy is O(3)-invariant and the direct forces O(3)-equivariant.
 """
 import dataclasses
-from typing import Dict, Tuple
+from typing import ClassVar, Dict, Tuple
 
 import torch
 from torch import Tensor
 
 from eqcalc import keys
+from eqcalc.errors import check_choice
 from potentials.nn import (NoForceHead, Potential, edge_geometry, mlp,
                            scatter_sum, validate_config)
 from potentials.registry import register
@@ -28,9 +29,16 @@ class PaiNNConfig:
     radial_basis: str = "bessel"
     envelope: str = "polynomial"
     direct_forces: bool = False
+    #: "smooth" (:class:`SmoothNorm`) or "sqrt" (the paper's |V v|, :class:`SqrtNorm`, which has a
+    #: cusp at symmetric sites; kept so files written before the fix compute what they did).
+    vector_norm: str = "smooth"
+
+    #: Values of fields that model files written before the field existed had implicitly.
+    FILE_DEFAULTS: ClassVar[Dict[str, str]] = {"vector_norm": "sqrt"}
 
     def __post_init__(self):
         validate_config(self)
+        check_choice("vector_norm", self.vector_norm, tuple(VECTOR_NORMS))
 
 
 class Message(torch.nn.Module):
@@ -71,23 +79,54 @@ class Message(torch.nn.Module):
         return phi.contiguous().index_select(0, j) * torch.nn.functional.linear(edge_features, weight)
 
 
+class SmoothNorm(torch.nn.Module):
+    """``sqrt(1 + |w|^2) - 1`` over the spatial axis of ``w`` ``(n_atoms, 3, F)``: grows like the
+    norm ``|w|`` for large vectors, like ``|w|^2 / 2`` for small ones, and is infinitely
+    differentiable everywhere.
+
+    At an atom on an inversion centre ``w = 0`` by symmetry, and a displacement ``u`` makes
+    ``w ~ u``. The paper's ``|w|`` (or ``sqrt(|w|^2 + eps)``) then puts a cusp in the energy at
+    every such site: forces that do not vanish linearly, a perfect crystal that is a maximum,
+    imaginary phonons. A function of ``|w|^2`` keeps the energy smooth there.
+    """
+
+    smooth = True
+
+    def forward(self, w: Tensor) -> Tensor:
+        return torch.sqrt(1.0 + torch.sum(w * w, dim=1)) - 1.0
+
+
+class SqrtNorm(torch.nn.Module):
+    """The paper's ``|w|``, as ``sqrt(|w|^2 + 1e-8)`` so it is differentiable at ``w = 0``: a cusp
+    of width 1e-4 at every symmetric site (see :class:`SmoothNorm`). Only for model files that
+    were trained with it."""
+
+    smooth = False
+
+    def forward(self, w: Tensor) -> Tensor:
+        return torch.sqrt(torch.sum(w * w, dim=1) + 1e-8)
+
+
+VECTOR_NORMS = {"smooth": SmoothNorm, "sqrt": SqrtNorm}
+
+
 class Update(torch.nn.Module):
     """PaiNN update block: ``dv = a_vv U v``, ``ds = a_ss + a_sv <U v, V v>`` with
-    ``(a_vv, a_sv, a_ss) = MLP(s, |V v|)``."""
+    ``(a_vv, a_sv, a_ss) = MLP(s, ‖V v‖)``, where ``‖·‖`` is :class:`SmoothNorm` (the paper's
+    ``|V v|`` has a cusp at ``V v = 0``)."""
 
-    def __init__(self, features: int):
+    def __init__(self, features: int, norm: torch.nn.Module):
         super().__init__()
         self.features = features
         self.uv = torch.nn.Linear(features, 2 * features, bias=False)  # U and V in one matmul
+        self.norm = norm
         self.mlp = mlp([2 * features, features, 3 * features])
 
     def forward(self, s: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         F = self.features
         uv = self.uv(v)
         u, w = uv[..., :F], uv[..., F:]
-        # eps keeps the norm differentiable at v = 0 (all vectors start at zero).
-        norm = torch.sqrt(torch.sum(w * w, dim=1) + 1e-8)
-        a = self.mlp(torch.cat([s, norm], dim=1))
+        a = self.mlp(torch.cat([s, self.norm(w)], dim=1))
         a_vv, a_sv, a_ss = torch.split(a, F, dim=1)
         return a_ss + a_sv * torch.sum(u * w, dim=1), a_vv.unsqueeze(1) * u
 
@@ -95,10 +134,10 @@ class Update(torch.nn.Module):
 class Interaction(torch.nn.Module):
     """One PaiNN layer: message, then update, each a residual step on ``(s, v)``."""
 
-    def __init__(self, features: int, first: bool):
+    def __init__(self, features: int, first: bool, norm: torch.nn.Module):
         super().__init__()
         self.message = Message(features, first)
-        self.update = Update(features)
+        self.update = Update(features, norm)
 
     def forward(self, s: Tensor, v: Tensor, edge_features: Tensor, filter_weight: Tensor,
                 unit_vectors: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor]:
@@ -136,7 +175,14 @@ class PaiNN(Potential):
         # The filters W(r_ij) of all layers in one weight matrix, applied to [basis * envelope,
         # envelope]: the last column acts as the bias of W, times the envelope like the rest.
         self.filters = torch.nn.Linear(config.num_radial + 1, L * 3 * F, bias=False)
-        self.interactions = torch.nn.ModuleList([Interaction(F, k == 0) for k in range(L)])
+        norm = VECTOR_NORMS[config.vector_norm]
+        self.interactions = torch.nn.ModuleList([Interaction(F, k == 0, norm()) for k in range(L)])
+        #: twice continuously differentiable everywhere (second derivatives are meaningful)
+        self.smooth = norm.smooth
+        self.not_smooth_because = (
+            "this PaiNN file was trained with the paper's vector norm |V v|, which has a cusp at "
+            "every atom on a symmetric site (the force there does not vanish linearly); retrain it "
+            "with this eqcalc (vector_norm='smooth')")
         self.readout = mlp([F, F // 2, 1])
         self.force_head = VectorForceHead(F) if config.direct_forces else NoForceHead()
 

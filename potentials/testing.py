@@ -8,6 +8,14 @@ and float64; the closing figures of an issue come from :func:`report`.
 All evaluations go through :class:`eqcalc.EquivariantCalculator` (neighbor list, model,
 derivatives), so a check fails if any room of the data flow is wrong. Batches of displaced or
 transformed structures are evaluated in one ``predict`` call to keep the checks fast.
+
+Second order: :func:`symmetric_sites` are perfect crystals and an adsorbate on a symmetric site,
+where the force on an atom vanishes by symmetry; :func:`check_linear_response` asks that it grows
+linearly with a displacement (a cusp in the energy shows up as a stiffness ``-F(u) / u`` that
+changes by orders of magnitude between u = 1e-5 and 1e-2 Å) and agrees with the Hessian;
+:func:`check_hessian_fd` and :func:`check_hessian_identities` test the Hessian itself. Models that are not twice differentiable by
+construction (frame averaging) are named by :func:`second_order_limit`; the calculator refuses
+their Hessian.
 """
 from __future__ import annotations
 
@@ -15,15 +23,17 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 from ase import Atoms
-from ase.build import bulk, fcc111, molecule
+from ase.build import add_adsorbate, bulk, fcc111, molecule
 
 #: Tolerances the issues ask for, per model dtype.
 TOLERANCES = {
     "float64": {"fd_forces": 1e-6, "fd_stress": 1e-6, "symmetry": 1e-10, "consistency": 1e-10,
-                "compiled": 1e-10},
+                "compiled": 1e-10, "fd_hessian": 1e-6, "hessian_symmetry": 1e-10,
+                "acoustic_sum": 1e-10, "linear_response": 0.01},
     # float32: FD is taken on the same weights in float64, so this measures the fp32 path's error.
     "float32": {"fd_forces": 1e-4, "fd_stress": 1e-4, "symmetry": 1e-5, "consistency": 1e-5,
-                "compiled": 5e-5},
+                "compiled": 5e-5, "fd_hessian": 1e-4, "hessian_symmetry": 1e-5,
+                "acoustic_sum": 1e-5, "linear_response": 0.01},
 }
 
 #: Frame-averaged models (potentials.frames) in float32: forces and stress through the calculator
@@ -230,3 +240,103 @@ def check_compiled(calc_compiled, calc_eager, systems: Sequence[Atoms]) -> float
         if "stress" in b:
             worst = max(worst, _rel(a["stress"], b["stress"]))
     return worst
+
+
+# ---- second order -------------------------------------------------------------------------
+#: Displacements (Å) of the linear-response check: four decades.
+DISPLACEMENTS = (1e-5, 1e-4, 1e-3, 1e-2)
+
+
+def symmetric_sites(species: Sequence[str] = ("Cu",), adsorbate: str = "O") -> Dict[str, tuple]:
+    """Structures with an atom on a site where the force vanishes by symmetry:
+    ``name -> (atoms, atom index, displacement direction)``.
+
+    Perfect fcc, bcc and hcp crystals of ``species[0]`` (every atom a symmetric site; hcp has no
+    inversion centre, so its response may hold an even term), and ``adsorbate`` in the fcc
+    hollow of a perfect (111) slab of ``species[0]`` displaced in the surface plane (C3v site: no
+    in-plane force at the hollow; the height is not a symmetric coordinate).
+    """
+    metal = species[0]
+    out = {
+        "fcc": (bulk(metal, "fcc", a=3.6, cubic=True).repeat(2), 0, (1.0, 0.0, 0.0)),
+        "bcc": (bulk(metal, "bcc", a=2.9, cubic=True).repeat(3), 0, (1.0, 1.0, 0.0)),
+        "hcp": (bulk(metal, "hcp", a=2.55, c=4.16).repeat((3, 3, 2)), 0, (1.0, 0.0, 0.0)),
+    }
+    slab = fcc111(metal, size=(3, 3, 3), a=3.6, vacuum=6.0)
+    slab.pbc = (True, True, False)
+    add_adsorbate(slab, adsorbate, 1.2, "fcc")
+    out["adsorbate_hollow"] = (slab, len(slab) - 1, (1.0, 0.0, 0.0))
+    return out
+
+
+def check_linear_response(calc, atoms: Atoms, index: int, direction, hessian_calc=None,
+                          displacements=DISPLACEMENTS) -> Dict[str, float]:
+    """Force on atom ``index`` at a symmetric site when it moves by ``u`` along ``direction``.
+
+    ``F(0) = 0`` by symmetry; a smooth energy gives ``F(u) = -k u + O(u^2)``. Returns
+    ``spread``: the largest relative change of the stiffness ``k(u) = -F(u)·d / u`` over
+    ``displacements`` (a cusp makes ``k`` grow like 1/u as u → 0); ``stiffness``: ``k`` at the
+    smallest u, eV/Å² (positive: restoring, the site is a minimum along ``d``); ``force_at_site``:
+    ``|F(0)·d|`` eV/Å (zero by symmetry); ``hessian``: relative mismatch between ``k`` and ``d·H·d`` from
+    ``hessian_calc.get_hessian`` (omitted when ``hessian_calc`` is None).
+    """
+    d = np.asarray(direction, float)
+    d = d / np.linalg.norm(d)
+    moved = []
+    for u in (0.0,) + tuple(displacements):
+        a = atoms.copy()
+        a.positions[index] += u * d
+        moved.append(a)
+    results = calc.predict(moved)
+    k = np.array([-(r["forces"][index] @ d) / u for r, u in zip(results[1:], displacements)])
+    out = {"spread": float(np.abs(k - k[0]).max() / max(abs(k[0]), 1e-12)), "stiffness": float(k[0]),
+           "force_at_site": float(abs(results[0]["forces"][index] @ d))}
+    if hessian_calc is not None:
+        h = hessian_calc.get_hessian(atoms, indices=[index])
+        dhd = float(d @ h @ d)
+        out["hessian"] = abs(dhd - k[0]) / max(abs(dhd), 1e-12)
+    return out
+
+
+def check_hessian_fd(calc, atoms: Atoms, reference=None, n_columns: int = 6, h: float = 1e-3,
+                     seed: int = 0) -> float:
+    """Hessian columns vs 4th-order central differences of the forces (``reference`` calculator,
+    default ``calc``) on random coordinates; max |ΔH| / max |H| over those columns."""
+    reference = reference or calc
+    rng = np.random.default_rng(seed)
+    picks = [(int(rng.integers(len(atoms))), int(rng.integers(3))) for _ in range(n_columns)]
+    displaced = []
+    for i, k in picks:
+        for step in (h, -h, 2 * h, -2 * h):
+            d = atoms.copy()
+            d.positions[i, k] += step
+            displaced.append(d)
+    forces = np.array([r["forces"].reshape(-1) for r in reference.predict(displaced)]).reshape(
+        n_columns, 4, -1)
+    fd = -(8 * (forces[:, 0] - forces[:, 1]) - (forces[:, 2] - forces[:, 3])) / (12 * h)
+    hessian = calc.get_hessian(atoms)
+    analytic = np.stack([hessian[:, 3 * i + k] for i, k in picks])
+    return float(np.abs(analytic - fd).max() / max(np.abs(analytic).max(), 1e-12))
+
+
+def check_hessian_identities(calc, atoms: Atoms) -> Dict[str, float]:
+    """Identities every Hessian obeys, relative to ``max |H|``: ``symmetry`` ``max |H - Hᵀ|``
+    (second derivatives commute) and ``acoustic_sum`` ``max_ia,b |Σ_j H[ia, jb]|`` (translating
+    every atom changes nothing, so each row sums to zero over the atoms, per axis)."""
+    hessian = calc.get_hessian(atoms)
+    scale = max(np.abs(hessian).max(), 1e-12)
+    sums = hessian.reshape(3 * len(atoms), len(atoms), 3).sum(axis=1)
+    return {"symmetry": float(np.abs(hessian - hessian.T).max() / scale),
+            "acoustic_sum": float(np.abs(sums).max() / scale)}
+
+
+def second_order_limit(calc) -> str | None:
+    """Why second derivatives of ``calc``'s model are not defined everywhere (a sentence), or
+    None when they are. The calculator refuses ``get_hessian`` exactly when this is not None."""
+    from eqcalc.errors import PropertyNotAvailableError
+
+    try:
+        calc.model.check_smooth()
+    except PropertyNotAvailableError as e:
+        return str(e)
+    return None

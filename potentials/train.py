@@ -31,6 +31,8 @@ recipes in ``potentials/recipes/*.yaml`` are such dicts); every key has a defaul
 ``work_dir``        checkpoint, plots and metrics; ``output``: the model package path.
 ``threads``         torch intra-op threads while training (restored afterwards); None leaves them.
 ``max_force``       drop frames with any force component above this (eV/Å) from all splits
+``select``          the model written: "best" (EMA weights with the lowest validation loss) or
+                    "last" (EMA weights at the end of the schedule)
                     (EMT puts H atoms rattled into the surface at up to ~90 eV/Å; such outliers
                     would dominate an MSE loss); the count goes into the metadata.
 ``resume``          continue from ``work_dir/checkpoint.pt`` exactly where it stopped.
@@ -119,6 +121,7 @@ DEFAULTS: Dict = {
     "plots": True,
     "max_val_frames": None,
     "max_force": None,
+    "select": "best",
 }
 
 
@@ -492,6 +495,58 @@ class _Dist:
             self.dist.destroy_process_group()
 
 
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: option → (test, what it must be); ``None`` is allowed where the default is ``None``.
+OPTION_RULES = {
+    "lr": (lambda v: _num(v) and v > 0, "a finite number > 0, e.g. 2e-3"),
+    "weight_decay": (lambda v: _num(v) and v >= 0, "a finite number >= 0"),
+    "warmup_steps": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "min_lr_ratio": (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "clip_grad": (lambda v: _num(v) and v > 0, "a finite number > 0"),
+    "ema_decay": (lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "val_every": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "patience": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "plateau_factor": (lambda v: _num(v) and 0 < v < 1, "a number in (0, 1)"),
+    "plateau_patience": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "max_steps": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "max_time_s": (lambda v: _num(v) and v > 0, "a number of seconds > 0"),
+    "stop_after_steps": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "seed": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "cutoff": (lambda v: _num(v) and v > 0, "a finite number of Å > 0"),
+    "threads": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "max_val_frames": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "max_force": (lambda v: _num(v) and v > 0, "a number of eV/Å > 0"),
+    "select": (lambda v: v in ("best", "last"), "'best' or 'last'"),
+    **{k: (lambda v: _num(v) and v >= 0, "a finite number >= 0")
+       for k in ("energy_weight", "forces_weight", "stress_weight", "energy_grad_weight",
+                 "conservative_forces_weight")},
+}
+
+
+def check_options(cfg: Dict) -> None:
+    """:class:`InvalidOptionError` naming the first option outside :data:`OPTION_RULES`; the
+    output and work folders are checked writable here, before any training."""
+    for key, (ok, what) in OPTION_RULES.items():
+        value = cfg.get(key)
+        if value is None and DEFAULTS.get(key) is None:
+            continue
+        if not ok(value):
+            raise InvalidOptionError(f"training option {key}={value!r} must be {what}; fix it in the recipe "
+                                     f"or with --set {key}=...")
+    from eqcalc import outputs
+
+    outputs.writable_file(cfg["output"])
+    outputs.writable_dir(cfg["work_dir"])
+
+
 def train(config: Dict) -> Path:
     """Train per ``config`` (see the module docstring); returns the path of the model package.
 
@@ -515,6 +570,7 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     if unknown:
         raise InvalidOptionError(f"unknown training option(s) {unknown}; valid: {sorted(DEFAULTS)}")
     cfg = dict(DEFAULTS, **config)
+    check_options(cfg)
     ddp = ddp or _Dist()
     main = ddp.rank == 0
     if int(cfg["batch_size"]) < ddp.world:
@@ -702,8 +758,8 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
         ddp.barrier()  # the checkpoint is on disk before any rank returns
         return ckpt_path  # interrupted on purpose: resume later with resume=True
 
-    # ---- final model: best EMA weights on validation ----
-    model.load_state_dict(best_state)
+    # ---- final model: the EMA weights with the best validation loss, or those at the end ----
+    model.load_state_dict(best_state if cfg["select"] == "best" else ema.shadow)
     model.eval()
     rank_hashes = ddp.gather(weights_sha256(model))
     if not main:
@@ -713,7 +769,7 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     test = evaluate(model, test_batches, weights, force_mode) if test_batches else {}
     val = evaluate(model, val_batches, weights, force_mode)
     metrics = {
-        "test": test, "val": val, "steps": state["step"], "best_step": state["best_step"],
+        "test": test, "val": val, "steps": state["step"], "best_step": state["best_step"], "select": cfg["select"],
         "stopped_early": stopped_early, "train_time_s": round(state["train_time"], 1),
         "wall_time_s": round(time.perf_counter() - started, 1),
         "test_energy_mae_meV_per_atom": test.get("energy_mae_meV_per_atom"),

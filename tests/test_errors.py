@@ -86,11 +86,16 @@ def test_unknown_shipped_name():
         EquivariantCalculator("no-such-model")
 
 
-def rewritten(src, dst, meta=lambda m: m, weights=lambda w: w) -> str:
-    """Copy package ``src`` to ``dst`` with its metadata dict and weight bytes transformed."""
+def rewritten(src, dst, meta=lambda m: m, weights=lambda w: w, resign=True) -> str:
+    """Copy package ``src`` to ``dst`` with its metadata dict and weight bytes transformed;
+    ``resign``: recompute the whole-file hash, as a careless tool would, so that the checks
+    behind the hash are what is tested."""
     with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
-        out.writestr(package.METADATA, json.dumps(meta(json.loads(z.read(package.METADATA)))))
-        out.writestr(package.WEIGHTS, weights(z.read(package.WEIGHTS)))
+        new_meta, blob = meta(json.loads(z.read(package.METADATA))), weights(z.read(package.WEIGHTS))
+        if resign and "sha256" in new_meta:
+            new_meta["sha256"] = package.content_sha256(new_meta, blob)
+        out.writestr(package.METADATA, json.dumps(new_meta))
+        out.writestr(package.WEIGHTS, blob)
     return str(dst)
 
 

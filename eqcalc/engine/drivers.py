@@ -12,12 +12,21 @@ Restart (``restart=path``) continues from the checkpoint and reproduces the unin
 exactly: the checkpoint holds the forces at its positions, the generator state and the
 thermostat variables, and the neighbor list is rebuilt after each checkpoint in both runs, so
 the same floating-point operations happen in the same order. Frames and log lines written after
-the checkpoint by the interrupted run are dropped from the files.
+the checkpoint by the interrupted run are dropped from the files, and so is a half-written last
+frame (a kill or a full disk). The checkpoint records the model (weights hash, dtype, force
+mode) and the integrator; a restart with others, or with ``steps`` not beyond the checkpoint's
+step, is refused.
+
+The run folder cannot be corrupted (:mod:`eqcalc.outputs`): it is locked while a run writes
+there (a second run into it is refused; a killed run's folder is taken over), every frame and log
+record is written whole or not at all, and checkpoints are replaced atomically. A system that
+leaves physics stops the run with a typed error (:func:`eqcalc.md.check_physical`) before the
+next checkpoint, so the last checkpoint is always a good state.
 """
 from __future__ import annotations
 
 import json
-import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,8 +35,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from eqcalc import outputs
 from eqcalc.engine import md
-from eqcalc.errors import InvalidOptionError, ModelFileError
+from eqcalc.errors import CheckpointError, InvalidAtomsError, InvalidOptionError, UnstableSimulationError
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "md.log"
@@ -57,24 +67,44 @@ def integrator_from_dict(d: Dict):
     d = dict(d)
     cls = kinds.get(d.pop("kind", None))
     if cls is None:
-        raise ModelFileError("checkpoint names an unknown integrator; it was not written by eqcalc.drivers")
+        raise CheckpointError("checkpoint names an unknown integrator; it was not written by eqcalc.drivers")
     return cls(**d)
 
 
-def save_checkpoint(path, state: md.MDState, integrator, generator: torch.Generator) -> None:
-    """Write ``state``, ``integrator`` settings and ``generator`` state as plain tensors."""
+def potential_identity(potential) -> Dict:
+    """What produced the forces: model weights hash, dtype and force mode (empty for a potential
+    that is not an eqcalc model)."""
+    model = getattr(potential, "model", None)
+    meta = getattr(model, "metadata", None)
+    if not meta:
+        return {}
+    return {"weights_sha256": meta.get("weights_sha256"), "dtype": model.dtype, "forces": model.forces}
+
+
+def save_checkpoint(path, state: md.MDState, integrator, generator: torch.Generator,
+                    identity: Optional[Dict] = None) -> None:
+    """Write ``state``, ``integrator`` settings, ``generator`` state and the model ``identity``
+    as plain tensors and strings, atomically (a kill or a full disk leaves the previous one)."""
     data = {k: getattr(state, k).cpu() for k in _STATE_FIELDS if getattr(state, k) is not None}
     data.update({f"thermostat.{k}": v.cpu() for k, v in state.thermostat.items()})
     data["step"] = torch.tensor(state.step)
     data["rng_state"] = generator.get_state()
     data["integrator"] = json.dumps(integrator_to_dict(integrator))
-    tmp = Path(str(path) + ".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint
+    data["model"] = json.dumps(identity or {})
+    outputs.replace_atomically(path, lambda f: torch.save(data, f))
 
 
 def load_checkpoint(path, device="cpu"):
-    """``(state, integrator, generator_state)`` from :func:`save_checkpoint`'s file (safe load)."""
+    """``(state, integrator, generator_state)`` from :func:`save_checkpoint`'s file (safe load:
+    plain tensors only)."""
+    return _load(path, device)[:3]
+
+
+def _load(path, device):
+    """:func:`load_checkpoint` plus the model identity (:func:`potential_identity`) it records."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give the checkpoint.pt of an "
+                              "earlier run (written with --checkpoint-interval)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
         state = md.MDState(**{k: data[k].to(device) for k in _STATE_FIELDS if k in data},
@@ -82,12 +112,13 @@ def load_checkpoint(path, device="cpu"):
                            thermostat={k.split(".", 1)[1]: v.to(device) for k, v in data.items()
                                        if k.startswith("thermostat.")})
         integrator = integrator_from_dict(json.loads(data["integrator"]))
-        return state, integrator, data["rng_state"]
-    except FileNotFoundError:
+        identity = json.loads(data.get("model", "{}"))
+        return state, integrator, data["rng_state"], identity
+    except CheckpointError:
         raise
     except Exception as e:  # corrupt, foreign or unsafe file
-        raise ModelFileError(f"{path} is not an eqcalc MD checkpoint ({e}); restart from a file "
-                             f"written by run_md (checkpoint_interval=...)") from e
+        raise CheckpointError(f"{path} is not an eqcalc MD checkpoint ({type(e).__name__}: {e}); restart "
+                              "from a file written by run_md (checkpoint_interval=...)") from e
 
 
 def _names(structures, names) -> List[str]:
@@ -98,62 +129,158 @@ def _names(structures, names) -> List[str]:
     return list(names)
 
 
-def _truncate_after(output_dir: Path, names, step: int) -> None:
-    """Drop frames and log lines beyond ``step`` (written by a run that was interrupted)."""
-    import ase.io
+_STEP = re.compile(rb"(?:^|\s)step=(-?\d+)(?:\s|$)")
 
-    for name in names:
-        path = output_dir / f"{name}.extxyz"
+
+def _end_of_frames(data: bytes, step: int) -> int:
+    """Byte offset after the last complete extxyz frame with ``info['step'] <= step``: frames a
+    run wrote after its checkpoint and a half-written frame (a kill, a full disk) lie beyond."""
+    pos = keep = 0
+    while True:
+        line_end = data.find(b"\n", pos)
+        if line_end < 0:
+            return keep
+        try:
+            count = int(data[pos:line_end])
+        except ValueError:
+            return keep
+        comment_end = data.find(b"\n", line_end + 1)
+        end = comment_end
+        for _ in range(max(count, 0)):
+            if end < 0:
+                break
+            end = data.find(b"\n", end + 1)
+        if count < 1 or end < 0:
+            return keep
+        found = _STEP.search(data[line_end + 1:comment_end])
+        if found is None or int(found.group(1)) > step:
+            return keep
+        pos = keep = end + 1
+
+
+def _end_of_log(data: bytes, step: int) -> int:
+    """Byte offset after the last complete md.log line of a step ``<= step``."""
+    pos = keep = 0
+    while True:
+        end = data.find(b"\n", pos)
+        if end < 0:
+            return keep
+        line = data[pos:end]
+        if not line.startswith(b"#"):
+            fields = line.split()
+            if len(fields) != 6 or not fields[0].isdigit() or int(fields[0]) > step:
+                return keep
+        pos = keep = end + 1
+
+
+def _truncate_after(output_dir: Path, names, step: int) -> None:
+    """Cut trajectories and log after ``step`` and after their last complete record."""
+    for path, end in [(output_dir / f"{n}.extxyz", _end_of_frames) for n in names] + [(output_dir / LOG, _end_of_log)]:
         if path.exists():
-            frames = [f for f in ase.io.read(path, ":", format="extxyz") if f.info.get("step", 0) <= step]
-            ase.io.write(path, frames, format="extxyz")
-    log = output_dir / LOG
-    if log.exists():
-        lines = log.read_text().splitlines(keepends=True)
-        keep = [l for l in lines if l.startswith("#") or int(l.split()[0]) <= step]
-        log.write_text("".join(keep))
+            outputs.cut_tail(path, end(path.read_bytes(), step))
+
+
+class _Files:
+    """The run folder's trajectories (one per system) and log, written record by record."""
+
+    def __init__(self, out_dir: Path, names, restart: bool):
+        self.names = names
+        self.paths = [out_dir / f"{n}.extxyz" for n in names] + [out_dir / LOG]
+        self.trajectories = {n: outputs.RecordFile(out_dir / f"{n}.extxyz", append=restart) for n in names}
+        self.log = outputs.RecordFile(out_dir / LOG, append=restart)
+        if not restart:
+            self.log.write("# step time_ps system temperature_K epot_eV etot_eV\n")
+        self.last_frame = None
+
+    def frames(self, state, structures, timestep_fs: float) -> None:
+        import io
+
+        import ase.io
+
+        for name, atoms in zip(self.names, md.to_atoms(state, structures)):
+            atoms.info["step"] = state.step
+            atoms.info["time_fs"] = state.step * timestep_fs
+            text = io.StringIO()
+            ase.io.write(text, atoms, format="extxyz")
+            self.trajectories[name].write(text.getvalue())
+        self.last_frame = state.step
+
+    def close(self) -> None:
+        for f in list(self.trajectories.values()) + [self.log]:
+            f.close()
+
+
+def _check_restart(restart, state, saved, identity, integrator, potential, fresh, steps) -> None:
+    """The checkpoint must come from the same integrator settings, model and inputs, and lie
+    before ``steps``."""
+    if integrator_to_dict(saved) != integrator_to_dict(integrator):
+        raise CheckpointError(f"checkpoint {restart} was written by {saved}, not {integrator}; restart "
+                              "with the same integrator settings (ensemble, thermostat, timestep, ...)")
+    now = potential_identity(potential)
+    if identity and now and identity != now:
+        raise CheckpointError(
+            f"checkpoint {restart} was written with another model or settings ({identity}) than this run "
+            f"({now}); restart with the same --model, --dtype and forces, or start a new run without --restart")
+    if not torch.equal(fresh.numbers, state.numbers) or not torch.equal(fresh.system, state.system):
+        raise CheckpointError(f"checkpoint {restart} holds other structures than the inputs; "
+                              "restart with the same input files in the same order")
+    if steps <= state.step:
+        raise InvalidOptionError(
+            f"steps={steps} is at or below the checkpoint's step {state.step}: nothing to run. steps counts "
+            f"from the start of the run; ask for more (e.g. steps={state.step + max(state.step, 100)})")
 
 
 def run_md(structures: Sequence, potential, integrator, steps: int, *,
            temperature_K: Optional[md.PerSystem] = None, seed: int = 0, interval: int = 10,
            log_interval: Optional[int] = None, output_dir=None, names: Optional[Sequence[str]] = None,
            checkpoint_interval: Optional[int] = None, restart=None, progress: bool = False) -> MDRun:
-    """Run ``integrator`` on ``structures`` (ASE Atoms, one batch) until ``steps`` steps are done.
+    """Run ``integrator`` on ``structures`` (ASE Atoms or pymatgen Structures, one batch) until
+    ``steps`` steps are done.
 
     ``potential`` is a :class:`~eqcalc.md.ModelPotential` (or any callable of the same shape);
     ``temperature_K`` (one value or per system) draws Maxwell–Boltzmann momenta with ``seed``
     where a structure has none; ``interval`` is the trajectory stride, ``log_interval`` the log
-    stride (default ``interval``); files go to ``output_dir`` (none written if ``None``);
-    ``restart`` a checkpoint path to continue from.
+    stride (default ``interval``); files go to ``output_dir`` (none written if ``None``), which
+    is locked against other runs while this one writes; ``restart`` a checkpoint path to
+    continue from (same model, integrator and inputs; ``steps`` beyond its step).
+
+    A system that leaves physics (:func:`eqcalc.md.check_physical`) stops the run with
+    :class:`~eqcalc.errors.UnstableSimulationError`; frames written so far stay readable and the
+    last checkpoint (written before the failure) stays intact.
     """
-    if not (isinstance(steps, int) and steps >= 0):
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
         raise InvalidOptionError(f"steps={steps!r} must be an integer >= 0")
     for name, value in (("interval", interval), ("log_interval", log_interval),
                         ("checkpoint_interval", checkpoint_interval)):
         if value is not None and not (isinstance(value, int) and value >= 1):
             raise InvalidOptionError(f"{name}={value!r} must be an integer >= 1")
     log_interval = log_interval or interval
-    import ase.io
+    from eqcalc.atoms import to_ase
 
-    structures = [s.copy() for s in structures]
+    structures = [to_ase(s).copy() for s in structures]
     names = _names(structures, names)
+    out_dir = outputs.writable_dir(output_dir) if output_dir is not None else None
+    lock = outputs.FolderLock(out_dir).acquire() if out_dir is not None else None
+    try:
+        return _run(structures, potential, integrator, steps, temperature_K, seed, interval, log_interval,
+                    out_dir, names, checkpoint_interval, restart, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(structures, potential, integrator, steps, temperature_K, seed, interval, log_interval, out_dir,
+         names, checkpoint_interval, restart, progress) -> MDRun:
     device = getattr(getattr(potential, "model", None), "device", "cpu")
     species = getattr(potential, "species", None)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    out_dir = Path(output_dir) if output_dir is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    identity = potential_identity(potential)
 
     if restart is not None:
-        state, saved, rng_state = load_checkpoint(restart, device)
-        if integrator_to_dict(saved) != integrator_to_dict(integrator):
-            raise InvalidOptionError(f"the checkpoint was written by {saved}, not {integrator}; "
-                                     "restart with the same integrator settings")
+        state, saved, rng_state, saved_identity = _load(restart, device)
         fresh = md.state_from_atoms(structures, device, species)
-        if not torch.equal(fresh.numbers, state.numbers) or not torch.equal(fresh.system, state.system):
-            raise InvalidOptionError(f"checkpoint {restart} holds other structures than the inputs; "
-                                     "restart with the same input files in the same order")
+        _check_restart(restart, state, saved, saved_identity, integrator, potential, fresh, steps)
         generator.set_state(rng_state)
         if out_dir is not None:
             _truncate_after(out_dir, names, state.step)
@@ -165,15 +292,8 @@ def run_md(structures: Sequence, potential, integrator, steps: int, *,
 
     records: Dict[str, list] = {"step": [], "temperature_K": [], "epot_eV": [], "etot_eV": [],
                                 "conserved_eV": []}
-    handles = {}
-    files = []
-    if out_dir is not None:
-        mode = "a" if restart is not None else "w"
-        files = [str(out_dir / f"{n}.extxyz") for n in names] + [str(out_dir / LOG)]
-        handles = {n: open(out_dir / f"{n}.extxyz", mode) for n in names}
-        handles[LOG] = open(out_dir / LOG, mode)
-        if restart is None:
-            handles[LOG].write("# step time_ps system temperature_K epot_eV etot_eV\n")
+    files = _Files(out_dir, names, restart is not None) if out_dir is not None else None
+    checkpoint_step = state.step if restart is not None else None
 
     def record(state):
         if state.step % log_interval == 0:
@@ -184,18 +304,13 @@ def run_md(structures: Sequence, potential, integrator, steps: int, *,
             records["step"].append(state.step)
             for key, row in zip(("temperature_K", "epot_eV", "etot_eV", "conserved_eV"), rows):
                 records[key].append(row)
-            if LOG in handles:
+            if files is not None:
                 time_ps = state.step * integrator.timestep_fs / 1000.0
-                handles[LOG].write("".join(
+                files.log.write("".join(
                     f"{state.step:8d} {time_ps:10.4f} {s:4d} {rows[0, s]:10.2f} {rows[1, s]:16.6f} "
                     f"{rows[2, s]:16.6f}\n" for s in range(state.n_systems)))
-        if state.step % interval == 0 and handles:
-            for name, atoms in zip(names, md.to_atoms(state, structures)):
-                atoms.info["step"] = state.step
-                atoms.info["time_fs"] = state.step * integrator.timestep_fs
-                ase.io.write(handles[name], atoms, format="extxyz")
-                handles[name].flush()
-            handles[LOG].flush()
+        if state.step % interval == 0 and files is not None:
+            files.frames(state, structures, integrator.timestep_fs)
 
     from tqdm.auto import tqdm
 
@@ -208,15 +323,28 @@ def run_md(structures: Sequence, potential, integrator, steps: int, *,
                 state = integrator.step(state, potential, generator)
                 record(state)
                 if out_dir is not None and checkpoint_interval and state.step % checkpoint_interval == 0:
-                    save_checkpoint(out_dir / CHECKPOINT, state, integrator, generator)
+                    save_checkpoint(out_dir / CHECKPOINT, state, integrator, generator, identity)
+                    checkpoint_step = state.step
                     potential.reset()  # the restarted run starts from a fresh list too: identical
                 bar.update(1)
+    except (UnstableSimulationError, InvalidAtomsError) as e:
+        if isinstance(e, InvalidAtomsError):  # atoms met during the run: the simulation exploded
+            s = getattr(e, "system", None)
+            e = UnstableSimulationError(f"system {s} left physics at step {state.step + 1}: {str(e).split(';')[0]}",
+                                        system=s, step=state.step + 1)
+        where = ""
+        if files is not None:
+            where = (f" Trajectories in {out_dir} hold frames up to step {files.last_frame}; "
+                     + (f"the checkpoint of step {checkpoint_step} is intact: restart from it with a smaller "
+                        "time step." if checkpoint_step is not None else "no checkpoint was written."))
+        name = names[e.system] if e.system is not None else "a system"
+        raise UnstableSimulationError(f"{name}: {e}.{where}", system=e.system, step=e.step) from e
     finally:
-        for h in handles.values():
-            h.close()
+        if files is not None:
+            files.close()
     log = {k: np.asarray(v) for k, v in records.items()}
-    return MDRun(state=state, log=log, files=files, seconds=time.perf_counter() - start,
-                 steps_run=state.step - first_step)
+    return MDRun(state=state, log=log, files=[str(p) for p in files.paths] if files else [],
+                 seconds=time.perf_counter() - start, steps_run=state.step - first_step)
 
 
 def read_structures(paths: Sequence[str]) -> List:
@@ -254,29 +382,43 @@ def add_model_arguments(parser) -> None:
 
 def add_md_arguments(parser) -> None:
     """Options of ``eqcalc md``."""
+    from eqcalc.cli import nonnegative_float, nonnegative_int, positive_float, positive_int
+
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="structure files (extxyz, POSCAR, ...), run as one batch")
     add_model_arguments(parser)
     parser.add_argument("--ensemble", choices=["nve", "nvt"], default="nvt")
     parser.add_argument("--thermostat", default="langevin", help="langevin | bussi | nose-hoover (NVT)")
-    parser.add_argument("--temperature-K", type=float, default=300.0,
+    parser.add_argument("--temperature-K", type=positive_float, default=300.0,
                         help="NVT target and initial Maxwell-Boltzmann temperature, K")
-    parser.add_argument("--timestep-fs", type=float, default=1.0, help="time step, fs")
-    parser.add_argument("--steps", type=int, default=1000, help="number of steps")
-    parser.add_argument("--interval", type=int, default=10, help="write a frame every K steps")
-    parser.add_argument("--friction-per-fs", type=float, default=0.01, help="Langevin friction, 1/fs")
-    parser.add_argument("--tau-fs", type=float, default=100.0, help="Bussi / Nose-Hoover time constant, fs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initial velocities and noise")
-    parser.add_argument("--checkpoint-interval", type=int, default=None, help="write checkpoint.pt every K steps")
+    parser.add_argument("--timestep-fs", type=positive_float, default=1.0, help="time step, fs")
+    parser.add_argument("--steps", type=nonnegative_int, default=1000, help="number of steps")
+    parser.add_argument("--interval", type=positive_int, default=10, help="write a frame every K steps")
+    parser.add_argument("--friction-per-fs", type=positive_float, default=0.01, help="Langevin friction, 1/fs")
+    parser.add_argument("--tau-fs", type=positive_float, default=100.0, help="Bussi / Nose-Hoover time constant, fs")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of initial velocities and noise")
+    parser.add_argument("--checkpoint-interval", type=positive_int, default=None, help="write checkpoint.pt every K steps")
     parser.add_argument("--restart", default=None, help="continue from this checkpoint.pt")
-    parser.add_argument("--skin", type=float, default=0.5, help="neighbor-list skin, Å")
+    parser.add_argument("--skin", type=nonnegative_float, default=0.5, help="neighbor-list skin, Å")
     parser.add_argument("--output-dir", default="eqcalc-md", help="folder for trajectories, md.log, checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _screening().add_arguments(parser)
+
+
+def _screening():
+    """The screening module (--scheduler, --db: many inputs on a Dask cluster, results in a
+    database); importing it imports no dask."""
+    from eqcalc.workflows import distributed
+
+    return distributed
 
 
 def md_main(args) -> int:
-    structures = read_structures(args.inputs)
+    if _screening().requested(args):
+        return _screening().md_main(args)
     integrator = md.make_integrator(args.ensemble, args.timestep_fs, args.thermostat, args.temperature_K,
                                     args.friction_per_fs, args.tau_fs)
+    structures = read_structures(args.inputs)
+    outputs.writable_dir(args.output_dir)  # before loading and compiling the model
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile,
                                   dtype=args.dtype, skin=args.skin)
     run = run_md(structures, potential, integrator, args.steps, temperature_K=args.temperature_K,
@@ -303,31 +445,33 @@ def _device(device: str) -> str:
 
 def add_relax_arguments(parser) -> None:
     """Options of ``eqcalc relax``."""
+    from eqcalc.cli import nonnegative_int, positive_float
+
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="structure files, relaxed as one batch")
     add_model_arguments(parser)
-    parser.add_argument("--fmax", type=float, default=0.05, help="force threshold per system, eV/Å")
-    parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps at most")
+    parser.add_argument("--fmax", type=positive_float, default=0.05, help="force threshold per system, eV/Å")
+    parser.add_argument("--max-steps", type=nonnegative_int, default=500, help="optimizer steps at most")
     parser.add_argument("--cell", action="store_true", help="also relax the cell of fully periodic (bulk) systems")
     parser.add_argument("--optimizer", default="fire", help="fire | lbfgs (ASE's algorithms, batched)")
     parser.add_argument("--output-dir", default="eqcalc-relax", help="folder for the relaxed structures")
+    _screening().add_arguments(parser)
 
 
 def relax_main(args) -> int:
-    import ase.io
-
     from eqcalc.engine.relax import relax
 
+    if _screening().requested(args):
+        return _screening().relax_main(args)
     structures = read_structures(args.inputs)
+    out = outputs.writable_dir(args.output_dir)  # before the relaxation, not after it
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile,
                                   dtype=args.dtype, skin=0.5)
     result = relax(structures, potential, fmax=args.fmax, max_steps=args.max_steps, cell=args.cell,
                    optimizer=args.optimizer)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for name, atoms, ok, n, f in zip(unique_names(args.inputs), result.structures, result.converged,
                                      result.steps, result.fmax):
         path = out / f"{name}.extxyz"
-        ase.io.write(path, atoms, format="extxyz")
+        outputs.write_atoms(path, atoms)
         print(f"  {name:20s} E {atoms.get_potential_energy():12.4f} eV  fmax {f:.4f} eV/Å  {n:4d} steps  "
               f"{'converged' if ok else 'NOT converged'} -> {path}")
     print(f"relaxed {len(structures)} systems as one batch ({args.optimizer}) in {result.seconds:.1f} s")

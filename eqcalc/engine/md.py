@@ -46,13 +46,20 @@ from ase import units
 from torch import Tensor
 
 from eqcalc import keys
-from eqcalc.errors import InvalidOptionError, NonFiniteOutputError
+from eqcalc.errors import InvalidAtomsError, InvalidOptionError, UnstableSimulationError
 
 __all__ = ["MDState", "ModelPotential", "NVE", "Langevin", "NoseHooverChain", "Bussi",
            "THERMOSTATS", "make_integrator", "state_from_atoms", "maxwell_boltzmann",
            "kinetic_energy", "temperature", "degrees_of_freedom", "to_atoms"]
 
 PerSystem = Union[float, Sequence[float]]
+
+#: The per-system check after every step (:func:`check_physical`) stops a run whose temperature
+#: or largest force passes these. No sane simulation reaches them: hot MLIP MD runs stay below
+#: ~5000 K and forces in a thermalised solid or liquid below ~20 eV/Å (a relaxation may start
+#: near 100 eV/Å); an exploding run passes both within a few steps (issue 13: 3.1e6 K at step 5).
+MAX_TEMPERATURE_K = 1e5
+MAX_FORCE = 1e3  # eV/Å
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,9 +173,20 @@ def state_from_atoms(structures, device="cpu", species=None) -> MDState:
     t = to_tensors(structures, device)
     f64 = dict(dtype=torch.float64, device=device)
     fixed = torch.as_tensor(np.concatenate([fixed_mask(s) for s in structures]), device=device)
-    momenta = torch.as_tensor(np.concatenate([s.get_momenta() for s in structures]), **f64)
-    momenta = momenta * (~fixed).unsqueeze(1)
-    masses = torch.as_tensor(np.concatenate([s.get_masses() for s in structures]), **f64)
+    momenta = np.concatenate([s.get_momenta() for s in structures])
+    masses = np.concatenate([s.get_masses() for s in structures])
+    bad = np.where(~np.isfinite(momenta).all(1))[0]
+    if len(bad):
+        raise InvalidAtomsError(
+            f"momenta of atoms {bad[:10].tolist()} (counted over all inputs) are NaN or inf; set finite "
+            "momenta (atoms.set_momenta) or none, and let temperature_K draw them")
+    bad = np.where(~(np.isfinite(masses) & (masses > 0)))[0]
+    if len(bad):
+        raise InvalidAtomsError(
+            f"atoms {bad[:10].tolist()} (counted over all inputs) have masses {masses[bad[:10]].tolist()} amu; "
+            "every atom needs a finite mass > 0 (atoms.set_masses(), or leave ASE's defaults)")
+    momenta = torch.as_tensor(momenta, **f64) * (~fixed).unsqueeze(1)
+    masses = torch.as_tensor(masses, **f64)
     return MDState(positions=t.positions, momenta=momenta, masses=masses, numbers=t.numbers,
                    cell=t.cell, pbc=t.pbc, system=t.system, fixed=fixed)
 
@@ -266,10 +284,7 @@ class ModelPotential:
 
 def evaluate(state: MDState, potential) -> MDState:
     """``state`` with energy, forces (zeroed on fixed atoms) and stress at its positions."""
-    if not bool(torch.isfinite(state.positions).all() & torch.isfinite(state.momenta).all()):
-        raise NonFiniteOutputError(
-            f"positions or momenta became NaN/inf at step {state.step}; the simulation exploded. "
-            "Use a smaller timestep_fs or check the starting structure")
+    check_physical(state, max_temperature_K=None, max_force=math.inf)  # no NaN into the model
     out = potential(state)
     forces = out["forces"] * (~state.fixed).unsqueeze(1)
     return state.replace(energy=out["energy"], forces=forces, stress=out.get("stress"))
@@ -307,6 +322,7 @@ class NVE:
                               dof=degrees_of_freedom(state, self.conserves_momentum))
         if state.forces is None:
             state = evaluate(state, potential)
+        check_physical(state)  # a start that is already unphysical (e.g. absurd momenta)
         return self._init_thermostat(state)  # keeps variables a restarted state already has
 
     def _init_thermostat(self, state: MDState) -> MDState:
@@ -323,11 +339,47 @@ class NVE:
 
 
 def _checked(state: MDState) -> MDState:
-    if not bool(torch.isfinite(state.momenta).all()):
-        raise NonFiniteOutputError(
-            f"momenta became NaN/inf at step {state.step}; the simulation exploded. Use a smaller "
-            "timestep_fs or check the starting structure")
+    check_physical(state)
     return state
+
+
+def check_physical(state: MDState, max_temperature_K: Optional[float] = MAX_TEMPERATURE_K,
+                   max_force: float = MAX_FORCE) -> None:
+    """Raise :class:`~eqcalc.errors.UnstableSimulationError` naming the first system (and the
+    step) whose positions, momenta, forces, energy or stress are non-finite, whose temperature
+    exceeds ``max_temperature_K`` (``None``: not checked, e.g. in a relaxation) or whose largest
+    force exceeds ``max_force`` eV/Å. A few small kernels and one host sync."""
+    S, system = state.n_systems, state.system
+    per_atom = torch.isfinite(state.positions).all(1) & torch.isfinite(state.momenta).all(1)
+    force = torch.zeros(S, dtype=torch.float64, device=state.device)
+    if state.forces is not None:
+        norms = state.forces.norm(dim=1)
+        per_atom = per_atom & torch.isfinite(norms)
+        force = force.scatter_reduce(0, system, torch.nan_to_num(norms, nan=math.inf), "amax")
+    finite = _segment_sum((~per_atom).to(torch.float64), system, S) == 0
+    if state.energy is not None:
+        finite = finite & torch.isfinite(state.energy)
+    if state.stress is not None:
+        finite = finite & torch.isfinite(state.stress).flatten(1).all(1)
+    hot = torch.zeros(S, dtype=torch.bool, device=state.device)
+    T = None
+    if max_temperature_K is not None and state.dof is not None:
+        T = temperature(state)
+        hot = ~(T <= max_temperature_K)
+    bad = ~finite | hot | ~(force <= max_force)
+    if not bool(bad.any()):
+        return
+    s = int(torch.nonzero(bad)[0])
+    if not bool(finite[s]):
+        what = "positions, momenta, forces or energy became NaN or inf"
+    elif bool(hot[s]):
+        what = f"the temperature reached {float(T[s]):.3g} K (> {max_temperature_K:.0e} K)"
+    else:
+        what = f"a force reached {float(force[s]):.3g} eV/Å (> {max_force:.0e} eV/Å)"
+    raise UnstableSimulationError(
+        f"system {s} left physics at step {state.step}: {what}. The time step is probably too large "
+        "for it (1-2 fs for metals, 0.5 fs with hydrogen), atoms came too close, or the structure is "
+        "far outside the model's training data", system=s, step=state.step)
 
 
 class _Thermostat(NVE):

@@ -17,6 +17,7 @@ coordinates are the positions in the reference cell frame ``x = r F^-T`` and ``c
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import List, Sequence
@@ -162,7 +163,10 @@ def _bmm_rows(x: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
 
 def relax(structures: Sequence, potential, fmax: float = 0.05, max_steps: int = 500, cell: bool = False,
           optimizer="fire") -> RelaxResult:
-    """Relax ASE ``structures`` as one batch with ``potential`` (a :class:`~eqcalc.md.ModelPotential`).
+    """Relax ``structures`` (ASE Atoms or pymatgen Structures) as one batch with ``potential``
+    (a :class:`~eqcalc.md.ModelPotential`). A system with non-finite energy, forces or stress, or
+    a force above :data:`eqcalc.md.MAX_FORCE`, raises
+    :class:`~eqcalc.errors.UnstableSimulationError` naming it and the step.
 
     ``optimizer``: ``"fire"`` | ``"lbfgs"`` or a :class:`FIRE` / :class:`LBFGS` with own parameters.
     """
@@ -177,7 +181,9 @@ def relax(structures: Sequence, potential, fmax: float = 0.05, max_steps: int = 
         raise InvalidOptionError(f"max_steps={max_steps!r} must be an integer >= 0")
     start = time.perf_counter()
     device = getattr(getattr(potential, "model", None), "device", "cpu")
-    structures = [s.copy() for s in structures]
+    from eqcalc.atoms import to_ase
+
+    structures = [to_ase(s).copy() for s in structures]
     state = md.state_from_atoms(structures, device, getattr(potential, "species", None))
     S, n = state.n_systems, len(state.system)
     f64 = dict(dtype=torch.float64, device=state.device)
@@ -203,9 +209,10 @@ def relax(structures: Sequence, potential, fmax: float = 0.05, max_steps: int = 
     seg = _Segments(row_system, S)
     opt_state = optimizer.init(x, S)
     steps = torch.zeros(S, dtype=torch.int64, device=state.device)
-    while True:
+    for iteration in itertools.count():
         positions, cell_now, deform = unpack(x)
-        state = md.evaluate(state.replace(positions=positions, cell=cell_now), potential)
+        state = md.evaluate(state.replace(positions=positions, cell=cell_now, step=iteration), potential)
+        md.check_physical(state, max_temperature_K=None)  # never a NaN fmax reported as a result
         g = generalised_forces(state, deform)
         f_sys = seg.max_norm(g)
         active = f_sys > fmax

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -22,6 +21,9 @@ import numpy as np
 from eqcalc.errors import InvalidAtomsError, InvalidOptionError
 
 SITE_KINDS = ("ontop", "bridge", "hollow")
+#: Å of vacuum a slab needs above its top surface (to the next periodic image along z): room for
+#: the adsorbate at ``distance`` plus its length. A bulk crystal has ~2 Å (one interlayer gap).
+MIN_VACUUM = 5.0
 
 
 @dataclass
@@ -88,6 +90,25 @@ def place(slab, mol, binding: int, site: np.ndarray):
     return out
 
 
+def check_vacuum(slab) -> float:
+    """The vacuum gap (Å) along the surface normal between the slab's top and the bottom of its
+    periodic image; :class:`InvalidAtomsError` below :data:`MIN_VACUUM` (e.g. a bulk crystal)."""
+    if not slab.pbc[2]:
+        return float("inf")
+    normal = np.cross(slab.cell[0], slab.cell[1])
+    normal /= np.linalg.norm(normal)
+    height = abs(float(np.dot(slab.cell[2], normal)))
+    z = slab.positions @ normal
+    gap = height - float(z.max() - z.min())
+    if gap < MIN_VACUUM:
+        raise InvalidAtomsError(
+            f"{slab.get_chemical_formula()} has only {gap:.2f} Å between its top atoms and the next periodic "
+            f"image along z (a bulk crystal, or a slab wrapped across the cell?); adsorption needs a slab with at "
+            f"least {MIN_VACUUM:g} Å of vacuum: build one with ase.build.fcc111(..., vacuum=10) or "
+            "ase.build.surface(bulk, (1, 1, 1), layers=4, vacuum=10), or centre it with atoms.center(10, axis=2)")
+    return gap
+
+
 def find_sites(slab, distance: float = 2.0, kinds: Sequence[str] = SITE_KINDS) -> List[tuple]:
     """``[(label, position (3,) Å)]`` of symmetry-distinct sites ``distance`` Å above the top surface."""
     try:
@@ -98,6 +119,7 @@ def find_sites(slab, distance: float = 2.0, kinds: Sequence[str] = SITE_KINDS) -
     if not (slab.pbc[0] and slab.pbc[1]) or abs(slab.cell[2, 2]) < 1e-8:
         raise InvalidAtomsError("the slab needs a cell periodic along x and y with the surface normal along z "
                                 "(e.g. ase.build.fcc111(..., vacuum=10))")
+    check_vacuum(slab)
     for k in kinds:
         if k not in SITE_KINDS:
             raise InvalidOptionError(f"site kind {k!r} is unknown; use any of {', '.join(SITE_KINDS)}")
@@ -125,6 +147,46 @@ def find_sites(slab, distance: float = 2.0, kinds: Sequence[str] = SITE_KINDS) -
     return out
 
 
+@dataclass
+class Placements:
+    """What :func:`plan` gives: the ``slab`` (info cleaned), the gas molecule ``gas``, the index
+    ``binding`` of its binding atom, ``sites`` ``[(label, position (3,) Å)]`` and one
+    ``placements`` Atoms per site (the slab's atoms first, then the adsorbate's)."""
+
+    slab: object
+    gas: object
+    binding: int
+    sites: List[tuple]
+    placements: List
+
+    def site_row(self, k: int, relaxed, energy: float, e_slab: float, e_gas: float, fmax: float,
+                 steps: int, converged: bool) -> Dict:
+        """The table row of site ``k`` from its relaxed placement and the three energies (eV)."""
+        label, pos = self.sites[k]
+        n_slab = len(self.slab)
+        surface = self.slab.positions[:, 2] > self.slab.positions[:, 2].max() - 0.5  # the top layer
+        b = relaxed.positions[n_slab + self.binding]
+        return {"site": label, "x_A": float(pos[0]), "y_A": float(pos[1]),
+                "E_ads_eV": float(energy) - e_slab - e_gas, "E_eV": float(energy),
+                "height_A": float(b[2] - relaxed.positions[:n_slab][surface, 2].mean()),
+                "fmax_eV_A": float(fmax), "steps": int(steps), "converged": bool(converged)}
+
+
+def plan(slab, adsorbate: str, distance: float = 2.0, kinds: Sequence[str] = SITE_KINDS) -> Placements:
+    """Sites of ``slab`` and one placement of ``adsorbate`` per site (nothing relaxed yet)."""
+    from eqcalc.atoms import to_ase
+
+    if not (isinstance(distance, (int, float)) and np.isfinite(distance) and distance > 0.5):
+        raise InvalidOptionError(f"distance={distance!r} must be > 0.5 Å (height of the binding atom)")
+    slab = to_ase(slab).copy()
+    slab.info.pop("adsorbate_info", None)  # ase.build's helper dict: not storable in extxyz
+    mol = gas_molecule(adsorbate)
+    binding = _binding_index(adsorbate, mol)
+    sites = find_sites(slab, distance, kinds)
+    return Placements(slab=slab, gas=mol, binding=binding, sites=sites,
+                      placements=[place(slab, mol, binding, pos) for _, pos in sites])
+
+
 def adsorption_energies(slab, adsorbate: str, potential, distance: float = 2.0,
                         kinds: Sequence[str] = SITE_KINDS, fmax: float = 0.05,
                         max_steps: int = 500, optimizer="fire") -> AdsorptionResult:
@@ -132,26 +194,12 @@ def adsorption_energies(slab, adsorbate: str, potential, distance: float = 2.0,
     (a :class:`~eqcalc.md.ModelPotential`), and return the adsorption-energy table."""
     from eqcalc.engine.relax import relax
 
-    if not (np.isfinite(distance) and distance > 0.5):
-        raise InvalidOptionError(f"distance={distance!r} must be > 0.5 Å (height of the binding atom)")
-    slab = slab.copy()
-    slab.info.pop("adsorbate_info", None)  # ase.build's helper dict: not storable in extxyz
-    mol = gas_molecule(adsorbate)
-    binding = _binding_index(adsorbate, mol)
-    sites = find_sites(slab, distance, kinds)
-    placements = [place(slab, mol, binding, pos) for _, pos in sites]
-    result = relax(placements + [slab, mol], potential, fmax=fmax, max_steps=max_steps, optimizer=optimizer)
+    p = plan(slab, adsorbate, distance, kinds)
+    result = relax(p.placements + [p.slab, p.gas], potential, fmax=fmax, max_steps=max_steps,
+                   optimizer=optimizer)
     e_slab, e_gas = float(result.energy[-2]), float(result.energy[-1])
-    n_slab = len(slab)
-    surface = slab.positions[:, 2] > slab.positions[:, 2].max() - 0.5  # the top layer
-    rows = []
-    for k, ((label, pos), atoms) in enumerate(zip(sites, result.structures)):
-        b = atoms.positions[n_slab + binding]
-        rows.append({"site": label, "x_A": float(pos[0]), "y_A": float(pos[1]),
-                     "E_ads_eV": float(result.energy[k]) - e_slab - e_gas, "E_eV": float(result.energy[k]),
-                     "height_A": float(b[2] - atoms.positions[:n_slab][surface, 2].mean()),
-                     "fmax_eV_A": float(result.fmax[k]), "steps": int(result.steps[k]),
-                     "converged": bool(result.converged[k])})
+    rows = [p.site_row(k, atoms, result.energy[k], e_slab, e_gas, result.fmax[k], result.steps[k],
+                       result.converged[k]) for k, atoms in enumerate(result.structures[:-2])]
     return AdsorptionResult(rows=rows, placements=result.structures[:-2], slab=result.structures[-2],
                             gas=result.structures[-1], e_slab=e_slab, e_gas=e_gas)
 
@@ -160,50 +208,67 @@ def write(result: AdsorptionResult, output_dir) -> List[str]:
     """``adsorption.csv`` (the table), ``placements.extxyz`` (relaxed, one frame per site, with
     ``info['site']``), ``slab.extxyz`` and ``gas.extxyz`` in ``output_dir``."""
     import csv
+    import io
 
-    import ase.io
+    from eqcalc import outputs
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "adsorption.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result.rows[0]))
-        w.writeheader()
-        w.writerows(result.rows)
+    out = outputs.writable_dir(output_dir)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=list(result.rows[0]))
+    w.writeheader()
+    w.writerows(result.rows)
+    outputs.replace_atomically(out / "adsorption.csv", lambda f: f.write(table.getvalue().encode()))
     frames = []
     for row, atoms in zip(result.rows, result.placements):
         atoms.info.update(site=row["site"], E_ads_eV=row["E_ads_eV"])
         frames.append(atoms)
-    ase.io.write(out / "placements.extxyz", frames, format="extxyz")
-    ase.io.write(out / "slab.extxyz", result.slab, format="extxyz")
-    ase.io.write(out / "gas.extxyz", result.gas, format="extxyz")
+    outputs.write_atoms(out / "placements.extxyz", frames)
+    outputs.write_atoms(out / "slab.extxyz", result.slab)
+    outputs.write_atoms(out / "gas.extxyz", result.gas)
     return [str(out / n) for n in ("adsorption.csv", "placements.extxyz", "slab.extxyz", "gas.extxyz")]
 
 
 # ---- command line shell (eqcalc adsorption) ----------------------------------------------------
 def add_arguments(parser) -> None:
     """Options of ``eqcalc adsorption``."""
+    from eqcalc.cli import nonnegative_int, positive_float
     from eqcalc.engine.drivers import add_model_arguments
 
-    parser.add_argument("slab", help="slab structure file (vacuum along z; FixAtoms kept, e.g. from extxyz)")
-    parser.add_argument("--adsorbate", required=True, help="element or g2 molecule, binding atom first: O, H, CO, OH, NO")
+    from eqcalc.workflows import distributed  # imports no dask
+
+    parser.add_argument("slab", nargs="+", help="slab structure file(s) (vacuum along z; FixAtoms kept, e.g. "
+                                                "from extxyz); several need --db or --scheduler")
+    parser.add_argument("--adsorbate", nargs="+", required=True,
+                        help="element(s) or g2 molecule(s), binding atom first: O, H, CO, OH, NO; several "
+                             "need --db or --scheduler")
     add_model_arguments(parser)
-    parser.add_argument("--distance", type=float, default=2.0, help="initial height of the binding atom, Å")
+    parser.add_argument("--distance", type=positive_float, default=2.0, help="initial height of the binding atom, Å")
     parser.add_argument("--sites", nargs="+", default=list(SITE_KINDS), help="site kinds: ontop bridge hollow")
-    parser.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å")
-    parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps at most")
+    parser.add_argument("--fmax", type=positive_float, default=0.05, help="force threshold, eV/Å")
+    parser.add_argument("--max-steps", type=nonnegative_int, default=500, help="optimizer steps at most")
     parser.add_argument("--optimizer", default="fire", help="fire | lbfgs")
     parser.add_argument("--output-dir", default="eqcalc-adsorption", help="folder for the table and structures")
+    distributed.add_arguments(parser)
 
 
 def main(args) -> int:
+    from eqcalc import outputs
     from eqcalc.engine import md
     from eqcalc.engine.drivers import _device, read_structures
+    from eqcalc.workflows import distributed
 
-    slab = read_structures([args.slab])[0]
+    if distributed.requested(args):
+        return distributed.adsorption_main(args)
+    if len(args.slab) > 1 or len(args.adsorbate) > 1:
+        raise InvalidOptionError("several slabs or adsorbates are a screening: add --db results.db (this "
+                                 "machine) or --scheduler ADDRESS (a Dask cluster)")
+    slab = read_structures(args.slab)[0]
+    check_vacuum(slab)  # before loading the model
+    outputs.writable_dir(args.output_dir)  # before the relaxations, not after them
     potential = md.ModelPotential(args.model, device=_device(args.device), compile=args.compile, dtype=args.dtype)
-    result = adsorption_energies(slab, args.adsorbate, potential, distance=args.distance, kinds=args.sites,
+    result = adsorption_energies(slab, args.adsorbate[0], potential, distance=args.distance, kinds=args.sites,
                                  fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer)
-    print(f"{args.adsorbate} on {slab.get_chemical_formula()}: {len(result.rows)} sites relaxed as one batch")
+    print(f"{args.adsorbate[0]} on {slab.get_chemical_formula()}: {len(result.rows)} sites relaxed as one batch")
     print(result.table())
     print(f"wrote {', '.join(write(result, args.output_dir))}")
     return 0

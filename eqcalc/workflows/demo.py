@@ -235,17 +235,19 @@ def _summary(r: Dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``eqcalc demo``."""
+    from eqcalc.cli import nonnegative_int, positive_float
+
     parser.add_argument("--output-dir", default="eqcalc-demo", help="folder for trajectory, plot, summary")
     parser.add_argument("--model", default="default", help="shipped model name or .eqm path")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--compile", default=DEFAULT_COMPILE, help="auto | aoti | torchscript | eager")
-    parser.add_argument("--steps", type=int, default=500, help="MD steps (default 500, 1 ps)")
-    parser.add_argument("--relax-steps", type=int, default=200, help="max BFGS steps per relaxation")
-    parser.add_argument("--fmax", type=float, default=0.05, help="relaxation force threshold, eV/Å")
-    parser.add_argument("--temperature-K", type=float, default=500.0, help="NVT temperature, K")
-    parser.add_argument("--timestep-fs", type=float, default=2.0, help="MD time step, fs")
+    parser.add_argument("--steps", type=nonnegative_int, default=500, help="MD steps (default 500, 1 ps)")
+    parser.add_argument("--relax-steps", type=nonnegative_int, default=200, help="max BFGS steps per relaxation")
+    parser.add_argument("--fmax", type=positive_float, default=0.05, help="relaxation force threshold, eV/Å")
+    parser.add_argument("--temperature-K", type=positive_float, default=500.0, help="NVT temperature, K")
+    parser.add_argument("--timestep-fs", type=positive_float, default=2.0, help="MD time step, fs")
     parser.add_argument("--no-emt", action="store_true", help="skip the EMT comparison")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial velocities and noise")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the initial velocities and noise")
 
 
 def main(args: argparse.Namespace) -> int:
