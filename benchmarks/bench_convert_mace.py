@@ -4,7 +4,7 @@
 The model: mace-torch's ScaleShiftMACE at the MACE-MP-0 medium configuration (128x0e+128x1o,
 max_ell 3, correlation 3, 2 layers, r_max 6 Å, 10 Bessel functions, radial MLP [64, 64, 64],
 89 elements: 4,688,656 parameters), random weights, built and saved (``torch.save``, float64
-and float32) by mace-torch in its own venv (``bash benchmarks/mace_env.sh``). Then:
+and float32) by mace-torch in its own venv (made or reused by ``benchmarks/mace_env.sh``). Then:
 
 * step time (energy + forces + stress, neighbor list included on both sides; ours with skin 0,
   rebuilt every step like mace-torch's) of mace-torch's ``MACECalculator`` and of eqcalc's
@@ -176,13 +176,18 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternations mace-torch / eqcalc per size")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--mace-python", default=str(ROOT / "build" / "mace-env" / "bin" / "python"))
+    parser.add_argument("--mace-python", default=None,
+                        help="python of a mace-torch venv (default: the one benchmarks/mace_env.sh makes or reuses)")
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--workdir")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert_mace"))
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.mace_python is None:
+        made = subprocess.run(["bash", str(ROOT / "benchmarks" / "mace_env.sh")], check=True,
+                              stdout=subprocess.PIPE, text=True)
+        args.mace_python = made.stdout.strip().splitlines()[-1]
     if not Path(args.mace_python).exists():
         raise SystemExit(f"no mace-torch venv at {args.mace_python}; run: bash benchmarks/mace_env.sh")
     with tempfile.TemporaryDirectory() as tmp:

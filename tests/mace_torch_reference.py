@@ -8,7 +8,7 @@ with mace-torch's ``MACECalculator`` on the test structures. Writes ``OUT/<varia
 volume mace-torch divided by; e3nn's
 Wigner 3j symbols and harmonics for the convention tests).
 
-    build/mace-env/bin/python tests/mace_torch_reference.py OUT [--variants a b ...]
+    $(bash benchmarks/mace_env.sh | tail -1) tests/mace_torch_reference.py OUT [--variants a b ...]
 
 The process sets torch's default dtype to the model's (as mace-torch's own scripts do): the
 ZBL prefactor of mace-torch is computed in the default dtype, so a float64 model evaluated
@@ -79,7 +79,7 @@ def structures(variant: str):
     out["triclinic_bulk"] = bulk
     # (T, T, F) slab with adsorbates
     slab = fcc111("Cu", size=(2, 2, 3), a=3.6, vacuum=6.0)
-    add_adsorbate(slab, molecule("CO"), 1.9, "ontop")
+    add_adsorbate(slab, molecule("CO"), 1.9, "ontop", mol_index=1)  # C down, O up
     add_adsorbate(slab, "H", 1.0, "fcc")
     slab.pbc = (True, True, False)
     slab.positions += rng.normal(scale=0.03, size=slab.positions.shape)
