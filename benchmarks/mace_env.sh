@@ -3,16 +3,17 @@
 # eqcalc's own venv). Used by tests/test_convert_mace.py (which calls this script) and
 # benchmarks/bench_convert_mace.py. Usage:
 #   bash benchmarks/mace_env.sh [ENV_DIR]
-# ENV_DIR defaults to $EQCALC_MACE_ENV, else <eqcalc cache>/mace-env-<pins> (the cache of
-# eqcalc.compile.cache_dir: $EQCALC_CACHE, $XDG_CACHE_HOME/eqcalc or ~/.cache/eqcalc), so fresh
-# clones on one machine share it. Installs from PyPI only (~1.5 min with a warm pip cache), into a
-# temporary folder renamed when complete; a complete env is reused as is. Prints the env's python
-# as the last line of stdout (everything else goes to stderr).
+# ENV_DIR defaults to $EQCALC_MACE_ENV, else <reference cache>/mace-env-<pins>, the reference
+# cache being $EQCALC_REFERENCE_CACHE, else $XDG_CACHE_HOME/eqcalc-reference or
+# ~/.cache/eqcalc-reference: outside the clone, so fresh clones on one machine share it (and not
+# $EQCALC_CACHE, which the test suite points at a per-run folder). Installs from PyPI only
+# (~1.5 min with a warm pip cache) into a temporary folder renamed when complete; a complete env
+# is reused as is. Prints the env's python as the last line of stdout (the rest goes to stderr).
 # Every version is pinned: torch to the CPU wheel (an unpinned torch pulls GBs of CUDA wheels) and
 # mace-torch/e3nn/ase to what the reference results were made with.
 set -euo pipefail
 PINS="torch==2.13.0 mace-torch==0.3.16 e3nn==0.4.4 ase==3.29.0"
-CACHE="${EQCALC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/eqcalc}"
+CACHE="${EQCALC_REFERENCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/eqcalc-reference}"
 ENV="${1:-${EQCALC_MACE_ENV:-$CACHE/mace-env-0.3.16-torch2.13.0}}"
 if [ "$(cat "$ENV/installed" 2>/dev/null)" != "$PINS" ]; then
     {

@@ -1,10 +1,10 @@
 """``potentials.convert`` / ``eqcalc convert`` against mace-torch itself.
 
 mace-torch lives in its own virtualenv (it pins e3nn 0.4.4): the session fixture gets it from
-``benchmarks/mace_env.sh`` (PyPI only, every version pinned; created once in eqcalc's cache folder,
-``$EQCALC_CACHE`` or ``~/.cache/eqcalc``, and reused by fresh clones) and runs
+``benchmarks/mace_env.sh`` (PyPI only, every version pinned; created once in the reference cache,
+``$EQCALC_REFERENCE_CACHE`` or ``~/.cache/eqcalc-reference``, and reused by fresh clones) and runs
 ``tests/mace_torch_reference.py`` there once, caching its ``.model`` files and reference results
-under ``<cache>/mace-reference/<hash of the script and mace version>``. From scratch this takes
+next to the venv under ``mace-reference/<hash of the script and mace version>``. From scratch this takes
 about 3 minutes (venv ~1.5 min with a warm pip cache, reference run ~1 min); cached, nothing.
 Nothing from mace, e3nn or the files is imported or run in this process.
 """
@@ -23,7 +23,6 @@ from ase import Atoms
 
 import potentials
 from eqcalc import EquivariantCalculator, package
-from eqcalc.compile import cache_dir
 from eqcalc.errors import ModelFileError, UnsafeModelError, UnsupportedModelError
 from potentials import testing as T
 from potentials.convert import convert, e3nn
@@ -48,10 +47,10 @@ def _run(cmd, what):
 def mace_reference():
     """``(folder, reference dict)``: mace-torch's models and results (see the module doc)."""
     python = _run(["bash", ROOT / "benchmarks" / "mace_env.sh"], "creating the mace-torch virtualenv")
-    python = python.strip().splitlines()[-1]
+    python = Path(python.strip().splitlines()[-1])
     version = _run([python, "-c", "import mace; print(mace.__version__)"], "importing mace-torch").strip()
     key = hashlib.sha256(SCRIPT.read_bytes() + version.encode()).hexdigest()[:16]
-    out = cache_dir() / "mace-reference" / key
+    out = python.parents[2] / "mace-reference" / key  # <reference cache>/mace-env-.../bin/python
     out.parent.mkdir(parents=True, exist_ok=True)
     if not (out / "reference.json").exists():
         tmp = out.with_name(key + ".partial")
