@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mace import mace_python  # noqa: E402
 ELEMENTS = ["Cu", "Pd", "Ag", "Pt", "Au"]
 MP0_MEDIUM = dict(r_max=6.0, num_bessel=10, num_polynomial_cutoff=5, max_ell=3, num_interactions=2,
                   hidden_irreps="128x0e+128x1o", MLP_irreps="16x0e", correlation=3,
@@ -184,10 +186,7 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    if args.mace_python is None:
-        made = subprocess.run(["bash", str(ROOT / "benchmarks" / "mace_env.sh")], check=True,
-                              stdout=subprocess.PIPE, text=True)
-        args.mace_python = made.stdout.strip().splitlines()[-1]
+    args.mace_python = args.mace_python or mace_python()
     if not Path(args.mace_python).exists():
         raise SystemExit(f"no mace-torch venv at {args.mace_python}; run: bash benchmarks/mace_env.sh")
     with tempfile.TemporaryDirectory() as tmp:
