@@ -135,7 +135,8 @@ def test_metadata_records_the_source_and_conversion_is_deterministic(mace_refere
     folder, ref = mace_reference
     v = ref["variants"]["two_heads"]
     source = folder / v["file"]
-    meta = package.read(converted("two_heads")).metadata
+    meta = package.read(converted("two_heads")).metadata  # the whole-file checks of schema 2
+    assert meta["schema_version"] == package.SCHEMA_VERSION and len(meta["sha256"]) == 64
     src = meta["source"]
     assert src["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
     assert src["mace_version"] == "unknown"  # mace-torch 0.3.x stores no version in the module
