@@ -8,13 +8,13 @@ the same rattled fcc Cu cells (a = 3.6 Å, 3x3x3 and 6x6x6 cubic: 108 and 864 at
 with skin 0, so it is rebuilt every step like mace-torch's). Each step moves the atoms a little
 first. Untrained weights: the step time does not depend on their values.
 
-mace-torch lives in its own venv (it pins e3nn 0.4.4; create it with
-``bash benchmarks/mace_env.sh``); this script runs itself there as a subprocess
+mace-torch lives in its own venv (it pins e3nn 0.4.4; ``benchmarks/mace_env.sh`` creates it
+or finds it made); this script runs itself there as a subprocess
 (``--worker mace-torch``), building the mace-torch model in-process (loading a saved mace-torch
 model under torch 2.13's safe ``torch.load`` default would need a process-wide override).
 
     nice -n 15 .venv/bin/python benchmarks/bench_mace.py [--atoms 108 864] [--kinds eager aoti]
-        [--threads 2] [--mace-python build/mace-env/bin/python]
+        [--threads 2] [--mace-python PATH]
     nice -n 15 .venv/bin/python benchmarks/bench_mace.py --profile   # where our step's time goes
 
 ``--profile`` times the parts of our MACE step (forward + backward for forces, 864 atoms) one by
@@ -31,6 +31,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def mace_python() -> str:
+    """The python of the mace-torch venv that ``benchmarks/mace_env.sh`` creates or reuses
+    (pinned versions, in ``~/.cache/eqcalc-reference``; see that script)."""
+    made = subprocess.run(["bash", str(ROOT / "benchmarks" / "mace_env.sh")], check=True,
+                          stdout=subprocess.PIPE, text=True)
+    return made.stdout.strip().splitlines()[-1]
+
+
 HYPER = dict(cutoff=5.0, channels=32, max_ell=3, hidden_l=1, correlation=3, num_interactions=2,
              num_radial=8, radial_mlp=64, avg_num_neighbors=20.0)
 
@@ -212,7 +222,7 @@ def main():
     parser.add_argument("--kinds", nargs="+", default=["eager", "aoti"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--mace-python", default=str(ROOT / "build" / "mace-env" / "bin" / "python"))
+    parser.add_argument("--mace-python", default=None, help="default: the venv of benchmarks/mace_env.sh")
     parser.add_argument("--worker", choices=["mace-torch"])
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--simdlen", type=int, default=8, help="Inductor CPU vector width for aoti")
@@ -223,6 +233,7 @@ def main():
     if args.profile:
         return profile(args, Path(args.out))
     rows = []
+    args.mace_python = args.mace_python or mace_python()
     if Path(args.mace_python).exists():
         cmd = [args.mace_python, __file__, "--worker", "mace-torch", "--threads", str(args.threads),
                "--steps", str(args.steps), "--atoms", *map(str, args.atoms)]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mace import HYPER  # noqa: E402
+from bench_mace import HYPER, mace_python  # noqa: E402
 
 TRAIN = dict(energy_weight=10.0, forces_weight=1.0, stress_weight=100.0, lr=0.003, batch_size=8,
              ema_decay=0.99, max_force=20.0, weight_decay=0.0, warmup_steps=100, min_lr_ratio=0.02)
@@ -162,7 +162,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=3, help="training epochs, the same for both codes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default=str(ROOT / "build" / "mace-accuracy"))
-    parser.add_argument("--mace-python", default=str(ROOT / "build" / "mace-env" / "bin" / "python"))
+    parser.add_argument("--mace-python", default=None, help="default: the venv of benchmarks/mace_env.sh")
     parser.add_argument("--worker", choices=["mace-torch"])
     parser.add_argument("--only", choices=["ours", "mace-torch"])
     parser.add_argument("--ours", nargs="+", choices=sorted(OURS), default=["mace"],
@@ -193,7 +193,7 @@ def main():
         ase.io.write(work / f"{name}.xyz", out, format="extxyz")
     rows = []
     if args.only in (None, "mace-torch"):
-        cmd = [args.mace_python, __file__, "--worker", "mace-torch", "--work", str(work),
+        cmd = [args.mace_python or mace_python(), __file__, "--worker", "mace-torch", "--work", str(work),
                "--epochs", str(args.epochs), "--threads", str(args.threads)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))
         if done.returncode:

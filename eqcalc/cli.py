@@ -134,6 +134,24 @@ def _export(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    import os
+
+    from eqcalc import package
+    from potentials.convert import convert
+
+    start = time.perf_counter()
+    out = convert(args.source, args.output, head=args.head)
+    meta = package.read(str(out)).metadata
+    src = meta["source"]
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s: {src['model_class']} (head {src['head']!r} "
+          f"of {src['heads']}), {len(meta['species'])} species, cutoff {meta['cutoff']} Å, {meta['dtype']}, "
+          f"{meta['n_parameters']:,} parameters; {os.path.getsize(out) / 1e6:.1f} MB from "
+          f"{os.path.getsize(args.source) / 1e6:.1f} MB (mace-torch {src['mace_version']}, "
+          f"sha256 {src['sha256'][:16]}…). Use it with EquivariantCalculator({str(out)!r})")
+    return 0
+
+
 def _bench(args) -> int:
     from eqcalc import bench
 
@@ -183,6 +201,10 @@ EPILOGS = {
     "info": "example:\n  eqcalc info default\n  eqcalc info my_model.eqm --json\n  eqcalc info schnet --no-speed",
     "export": "example:\n  eqcalc export default --format aoti -o painn.pt2\n"
               "  eqcalc export my_model.eqm --format torchscript --dtype float64",
+    "convert": "example:\n  eqcalc convert 2023-12-03-mace-128-L1_epoch-199.model mace-mp0-medium.eqm\n"
+               "  eqcalc convert multihead.model omat.eqm --head omat_pbe\n"
+               "nothing in the source file is run: it is read by a restricted reader that refuses "
+               "anything but model data",
     "bench": "example:\n  eqcalc bench --what neighbors\n  eqcalc bench --what model --model painn.eqm --atoms 864",
     "datagen": "example:\n  eqcalc datagen emt.xyz --n-structures 200 --seed 0\n"
                "  eqcalc datagen cu.xyz --n-structures 50 --seed 1 --elements Cu C O\n"
@@ -244,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default: the model's own")
     c.add_argument("--forces", choices=["auto", "conservative", "direct"], default="auto")
     c.set_defaults(func=_export)
+
+    c = command("convert", "convert a mace-torch .model file into an eqcalc .eqm package (same numbers, "
+                           "no mace/e3nn needed to run it)")
+    c.add_argument("source", help="mace-torch .model file (torch.save of the model)")
+    c.add_argument("output", help="the .eqm package to write")
+    c.add_argument("--head", default=None,
+                   help="multi-head files: the head to keep (default: the only head, or 'default')")
+    c.set_defaults(func=_convert)
 
     c = command("bench", "time neighbor lists against vesin/matscipy/ASE, or a model's step in each compiled form")
     c.add_argument("--what", choices=["neighbors", "model"], default="neighbors")

@@ -35,6 +35,16 @@ class ModelFileError(EqcalcError, ValueError):
     """A model package file is missing, corrupt, truncated, foreign or unsafe."""
 
 
+class UnsafeModelError(ModelFileError):
+    """A foreign model file (e.g. a pickle) asks for something a converter refuses to do: an
+    unknown global, an unaccepted opcode, a size beyond the limits. Nothing of it was run."""
+
+
+class UnsupportedModelError(ModelFileError):
+    """A foreign model file is readable but uses a block or option the converter cannot
+    reproduce exactly; the message names it and the way out."""
+
+
 class ModelVersionError(ModelFileError):
     """The model file was written by a newer schema/package than this one understands."""
 

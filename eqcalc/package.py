@@ -274,6 +274,8 @@ FIELDS = {
     "training": (False, lambda v: isinstance(v, dict), "a JSON object"),
     "frame_averaging": (False, lambda v: isinstance(v, str), "a frame-averaging mode"),
     "frame_source": (False, lambda v: isinstance(v, str), "'edges' or 'positions'"),
+    # potentials.convert: the foreign file a package was converted from (sha256, code version, head)
+    "source": (False, lambda v: isinstance(v, dict), "a JSON object"),
 }
 
 

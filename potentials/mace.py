@@ -11,17 +11,22 @@ first layers, an MLP for the last) gives per-atom energies, summed over layers.
 Layout: features ``(n_atoms, (L+1)^2, channels)`` with degrees ``0..hidden_l`` (natural parity:
 ``hidden_l = 1`` is mace-torch's ``32x0e + 32x1o``); the last layer keeps scalars only, as
 mace-torch. The model is O(3)-invariant by construction (see :mod:`potentials.o3`).
+
+The variants of mace-torch's foundation models are options of this one implementation (see
+:class:`MACEConfig`): a plain (non-residual) first interaction, density-normalised neighbor sums,
+Agnesi/Soft distance transforms, ZBL repulsion, the envelope order, radial depth and readout
+width. With them, :mod:`potentials.convert.mace` reproduces mace-torch files exactly.
 """
 import dataclasses
 import math
-from typing import Dict, List, Tuple
+from typing import Any, ClassVar, Dict, List, Tuple
 
 import torch
 from torch import Tensor
 
 from eqcalc import keys
-from eqcalc.errors import InvalidOptionError
-from potentials import o3
+from eqcalc.errors import InvalidOptionError, check_choice
+from potentials import o3, short_range
 from potentials.nn import Potential, edge_geometry, validate_config
 from potentials.registry import register
 
@@ -81,7 +86,7 @@ class TensorProductConfig:
     ``max_ell`` the highest degree of the edge harmonics; ``hidden_l`` the highest degree of the
     hidden features (1: ``channels x 0e + channels x 1o``); ``num_radial`` Bessel functions;
     ``radial_mlp`` the width of the radial network's hidden layers; ``avg_num_neighbors`` divides
-    the neighbor sums."""
+    the neighbor sums; ``envelope_p`` the order of the polynomial envelope."""
     species: Tuple[str, ...]
     cutoff: float = 5.0
     channels: int = 8
@@ -91,9 +96,13 @@ class TensorProductConfig:
     num_radial: int = 8
     radial_basis: str = "bessel"
     envelope: str = "polynomial"
+    envelope_p: int = 6
     radial_mlp: int = 64
     avg_num_neighbors: float = 20.0
     direct_forces: bool = False
+
+    #: Values of fields that model files written before the field existed had implicitly.
+    FILE_DEFAULTS: ClassVar[Dict[str, Any]] = {"envelope_p": 6}
 
     @property
     def features(self) -> int:  # the Potential base class embeds species into `features`
@@ -107,6 +116,7 @@ class TensorProductConfig:
         check_int(self, "num_interactions", 1)
         check_int(self, "num_radial", 1)
         check_int(self, "radial_mlp", 1)
+        check_int(self, "envelope_p", 1)
         if not (isinstance(self.avg_num_neighbors, (int, float)) and self.avg_num_neighbors > 0):
             raise InvalidOptionError(f"avg_num_neighbors={self.avg_num_neighbors!r} must be a positive number")
         object.__setattr__(self, "avg_num_neighbors", float(self.avg_num_neighbors))
@@ -114,14 +124,93 @@ class TensorProductConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MACEConfig(TensorProductConfig):
-    """MACE hyperparameters (:class:`TensorProductConfig` plus ``correlation``, the body order of
-    the symmetric contraction, 1..3); ``radial_mlp`` is the width of three hidden layers
-    (mace-torch ``[64, 64, 64]``)."""
+    """MACE hyperparameters: :class:`TensorProductConfig` plus
+
+    * ``correlation``: body order of the symmetric contraction, 1..3;
+    * ``radial_mlp``/``radial_depth``: width and number of hidden layers of the radial network
+      (mace-torch ``[64, 64, 64]``); ``readout_hidden``: width of the last layer's MLP readout
+      (mace-torch ``MLP_irreps = 16x0e``);
+    * ``first_interaction``: ``"residual"`` (the first layer has a per-species self-connection
+      of the embedding, mace-torch's ``RealAgnosticResidualInteractionBlock``) or ``"plain"``
+      (its atomic basis is mixed per species instead and no self-connection is added:
+      ``RealAgnosticInteractionBlock``);
+    * ``normalization``: neighbor sums divided by ``avg_num_neighbors`` (``"average"``) or by
+      ``1 + sum_j tanh((w · R_ij)^2)``, a learned smooth neighbor count (``"density"``,
+      mace-torch's ``RealAgnosticDensity*`` blocks);
+    * ``distance_transform``: ``"none" | "agnesi" | "soft"``, applied to the radial basis'
+      argument only (see :mod:`potentials.short_range`);
+    * ``pair_repulsion``: ``"none" | "zbl"``, added to the per-atom energies before the
+      scale/shift (as mace-torch's ``ScaleShiftMACE``).
+    """
     correlation: int = 3
+    radial_depth: int = 3
+    readout_hidden: int = 16
+    first_interaction: str = "residual"
+    normalization: str = "average"
+    distance_transform: str = "none"
+    pair_repulsion: str = "none"
+
+    FILE_DEFAULTS: ClassVar[Dict[str, Any]] = {
+        **TensorProductConfig.FILE_DEFAULTS, "radial_depth": 3, "readout_hidden": 16,
+        "first_interaction": "residual", "normalization": "average", "distance_transform": "none",
+        "pair_repulsion": "none"}
 
     def __post_init__(self):
         super().__post_init__()
         check_int(self, "correlation", 1, 3)
+        check_int(self, "radial_depth", 1)
+        check_int(self, "readout_hidden", 1)
+        check_choice("first_interaction", self.first_interaction, ("residual", "plain"))
+        check_choice("normalization", self.normalization, ("average", "density"))
+        check_choice("distance_transform", self.distance_transform, short_range.TRANSFORMS)
+        check_choice("pair_repulsion", self.pair_repulsion, short_range.REPULSIONS)
+
+
+class AverageNormalization(torch.nn.Module):
+    """Neighbor sums ``(n_atoms, components, c)`` divided by a fixed ``avg_num_neighbors``."""
+
+    def __init__(self, avg_num_neighbors: float):
+        super().__init__()
+        self.inv_avg = 1.0 / avg_num_neighbors
+
+    def forward(self, A: Tensor, edge_features: Tensor, edge_index: Tensor) -> Tensor:
+        return A * self.inv_avg
+
+
+class DensityNormalization(torch.nn.Module):
+    """Neighbor sums divided by ``1 + sum_j tanh((w · R_ij)^2)``: a smooth, learned count of
+    the neighbors, each weighted by its (enveloped) radial features ``R_ij`` ``(n_edges, R)``."""
+
+    def __init__(self, num_radial: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(num_radial) / math.sqrt(num_radial))
+
+    def forward(self, A: Tensor, edge_features: Tensor, edge_index: Tensor) -> Tensor:
+        per_edge = torch.tanh(torch.matmul(edge_features, self.weight) ** 2)
+        density = torch.zeros(A.shape[0], dtype=A.dtype, device=A.device).index_add(0, edge_index[0], per_edge)
+        return A / (density + 1.0).view(-1, 1, 1)
+
+
+class SpeciesMixed(torch.nn.Module):
+    """The atomic basis mixed per species, ``(n_atoms, (l+1)^2, c)`` → same shape (the first
+    layer of mace-torch's plain MACE)."""
+
+    def __init__(self, l: int, n_species: int, c: int):
+        super().__init__()
+        self.mix = o3.SpeciesLinear(l, n_species, c, [c] * (l + 1))
+
+    def forward(self, A: Tensor, species: Tensor) -> Tensor:
+        return torch.cat(self.mix(A, species), dim=1)
+
+
+class Unmixed(torch.nn.Module):
+    def forward(self, A: Tensor, species: Tensor) -> Tensor:
+        return A
+
+
+class NoSelfConnection(torch.nn.Module):
+    def forward(self, h: Tensor, species: Tensor) -> List[Tensor]:
+        return []
 
 
 class MACELayer(torch.nn.Module):
@@ -129,26 +218,30 @@ class MACELayer(torch.nn.Module):
     readout. ``forward(h (n, (l_in+1)^2, c), species, Y, edge_features, edge_index)`` →
     ``(h (n, (l_out+1)^2, c), energies (n,), A (n, (max_ell+1)^2, c))``."""
 
-    def __init__(self, config: MACEConfig, l_in: int, l_out: int, last: bool):
+    def __init__(self, config: MACEConfig, l_in: int, l_out: int, last: bool, first: bool):
         super().__init__()
         c, n_species, l_sh = config.channels, len(config.species), config.max_ell
         self.linear_up = o3.Linear(l_in, c, c)
         self.tp = o3.EdgeTensorProduct(l_in, l_sh, l_sh)
         self.n_paths, self.channels = len(self.tp.paths), c
-        w = config.radial_mlp
-        self.radial = radial_mlp([config.num_radial, w, w, w, self.n_paths * c])
+        hidden = [config.radial_mlp] * config.radial_depth
+        self.radial = radial_mlp([config.num_radial] + hidden + [self.n_paths * c])
         self.linear = o3.PathLinear(self.tp, c, [c] * (l_sh + 1))
-        self.inv_avg = 1.0 / config.avg_num_neighbors
-        self.skip = o3.SpeciesLinear(l_in, n_species, c, [c] * (l_out + 1))
+        self.normalize = (DensityNormalization(config.num_radial) if config.normalization == "density"
+                          else AverageNormalization(config.avg_num_neighbors))
+        plain = first and config.first_interaction == "plain"
+        self.species_mix = SpeciesMixed(l_sh, n_species, c) if plain else Unmixed()
+        self.skip = NoSelfConnection() if plain else o3.SpeciesLinear(l_in, n_species, c, [c] * (l_out + 1))
         self.product = o3.SymmetricContraction(l_sh, l_out, config.correlation, n_species, c)
         self.linear_out = o3.Linear(l_out, c, c)
-        self.readout = MLPReadout(c, 16) if last else ScalarReadout(c)
+        self.readout = MLPReadout(c, config.readout_hidden) if last else ScalarReadout(c)
 
     def forward(self, h: Tensor, species: Tensor, Y: List[Tensor], edge_features: Tensor,
                 edge_index: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         R = self.radial(edge_features).view(edge_features.shape[0], self.n_paths, self.channels)
         messages = self.tp(self.linear_up(h), Y, R, edge_index)
-        A = torch.cat(self.linear(messages), dim=1) * self.inv_avg
+        A = self.normalize(torch.cat(self.linear(messages), dim=1), edge_features, edge_index)
+        A = self.species_mix(A, species)
         blocks = o3.add_blocks(self.linear_out.blocks(self.product(A, species)), self.skip(h, species))
         energies = self.readout(blocks[0].squeeze(1))
         return torch.cat(blocks, dim=1), energies, A
@@ -161,15 +254,18 @@ class TensorProductPotential(Potential):
     def __init__(self, config: TensorProductConfig):
         super().__init__(config)
         self.sh = o3.SphericalHarmonics(config.max_ell)
+        self.distance_transform: torch.nn.Module = short_range.NoTransform()
 
-    def inputs(self, data: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor], Tensor, Tensor]:
-        """``(species, edge_index, Y, edge_features (n_edges, R), h (n_atoms, 1, channels))``."""
+    def inputs(self, data: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor], Tensor, Tensor, Tensor]:
+        """``(species, edge_index, Y, edge_features (n_edges, R), h (n_atoms, 1, channels),
+        lengths (n_edges,) Å)``."""
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
         lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
-        basis, envelope = self.radial(lengths)
-        edge_features = basis * envelope.unsqueeze(1)  # exactly 0 at and beyond the cutoff
+        basis = self.radial.basis(self.distance_transform(lengths, species, edge_index))
+        # The envelope sees the true length: exactly 0 at and beyond the cutoff.
+        edge_features = basis * self.radial.envelope(lengths).unsqueeze(1)
         h = self.embedding(species).unsqueeze(1)       # (n_atoms, 1, channels): scalars
-        return species, edge_index, self.sh(unit_vectors), edge_features, h
+        return species, edge_index, self.sh(unit_vectors), edge_features, h, lengths
 
 
 @register("mace")
@@ -187,12 +283,15 @@ class MACE(TensorProductPotential):
         l_in = [0] + [config.hidden_l] * (L - 1)
         l_out = [config.hidden_l] * (L - 1) + [0]
         self.layers = torch.nn.ModuleList(
-            [MACELayer(config, l_in[k], l_out[k], k == L - 1) for k in range(L)])
+            [MACELayer(config, l_in[k], l_out[k], k == L - 1, k == 0) for k in range(L)])
+        species_z = self.species_z.tolist()
+        self.distance_transform = short_range.make_transform(config.distance_transform, species_z)
+        self.pair_repulsion = short_range.make_repulsion(config.pair_repulsion, species_z, config.envelope_p)
         self.force_head = o3.Degree1ForceHead(config.channels) if config.direct_forces else o3.NoForceHead()
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        species, edge_index, Y, edge_features, h = self.inputs(data)
-        energies = torch.zeros_like(h[:, 0, 0])
+        species, edge_index, Y, edge_features, h, lengths = self.inputs(data)
+        energies = self.pair_repulsion(lengths, species, edge_index)  # zeros without a pair term
         A = h
         for layer in self.layers:
             h, e, A = layer(h, species, Y, edge_features, edge_index)

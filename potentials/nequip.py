@@ -82,7 +82,7 @@ class NequIP(TensorProductPotential):
         self.force_head = o3.Degree1ForceHead(c) if config.direct_forces else o3.NoForceHead()
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        species, edge_index, Y, edge_features, h = self.inputs(data)
+        species, edge_index, Y, edge_features, h, _ = self.inputs(data)
         for convolution in self.convolutions:
             h = convolution(h, species, Y, edge_features, edge_index)
         energies = self.readout(h[:, 0])

@@ -62,11 +62,20 @@ def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
 
 
 # ---- cutoff envelopes -------------------------------------------------------------------------
-class PolynomialCutoff(torch.nn.Module):
-    """DimeNet envelope ``1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2)``, x = d/cutoff.
+def polynomial_envelope(x: Tensor, p: float) -> Tensor:
+    """``1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2)`` for ``x < 1``, else 0."""
+    xp = torch.pow(x, p)
+    env = 1.0 - 0.5 * (p + 1.0) * (p + 2.0) * xp + p * (p + 2.0) * xp * x \
+        - 0.5 * p * (p + 1.0) * xp * x * x
+    return torch.where(x < 1.0, env, torch.zeros_like(env))
 
-    Value, first and second derivative vanish at ``d = cutoff`` (for p = 6); exactly 0 beyond,
-    so edges from a skin neighbor list contribute nothing.
+
+class PolynomialCutoff(torch.nn.Module):
+    """DimeNet envelope :func:`polynomial_envelope` of ``x = d/cutoff``.
+
+    Value and first derivative vanish at ``d = cutoff`` (and the second for p >= 2); exactly 0
+    beyond, so edges from a skin neighbor list contribute nothing. ``p`` 6 by default (mace-torch
+    models use 5).
     """
 
     def __init__(self, cutoff: float, p: int = 6):
@@ -76,12 +85,7 @@ class PolynomialCutoff(torch.nn.Module):
 
     def forward(self, lengths: Tensor) -> Tensor:
         """Envelope ``(n_edges,)`` of lengths ``(n_edges,)`` Å."""
-        p = self.p
-        x = lengths / self.cutoff
-        xp = torch.pow(x, p)
-        env = 1.0 - 0.5 * (p + 1.0) * (p + 2.0) * xp + p * (p + 2.0) * xp * x \
-            - 0.5 * p * (p + 1.0) * xp * x * x
-        return torch.where(x < 1.0, env, torch.zeros_like(env))
+        return polynomial_envelope(lengths / self.cutoff, self.p)
 
 
 class CosineCutoff(torch.nn.Module):
@@ -97,9 +101,9 @@ class CosineCutoff(torch.nn.Module):
         return torch.where(lengths < self.cutoff, env, torch.zeros_like(env))
 
 
-def make_envelope(name: str, cutoff: float) -> torch.nn.Module:
+def make_envelope(name: str, cutoff: float, p: int = 6) -> torch.nn.Module:
     check_choice("envelope", name, ENVELOPES)
-    return PolynomialCutoff(cutoff) if name == "polynomial" else CosineCutoff(cutoff)
+    return PolynomialCutoff(cutoff, p) if name == "polynomial" else CosineCutoff(cutoff)
 
 
 # ---- radial bases -----------------------------------------------------------------------------
@@ -148,10 +152,10 @@ class RadialEmbedding(torch.nn.Module):
     exactly 0, with zero slope, for d >= cutoff.
     """
 
-    def __init__(self, basis: str, envelope: str, cutoff: float, num_radial: int):
+    def __init__(self, basis: str, envelope: str, cutoff: float, num_radial: int, p: int = 6):
         super().__init__()
         self.basis = make_radial_basis(basis, cutoff, num_radial)
-        self.envelope = make_envelope(envelope, cutoff)
+        self.envelope = make_envelope(envelope, cutoff, p)
 
     def forward(self, lengths: Tensor) -> Tuple[Tensor, Tensor]:
         return self.basis(lengths), self.envelope(lengths)
@@ -263,7 +267,7 @@ class Potential(torch.nn.Module):
         self.features = config.features
         self.embedding = torch.nn.Embedding(len(config.species), config.features)
         self.radial = RadialEmbedding(config.radial_basis, config.envelope, config.cutoff,
-                                      config.num_radial)
+                                      config.num_radial, getattr(config, "envelope_p", 6))
 
     def config_dict(self) -> Dict:
         """JSON-able hyperparameters; ``type(self).Config(**d)`` rebuilds ``self.config``."""

@@ -146,3 +146,31 @@ def test_symmetric_coupling_is_equivariant_and_complete(L):
         f = lambda a: np.einsum("pmq,nq->npm", U, np.prod(a[:, monos], axis=2))
         np.testing.assert_allclose(f(A @ D.T), f(A) @ DL.T, atol=1e-11)
     assert U.shape[0] == 5
+
+
+def test_many_species_evaluation_gives_the_same_numbers():
+    """Per-species weights applied per atom (models with many species, e.g. 89 elements) give
+    exactly what the one-hot expanded evaluation gives, values and gradients."""
+    torch.manual_seed(0)
+    n_species, c, n = 12, 6, 40
+    species = torch.randint(0, n_species, (n,))
+    x = torch.randn(n, 4, c, dtype=torch.float64, requires_grad=True)
+    linear = o3.SpeciesLinear(1, n_species, c, [c, c]).double()
+    product = o3.SymmetricContraction(2, 1, 3, n_species, c).double()
+    A = torch.randn(n, 9, c, dtype=torch.float64, requires_grad=True)
+    assert linear.per_atom and any(t.per_atom for p in product.parities for t in p.terms)
+
+    def run():
+        out = torch.cat(linear(x, species), 1).pow(2).sum() + product(A, species).pow(2).sum()
+        grads = torch.autograd.grad(out, [x, A] + list(linear.parameters()) + list(product.parameters()))
+        return out, grads
+
+    per_atom = run()
+    linear.per_atom = False
+    for parity in product.parities:
+        for term in parity.terms:
+            term.per_atom = False
+    expanded = run()
+    torch.testing.assert_close(per_atom[0], expanded[0], rtol=1e-13, atol=0)
+    for a, b in zip(per_atom[1], expanded[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)

@@ -1,0 +1,53 @@
+"""Convert models trained elsewhere into eqcalc ``.eqm`` packages, never running their code.
+
+``potentials.convert("model.model", "model.eqm")`` reads a mace-torch file with the restricted
+reader (:mod:`potentials.convert.torch_pickle`), maps it onto eqcalc's own architecture
+(:mod:`potentials.convert.mace`) and writes an ordinary package whose metadata records the
+source (file sha256, package version, conventions, head).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Optional
+
+from eqcalc.errors import ModelFileError
+
+
+def convert(source: str | os.PathLike, output: str | os.PathLike, head: Optional[str] = None) -> Path:
+    """Convert ``source`` (a mace-torch ``.model``) to the eqcalc package ``output`` (``.eqm``).
+
+    ``head``: for multi-head files, the head to keep (default: the only head, or the one named
+    "default"). Raises :class:`~eqcalc.errors.UnsafeModelError` for files that ask for anything
+    beyond plain model data, :class:`~eqcalc.errors.UnsupportedModelError` for blocks eqcalc
+    cannot reproduce exactly. Returns the path written.
+    """
+    import potentials
+    from potentials.convert import mace
+
+    source = str(source)
+    if not os.path.isfile(source):
+        raise ModelFileError(f"{source!r} does not exist; pass the path of a mace-torch .model file")
+    with open(source, "rb") as f:
+        magic = f.read(4)
+    if not magic.startswith(b"PK"):
+        raise ModelFileError(
+            f"{source!r} is not a zip archive; eqcalc converts mace-torch .model files written by "
+            "torch.save (a zip); legacy (pre-1.6) torch pickles are not read")
+    start = time.perf_counter()
+    model, info = mace.read(source, head=head)
+    info["conversion_seconds"] = round(time.perf_counter() - start, 3)
+    return potentials.save(model, output, source=info)
+
+
+class _CallableModule(types.ModuleType):
+    """``potentials.convert`` is both this package and the function :func:`convert`."""
+
+    def __call__(self, source, output, head=None) -> Path:
+        return convert(source, output, head=head)
+
+
+sys.modules[__name__].__class__ = _CallableModule
