@@ -1,0 +1,128 @@
+"""``potentials.convert`` / ``eqcalc convert`` against nequip itself (``.nequip.zip`` packages).
+
+nequip lives in its own virtualenv (e3nn >= 0.6): the session fixture creates it with
+``benchmarks/nequip_env.sh`` under ``build/nequip-env`` (PyPI only; reused when present) and runs
+``tests/nequip_reference.py`` there once (brief ``nequip-train`` runs, ``nequip-package build``,
+nequip's ASE calculator), caching packages and results under
+``build/nequip-reference/<hash of the script and nequip version>``. Nothing from nequip, e3nn or
+the packages is imported or run in this process.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import Atoms
+
+from eqcalc import EquivariantCalculator
+from eqcalc.errors import ModelFileError, UnsafeModelError, UnsupportedModelError
+from potentials.convert import convert
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "nequip_reference.py"
+ENV = Path(os.environ.get("EQCALC_NEQUIP_ENV", ROOT / "build" / "nequip-env"))
+SUPPORTED = ["basic"]            # variants eqcalc converts today
+REFUSED = {"parity_l2_4layers": "parity", "zbl_l3": "pair_potential", "edge_cutoffs_norm": "per_edge_type_cutoff"}
+
+
+def _run(cmd, what):
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=""))
+    if done.returncode != 0:
+        pytest.fail(f"{what} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def nequip_reference():
+    """``(folder, reference dict)``: nequip's packages and results (see the module doc)."""
+    python = ENV / "bin" / "python"
+    check = [python, "-c", "import nequip, e3nn; print(nequip.__version__)"]
+    if not python.exists() or subprocess.run([str(c) for c in check], capture_output=True).returncode != 0:
+        _run(["bash", ROOT / "benchmarks" / "nequip_env.sh", ENV], "creating the nequip virtualenv")
+    version = _run(check, "importing nequip").strip()
+    key = hashlib.sha256(SCRIPT.read_bytes() + version.encode()).hexdigest()[:16]
+    out = ROOT / "build" / "nequip-reference" / key
+    if not (out / "reference.json").exists():
+        tmp = out.with_name(key + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _run([python, SCRIPT, tmp], "nequip reference run")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out, json.loads((out / "reference.json").read_text())
+
+
+def atoms_of(s):
+    return Atoms(numbers=s["numbers"], positions=s["positions"], cell=s["cell"], pbc=s["pbc"])
+
+
+@pytest.mark.parametrize("variant", SUPPORTED)
+def test_converted_package_matches_nequip(nequip_reference, variant, tmp_path):
+    folder, ref = nequip_reference
+    v = ref["variants"][variant]
+    calc = EquivariantCalculator(str(convert(folder / v["file"], tmp_path / "m.eqm")), dtype="float64",
+                                 compile="eager")
+    for name, s in ref["structures"].items():
+        atoms = atoms_of(s)
+        atoms.calc = calc
+        r = v["results"][name]
+        e, f = atoms.get_potential_energy(), atoms.get_forces()
+        assert abs(e - r["energy"]) / max(1.0, abs(r["energy"])) < 1e-10, (name, e, r["energy"])
+        np.testing.assert_allclose(f, r["forces"], rtol=0, atol=1e-10 * np.abs(r["forces"]).max(), err_msg=name)
+        if r["stress"] is not None:
+            st = atoms.get_stress(voigt=False)
+            np.testing.assert_allclose(st, r["stress"], rtol=0, atol=1e-10 * np.abs(r["stress"]).max(),
+                                       err_msg=name)
+
+
+@pytest.mark.parametrize("variant", sorted(REFUSED))
+def test_unsupported_options_are_refused_by_name(nequip_reference, variant, tmp_path):
+    folder, ref = nequip_reference
+    with pytest.raises(UnsupportedModelError, match=REFUSED[variant]):
+        convert(folder / ref["variants"][variant]["file"], tmp_path / "m.eqm")
+    assert not (tmp_path / "m.eqm").exists()
+
+
+def test_compiled_nequip_files_are_refused(tmp_path):
+    for name in ("model.nequip.pt2", "model.nequip.pth"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04")
+        with pytest.raises(UnsupportedModelError, match="convert the .nequip.zip package"):
+            convert(tmp_path / name, tmp_path / "m.eqm")
+
+
+def test_package_with_an_unknown_global_is_refused_and_never_runs(nequip_reference, tmp_path):
+    """The eager model's pickle is rewritten to call os.system: refused by name, nothing runs."""
+    folder, ref = nequip_reference
+    source = folder / ref["variants"]["basic"]["file"]
+    bad = tmp_path / "bad.nequip.zip"
+    marker = tmp_path / "ran"
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("model/eager_model.pkl"):
+                cmd = f"touch {marker}".encode()
+                data = (b"\x80\x02cos\nsystem\nq\x00X" + len(cmd).to_bytes(4, "little") + cmd
+                        + b"\x85R.")
+            zout.writestr(item, data)
+    with pytest.raises(UnsafeModelError, match="os.system"):
+        convert(bad, tmp_path / "m.eqm")
+    assert not marker.exists()
+
+
+def test_damaged_config_is_a_model_file_error(nequip_reference, tmp_path):
+    folder, ref = nequip_reference
+    source = folder / ref["variants"]["basic"]["file"]
+    bad = tmp_path / "bad.nequip.zip"
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("model/config.yaml"):
+                data = b"training_module: [unclosed"
+            zout.writestr(item, data)
+    with pytest.raises(ModelFileError):
+        convert(bad, tmp_path / "m.eqm")
