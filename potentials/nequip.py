@@ -105,8 +105,9 @@ class Convolution(torch.nn.Module):
         # 1/sqrt(avg_num_neighbors) of each neighbor's species: the sum over neighbors is linear,
         # so scaling a neighbor's features before it is the same as scaling the sum after.
         counts = config.avg_num_neighbors_per_species or (config.avg_num_neighbors,) * n_species
-        self.register_buffer("norm", torch.tensor([1.0 / math.sqrt(x) for x in counts]).view(-1, 1, 1),
-                             persistent=False)
+        # float64 here: a float32 default would round it before a float64 model ever sees it.
+        norm = torch.tensor([1.0 / math.sqrt(x) for x in counts], dtype=torch.float64).view(-1, 1, 1)
+        self.register_buffer("norm", norm, persistent=False)
         self.residual = config.residual and l_in == l_out and c_in == c
 
     def forward(self, h: Tensor, species: Tensor, Y: List[Tensor], edge_features: Tensor,
