@@ -17,8 +17,8 @@ from torch import Tensor
 
 from eqcalc import keys
 from eqcalc.errors import InvalidOptionError, check_choice
-from potentials import o3
-from potentials.mace import (NoSelfConnection, ScalarReadout, TensorProductConfig, TensorProductPotential,
+from potentials import o3, short_range
+from potentials.mace import (MLPReadout, NoSelfConnection, ScalarReadout, TensorProductConfig, TensorProductPotential,
                              check_int, radial_mlp)
 from potentials.registry import register
 
@@ -40,7 +40,11 @@ class NequIPConfig(TensorProductConfig):
     * ``last_scalars_only``: the last layer outputs scalars only (nequip: yes);
     * ``gate``: ``"sigmoid"`` (SiLU scalars, sigmoid gates) or ``"normalized_silu"`` (nequip:
       e3nn's normalised SiLU on both);
-    * ``readout``: ``"two_layer"`` (two linear layers) or ``"linear"`` (nequip's one layer);
+    * ``readout``: ``"two_layer"`` (two linear layers), ``"linear"`` (nequip's one layer) or
+      ``"mlp"`` (Linear → SiLU → linear, ``readout_hidden`` wide: nequip's readout MLP);
+    * ``pair_repulsion``: ``"none"`` or ``"zbl_lammps"`` (nequip's ZBL: LAMMPS constants,
+      polynomial envelope of order ``pair_envelope_p`` in ``d / cutoff``), added after the
+      scale/shift;
     * ``avg_num_neighbors_per_species``: per-species neighbor counts (nequip's per-type
       ``avg_num_neighbors``); a neighbor's features are divided by the square root of its
       species' count before the sum (empty: ``avg_num_neighbors`` for every species).
@@ -53,12 +57,16 @@ class NequIPConfig(TensorProductConfig):
     last_scalars_only: bool = False
     gate: str = "sigmoid"
     readout: str = "two_layer"
+    readout_hidden: int = 16
+    pair_repulsion: str = "none"
+    pair_envelope_p: int = 6
     avg_num_neighbors_per_species: Tuple[float, ...] = ()
 
     FILE_DEFAULTS: ClassVar[Dict[str, Any]] = {
         **TensorProductConfig.FILE_DEFAULTS, "radial_depth": 2, "embedding_channels": 0, "residual": True,
         "first_self_connection": True, "last_scalars_only": False, "gate": "sigmoid",
-        "readout": "two_layer", "avg_num_neighbors_per_species": ()}
+        "readout": "two_layer", "readout_hidden": 16, "pair_repulsion": "none",
+        "pair_envelope_p": 6, "avg_num_neighbors_per_species": ()}
 
     @property
     def features(self) -> int:  # width of the species embedding
@@ -69,7 +77,10 @@ class NequIPConfig(TensorProductConfig):
         check_int(self, "radial_depth", 1)
         check_int(self, "embedding_channels", 0)
         check_choice("gate", self.gate, ("sigmoid", "normalized_silu"))
-        check_choice("readout", self.readout, ("two_layer", "linear"))
+        check_choice("readout", self.readout, ("two_layer", "linear", "mlp"))
+        check_int(self, "readout_hidden", 1)
+        check_choice("pair_repulsion", self.pair_repulsion, ("none", "zbl_lammps"))
+        check_int(self, "pair_envelope_p", 1)
         per_species = tuple(float(x) for x in self.avg_num_neighbors_per_species)
         if per_species and (len(per_species) != len(self.species) or min(per_species) <= 0):
             raise InvalidOptionError(
@@ -138,14 +149,19 @@ class NequIP(TensorProductPotential):
              for k in range(L)])
         if config.readout == "linear":  # nequip's ScalarMLP of depth 0
             self.readout = ScalarReadout(c)
+        elif config.readout == "mlp":
+            self.readout = MLPReadout(c, config.readout_hidden)
         else:  # two linear layers (the original NequIP's conv_to_output_hidden, output_hidden_to_scalar)
             self.readout = torch.nn.Sequential(torch.nn.Linear(c, max(c // 2, 1)), ScalarReadout(max(c // 2, 1)))
+        self.pair_repulsion = (short_range.LammpsZBL(self.species_z.tolist(), config.cutoff, config.pair_envelope_p)
+                               if config.pair_repulsion == "zbl_lammps" else short_range.NoRepulsion())
         self.force_head = o3.Degree1ForceHead(c) if config.direct_forces else o3.NoForceHead()
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        species, edge_index, Y, edge_features, h, _ = self.inputs(data)
+        species, edge_index, Y, edge_features, h, lengths = self.inputs(data)
         for convolution in self.convolutions:
             h = convolution(h, species, Y, edge_features, edge_index)
-        energies = self.readout(h[:, 0])
-        out: Dict[str, Tensor] = {keys.ENERGIES: self.scale_shift(energies, species)}
+        energies = self.scale_shift(self.readout(h[:, 0]), species)
+        # nequip adds its pair potential after the scale/shift (zeros without one)
+        out: Dict[str, Tensor] = {keys.ENERGIES: energies + self.pair_repulsion(lengths, species, edge_index)}
         return self.force_head(out, h)

@@ -26,16 +26,16 @@ BASE = dict(l_max=1, parity=False, num_layers=2, num_features=8, radial_mlp_dept
 VARIANTS = {
     # the smallest NequIP: natural parity, l_max 1
     "basic": dict(),
-    # parity on with 4 layers so odd channels reach the energy; l_max 2 with per-irrep counts;
-    # per-type avg_num_neighbors; a deeper radial MLP and a type embedding width of its own
-    "parity_l2_4layers": dict(l_max=2, parity=True, num_layers=4, num_features=[8, 6, 4], radial_mlp_depth=2,
-                              type_embed_num_features=5, per_type_avg_num_neighbors=True),
+    # l_max 2 with per-irrep counts, per-type avg_num_neighbors, per-type scales and shifts,
+    # a deeper radial MLP and a type embedding width of its own
+    "per_type_l2": dict(l_max=2, num_layers=3, num_features=[8, 6, 4], radial_mlp_depth=2,
+                        type_embed_num_features=5, per_type=True),
     # l_max 3, ZBL pair potential, polynomial p = 5, readout MLP with a hidden layer
     "zbl_l3": dict(l_max=3, num_layers=3, num_features=[8, 4, 4, 2], polynomial_cutoff_p=5, zbl=True,
                    readout_mlp_hidden_layers_depth=1, readout_mlp_hidden_layers_width=6),
-    # per-edge-type cutoffs, norm nonlinearity
-    "edge_cutoffs_norm": dict(per_edge_type_cutoff={"Cu": 3.6, "Au": {"Cu": 3.8, "Au": 4.0, "Ni": 3.5}, "Ni": 3.9},
-                              convnet_nonlinearity_type="norm", parity=True),
+    # not converted (refused by name): parity with 4 layers; per-edge-type cutoffs
+    "parity_4layers": dict(parity=True, num_layers=4),
+    "edge_cutoffs": dict(per_edge_type_cutoff={"Cu": 3.6, "Au": {"Cu": 3.8, "Au": 4.0, "Ni": 3.5}, "Ni": 3.9}),
 }
 R_MAX = 4.0
 
@@ -98,10 +98,10 @@ def config(variant: str, opts: dict, data_file: Path) -> str:
                  avg_num_neighbors="${training_data_stats:num_neighbors_mean}",
                  per_type_energy_shifts="${training_data_stats:per_atom_energy_mean}",
                  per_type_energy_scales="${training_data_stats:forces_rms}")
-    if opts.get("per_type_avg_num_neighbors"):
+    if opts.get("per_type"):
         model["avg_num_neighbors"] = {"Cu": 7.5, "Au": 11.0, "Ni": 9.25}
-        model["per_type_energy_scales"] = [0.7, 1.3, 0.9]
-        model["per_type_energy_shifts"] = [-1.5, 0.25, 2.0]
+        model["per_type_energy_scales"] = {"Cu": 0.7, "Au": 1.3, "Ni": 0.9}
+        model["per_type_energy_shifts"] = {"Cu": -1.5, "Au": 0.25, "Ni": 2.0}
     for key in ("type_embed_num_features", "readout_mlp_hidden_layers_depth", "readout_mlp_hidden_layers_width",
                 "per_edge_type_cutoff", "convnet_nonlinearity_type"):
         if opts.get(key) is not None:

@@ -26,8 +26,8 @@ from potentials.convert import convert
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "nequip_reference.py"
 ENV = Path(os.environ.get("EQCALC_NEQUIP_ENV", ROOT / "build" / "nequip-env"))
-SUPPORTED = ["basic"]            # variants eqcalc converts today
-REFUSED = {"parity_l2_4layers": "parity", "zbl_l3": "pair_potential", "edge_cutoffs_norm": "per_edge_type_cutoff"}
+SUPPORTED = ["basic", "per_type_l2", "zbl_l3"]
+REFUSED = {"parity_4layers": "parity", "edge_cutoffs": "per_edge_type_cutoff"}
 
 
 def _run(cmd, what):

@@ -59,13 +59,13 @@ ALLOW = Allow(
 BUILDERS = ("nequip.model.NequIPGNNModel",)
 SUPPORTED: Dict[str, Any] = {
     "_target_": None, "seed": None, "model_dtype": ("float64", "float32"), "type_names": None, "r_max": None,
-    "num_layers": None, "l_max": (0, 1, 2, 3), "parity": (False,), "num_features": None,
+    "num_layers": None, "l_max": (1, 2, 3), "parity": (False,), "num_features": None,
     "type_embed_num_features": None, "radial_mlp_depth": None, "radial_mlp_width": None,
     "num_bessels": None, "bessel_trainable": (False,), "polynomial_cutoff_p": None,
     "avg_num_neighbors": None, "per_type_energy_scales": None, "per_type_energy_shifts": None,
     "per_type_energy_scales_trainable": None, "per_type_energy_shifts_trainable": None,
-    "per_edge_type_cutoff": (None,), "pair_potential": (None,), "do_derivatives": (True,),
-    "readout_mlp_hidden_layers_depth": (0,), "readout_mlp_hidden_layers_width": None,
+    "per_edge_type_cutoff": (None,), "pair_potential": None, "do_derivatives": (True,),
+    "readout_mlp_hidden_layers_depth": (0, 1), "readout_mlp_hidden_layers_width": None,
     "readout_mlp_nonlinearity": None, "convnet_nonlinearity_type": ("gate",), "convnet_resnet": (False,),
     "convnet_sc": (True,), "learnable_shift": (False,), "categorical_graph_field_embed": (None,),
     "compile_mode": None,
@@ -153,10 +153,9 @@ class Reader:
         l_max = int(opts.get("l_max", 1))
         features = opts.get("num_features", 32)
         features = [features] * (l_max + 1) if isinstance(features, int) else list(features)
-        if len(set(features)) != 1:
-            self.refuse(f"num_features={features} (different counts per degree)",
-                        "convert a model with one num_features for every degree")
-        c = int(features[0])
+        # Fewer channels in some degrees: eqcalc pads every degree to the largest count with
+        # channels whose weights are all zero (they stay exactly zero).
+        c = int(max(features))
         types = [str(t) for t in opts["type_names"]]
         avg = opts.get("avg_num_neighbors")
         if avg is None:
@@ -168,14 +167,28 @@ class Reader:
             per_species = tuple(float(avg[t]) for t in types)
             avg = float(np.mean(per_species))
         num_layers = int(opts.get("num_layers", 4))
+        readout_depth = int(opts.get("readout_mlp_hidden_layers_depth", 0))
+        if readout_depth and opts.get("readout_mlp_nonlinearity", "silu") != "silu":
+            self.refuse(f"readout_mlp_nonlinearity={opts['readout_mlp_nonlinearity']!r}", "silu is supported")
+        pair = opts.get("pair_potential")
+        if pair is not None:
+            if not isinstance(pair, dict) or pair.get("_target_") != "nequip.nn.pair_potential.ZBL" \
+                    or pair.get("units") != "metal":
+                self.refuse(f"pair_potential={pair!r}", "the ZBL pair potential in metal units is supported")
+            if [str(x) for x in pair.get("chemical_species", [])] != types:
+                self.refuse("ZBL chemical_species that differ from type_names")
         return dict(
             species=types, cutoff=float(opts["r_max"]), channels=c, max_ell=l_max, hidden_l=l_max,
             num_interactions=num_layers, num_radial=int(opts.get("num_bessels", 8)), radial_basis="bessel",
             envelope="polynomial", envelope_p=int(opts.get("polynomial_cutoff_p", 6)),
             radial_mlp=int(opts.get("radial_mlp_width", 128)), radial_depth=int(opts.get("radial_mlp_depth", 1)),
             avg_num_neighbors=float(avg), avg_num_neighbors_per_species=per_species,
-            embedding_channels=int(opts.get("type_embed_num_features") or c), residual=False,
-            first_self_connection=False, last_scalars_only=True, gate="normalized_silu", readout="linear",
+            embedding_channels=int(opts.get("type_embed_num_features") or features[0]), residual=False,
+            first_self_connection=False, last_scalars_only=True, gate="normalized_silu",
+            readout="mlp" if readout_depth else "linear",
+            readout_hidden=int(opts.get("readout_mlp_hidden_layers_width") or features[0]),
+            pair_repulsion="zbl_lammps" if pair else "none",
+            pair_envelope_p=int(float(pair.get("polynomial_cutoff_p", 6))) if pair else 6,
         )
 
     # ---- weights --------------------------------------------------------------------------
@@ -183,16 +196,31 @@ class Reader:
         self.tensor(record, "weight")
         return e3nn.linear_blocks(record)
 
-    def per_degree(self, record: Record, lmax: int) -> np.ndarray:
+    def per_degree(self, record: Record, c_in: int) -> np.ndarray:
         """An e3nn Linear irreps → same irreps (one irrep per degree) as eqcalc's ``o3.Linear``
-        weight ``(lmax+1, c_in, c_in)`` (eqcalc divides by sqrt(c_in) in the forward)."""
-        ls = [l for _, l, _ in e3nn.parse_irreps(record.attr("irreps_in"))]
-        if ls != list(range(lmax + 1)):
-            self.refuse(f"features of degrees {ls}")
+        weight ``(lmax+1, c_in, c_in)``, zero-padded to ``c_in`` channels (eqcalc divides by
+        sqrt(c_in) in the forward)."""
+        irreps = e3nn.parse_irreps(record.attr("irreps_in"))
+        if [l for _, l, _ in irreps] != list(range(len(irreps))):
+            self.refuse(f"features of degrees {[l for _, l, _ in irreps]}")
         blocks = self.linear(record)
-        if sorted((i, o) for i, o, _ in blocks) != [(l, l) for l in range(lmax + 1)]:
+        if sorted((i, o) for i, o, _ in blocks) != [(l, l) for l in range(len(irreps))]:
             self.refuse(f"{record.kind} mixing degrees {[(i, o) for i, o, _ in blocks]}")
-        return np.stack([w * np.sqrt(w.shape[0]) for _, _, w in sorted(blocks, key=lambda b: b[0])])
+        out = np.zeros((len(irreps), c_in, c_in))
+        for i, _, w in blocks:
+            out[i, :w.shape[0], :w.shape[1]] = w * np.sqrt(c_in)
+        return out
+
+    @staticmethod
+    def output_columns(irreps_out, C: int) -> Dict[int, np.ndarray]:
+        """Degree → eqcalc column of each of nequip's output channels of that degree. Degree 0
+        holds the scalars and then one gate set per degree l > 0 (eqcalc: ``l * C`` onwards)."""
+        muls = {l: m for m, l, _ in irreps_out}
+        cols = {l: np.arange(m) for l, m in muls.items() if l > 0}
+        gates = [np.arange(muls[l]) + l * C for l in sorted(cols)]
+        scalars = muls[0] - sum(len(g) for g in gates)
+        cols[0] = np.concatenate([np.arange(scalars)] + gates)
+        return cols
 
     def scalar_mlp(self, record: Record) -> List[np.ndarray]:
         """nequip's ScalarMLPFunction (no bias) → per layer ``(in, out)`` weights times alpha."""
@@ -217,22 +245,22 @@ class Reader:
         conv = layer.child("conv")
         ours = model.convolutions[k]
         p = f"convolutions.{k}."
-        l_in = ours.tp.sizes_in.__len__() - 1
-        c_in = ours.channels
-        put(p + "linear_in.weight", self.per_degree(conv.child("linear_1"), l_in))
+        C_in, C = ours.channels, config["channels"]   # eqcalc's (padded) channel counts
+        put(p + "linear_in.weight", self.per_degree(conv.child("linear_1"), C_in))
         # Tensor product: instructions (l1, l2, l3) in nequip's enumeration order.
         tp = conv.child("tp_scatter").child("tp")
         irreps1 = e3nn.parse_irreps(tp.attr("irreps_in1"))
         irreps_mid = e3nn.parse_irreps(tp.attr("irreps_out"))
-        theirs = []
+        theirs = []   # ((l1, l2, l3), path weight, channels)
         for i1, i2, i_out, mode, has_weight, path_weight, _shape in e3nn.instructions(tp):
             if mode != "uvu" or not has_weight:
                 self.refuse(f"tensor-product instruction mode {mode!r}")
-            theirs.append(((irreps1[i1][1], int(i2), irreps_mid[i_out][1]), float(path_weight)))
-        if sorted(t for t, _ in theirs) != sorted(ours.tp.paths):
-            self.refuse(f"tensor-product paths {[t for t, _ in theirs]} (eqcalc builds {ours.tp.paths})")
-        slot = {t: n for n, (t, _) in enumerate(theirs)}
-        # Radial MLP: nequip's last layer gives per instruction c_in weights, in order.
+            theirs.append(((irreps1[i1][1], int(i2), irreps_mid[i_out][1]), float(path_weight), irreps1[i1][0]))
+        if sorted(t for t, _, _ in theirs) != sorted(ours.tp.paths):
+            self.refuse(f"tensor-product paths {[t for t, _, _ in theirs]} (eqcalc builds {ours.tp.paths})")
+        slot = {t: n for n, (t, _, _) in enumerate(theirs)}
+        offsets = np.cumsum([0] + [m for _, _, m in theirs])
+        # Radial MLP: nequip's last layer gives, per instruction, one weight per input channel.
         weights = self.scalar_mlp(conv.child("edge_mlp"))
         if len(weights) != config["radial_depth"] + 1:
             self.refuse(f"radial MLP with {len(weights) - 1} hidden layers where the config says "
@@ -242,38 +270,44 @@ class Reader:
         # nequip's basis sinc(n x) n * factor = factor r_max/pi * sin(n pi r/r_max)/r; eqcalc's is
         # sqrt(2/r_max) sin(n pi r/r_max)/r.
         weights[0] = weights[0] * (factor * r_max / np.pi / np.sqrt(2.0 / r_max))
-        last = weights[-1].reshape(weights[-1].shape[0], len(theirs), c_in)
-        mapped = np.zeros_like(last)
+        last = weights[-1]
+        mapped = np.zeros((last.shape[0], len(ours.tp.paths), C_in))
         for q, (l1, l2, l3) in enumerate(ours.tp.paths):
             n = slot[(l1, l2, l3)]
+            _, path_weight, mul = theirs[n]
             sign = e3nn.coupling_sign(l1, l2, l3)
-            mapped[:, q] = last[:, n] * theirs[n][1] * sign / np.sqrt(2 * l3 + 1)
-        weights[-1] = mapped.reshape(weights[-1].shape[0], -1)
+            mapped[:, q, :mul] = last[:, offsets[n]:offsets[n + 1]] * path_weight * sign / np.sqrt(2 * l3 + 1)
+        weights[-1] = mapped.reshape(last.shape[0], -1)
         for j, w in enumerate(weights):
             put(p + f"radial.{2 * j}.weight", w.T)
-        # linear_2: input per output degree = its paths' channels in nequip's order.
-        self.tensor(conv.child("linear_2"), "weight")
-        mid_in = e3nn.parse_irreps(conv.child("linear_2").attr("irreps_in"))
-        lin_blocks = {(i_in, i_out): w for i_in, i_out, w in e3nn.linear_blocks(conv.child("linear_2"))}
-        out_irreps = e3nn.parse_irreps(conv.child("linear_2").attr("irreps_out"))
+        # linear_2: its input per degree is that degree's paths, concatenated in nequip's order.
+        linear_2 = conv.child("linear_2")
+        self.tensor(linear_2, "weight")
+        mid_in = e3nn.parse_irreps(linear_2.attr("irreps_in"))
+        out_irreps = e3nn.parse_irreps(linear_2.attr("irreps_out"))
+        cols = self.output_columns(out_irreps, C)
+        lin_blocks = {(i_in, i_out): w for i_in, i_out, w in e3nn.linear_blocks(linear_2)}
         for l, mix in enumerate(ours.linear_out.mixes):
             i_in = next(i for i, (_, li, _) in enumerate(mid_in) if li == l)
             i_out = next(i for i, (_, lo, _) in enumerate(out_irreps) if lo == l)
-            w = lin_blocks[(i_in, i_out)]                      # (n_paths_l * c_in, c_out)
-            order = [t for t, _ in theirs if t[2] == l]         # nequip's order of this degree's paths
-            rows = np.concatenate([w[order.index(ours.tp.paths[q]) * c_in:(order.index(ours.tp.paths[q]) + 1) * c_in]
-                                   for q in mix.paths])
+            w = lin_blocks[(i_in, i_out)]                      # (sum of path channels, out channels)
+            order = [n for n, (t, _, _) in enumerate(theirs) if t[2] == l]
+            start = {n: sum(theirs[m][2] for m in order[:order.index(n)]) for n in order}
+            rows = np.zeros((len(mix.paths) * C_in, mix.weight.shape[1]))
+            for r, q in enumerate(mix.paths):
+                n = slot[ours.tp.paths[q]]
+                mul = theirs[n][2]
+                rows[np.ix_(r * C_in + np.arange(mul), cols[l])] = w[start[n]:start[n] + mul]
             put(p + f"linear_out.mixes.{l}.weight", rows)
-        # Self-connection: features ⊗ type embedding → per species.
-        if conv.has("sc") and isinstance(conv.modules.get("sc"), Record):
+        # Self-connection: features ⊗ type embedding (node_attrs) → one linear map per species.
+        if isinstance(conv.modules.get("sc"), Record):
             sc = conv.child("sc")
-            self.tensor(sc, "weight")
-            flat = _np(sc.tensor("weight")).reshape(-1)
+            flat = _np(self.tensor(sc, "weight")).reshape(-1)
             emb = _np(self.func.child("type_embed").child("embed_module").tensor("weight"))  # (types, e)
             irr_in = e3nn.parse_irreps(sc.attr("irreps_in1"))
             irr_out = e3nn.parse_irreps(sc.attr("irreps_out"))
+            sc_cols = self.output_columns(irr_out, C)
             start = 0
-            per_degree: Dict[int, np.ndarray] = {}
             for i1, i2, i_out, mode, has_weight, path_weight, shape in e3nn.instructions(sc):
                 n = int(np.prod(shape))
                 w = flat[start:start + n].reshape(shape) * float(path_weight)   # (u, v, w)
@@ -281,12 +315,17 @@ class Reader:
                 l = irr_in[i1][1]
                 if irr_out[i_out][1] != l or mode != "uvw":
                     self.refuse(f"self-connection instruction {(i1, i2, i_out, mode)}")
-                per_degree[l] = np.einsum("uvw,sv->suw", w, emb)               # (species, u, w)
-            for l, mix in enumerate(ours.self_connection.mixes):
-                ws = per_degree[l]
-                put(p + f"self_connection.mixes.{l}.weight", ws.reshape(-1, ws.shape[2]))
+                mix = ours.self_connection.mixes[l]
+                per_species = np.einsum("uvw,sv->suw", w, emb)                # (species, u, w)
+                full = np.zeros((emb.shape[0], C_in, mix.weight.shape[1]))
+                full[:, :w.shape[0], sc_cols[l]] = per_species
+                put(p + f"self_connection.mixes.{l}.weight", full.reshape(-1, full.shape[2]))
+        elif k > 0:
+            self.refuse(f"layer {k} without a self-connection")
         # Gate: e3nn's normalised SiLU on scalars and gates.
         gate = layer.child("equivariant_nonlin")
+        if gate.name != "Gate":
+            self.refuse(f"nonlinearity {gate.kind}", "gate nonlinearities are supported")
         for part in ("act_scalars", "act_gates"):
             for _, act in gate.child(part).child("acts").modules.items():
                 f = act.attr("f")
@@ -318,19 +357,34 @@ class Reader:
         for k in range(config["num_interactions"]):
             self.layer(k, model, config, put)
         readout = self.scalar_mlp(f.child("per_atom_energy_readout").child("mlp_module"))
-        if len(readout) != 1:
-            self.refuse("a readout MLP with hidden layers")
-        put("readout.weight", readout[0].reshape(-1))
-        put("readout.bias", 0.0)
+        C = config["channels"]
+        first = np.zeros((C, readout[0].shape[1]))
+        first[:readout[0].shape[0]] = readout[0]                  # padded scalar channels read nothing
+        if len(readout) == 1:
+            put("readout.weight", first.reshape(-1))
+            put("readout.bias", 0.0)
+        elif len(readout) == 2 and config["readout"] == "mlp":
+            put("readout.hidden.weight", first.T)
+            put("readout.hidden.bias", np.zeros(first.shape[1]))
+            put("readout.out.weight", readout[1].reshape(-1))
+            put("readout.out.bias", 0.0)
+        else:
+            self.refuse(f"a readout MLP with {len(readout) - 1} hidden layers")
         ss = f.child("per_type_energy_scale_shift")
         scales = _np(self.tensor(ss, "scales")).reshape(-1) if ss.attr("has_scales") else np.ones(1)
         shifts = _np(self.tensor(ss, "shifts")).reshape(-1) if ss.attr("has_shifts") else np.zeros(1)
         put("scale_shift.scale", np.broadcast_to(scales, (n_species,)))
         put("scale_shift.shift", np.broadcast_to(shifts, (n_species,)))
-        names = [name for name, _ in walk(f)]
-        extra = [x for x in names if x.split(".")[0] in ("pair_potential",)]
-        if extra:
-            self.refuse(f"module {extra[0]}")
+        pair = f.modules.get("pair_potential")
+        if (pair is not None) != (config["pair_repulsion"] != "none"):
+            raise ModelFileError(f"{self.path!r}: the pair potential of the model and of its config differ")
+        if pair is not None:
+            z = _np(self.tensor(pair, "atomic_numbers")).reshape(-1)
+            if not np.array_equal(z, model.species_z.double().numpy()):
+                self.refuse(f"ZBL atomic numbers {z.tolist()} that differ from the types' elements")
+            if abs(float(_np(self.tensor(pair, "_qqr2exesquare"))) - 0.5 * 14.399645) > 1e-9 or \
+                    float(pair.child("cutoff").attr("p")) != config["pair_envelope_p"]:
+                self.refuse("a ZBL with other constants than nequip's metal-units ZBL")
         self.check_all_used()
         parameters = {name for name, _ in model.named_parameters()}
         missing = sorted(x for x in parameters if state[x] is initial[x])
