@@ -310,9 +310,10 @@ class Reader:
             start = 0
             for i1, i2, i_out, mode, has_weight, path_weight, shape in e3nn.instructions(sc):
                 n = int(np.prod(shape))
-                w = flat[start:start + n].reshape(shape) * float(path_weight)   # (u, v, w)
-                start += n
                 l = irr_in[i1][1]
+                # e3nn's 3j symbol of l x 0 -> l is the identity / sqrt(2l+1)
+                w = flat[start:start + n].reshape(shape) * (float(path_weight) / np.sqrt(2 * l + 1))  # (u, v, w)
+                start += n
                 if irr_out[i_out][1] != l or mode != "uvw":
                     self.refuse(f"self-connection instruction {(i1, i2, i_out, mode)}")
                 mix = ours.self_connection.mixes[l]
