@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from eqcalc.errors import ModelFileError, UnsupportedModelError
+from eqcalc.errors import EqcalcError, ModelFileError, UnsupportedModelError
 from potentials import o3
 from potentials.convert import e3nn
 from potentials.convert.mace import sha256
@@ -100,10 +100,14 @@ class Package:
         self.config = _yaml(self.archive.read(configs[0], 1 << 20).decode("utf-8"))
         meta = f"{self.prefix}/model/package_metadata.txt"
         self.metadata = _yaml(self.archive.read(meta, 1 << 20).decode("utf-8")) if meta in names else {}
+
+    def load_model(self) -> Record:
+        """The eager model's record tree (read after the config has been checked, so that an
+        unsupported option is named before anything of the pickle is looked at)."""
         eager = f"{self.prefix}/model/eager_model.pkl"
-        if eager not in names:
-            raise ModelFileError(f"{path!r} has no eager model (model/eager_model.pkl)")
-        self.root = self.archive.load(ALLOW, eager, storage_member=lambda key: f"{self.prefix}/.data/{key}.storage")
+        if eager not in self.archive.names:
+            raise ModelFileError(f"{self.path!r} has no eager model (model/eager_model.pkl)")
+        return self.archive.load(ALLOW, eager, storage_member=lambda key: f"{self.prefix}/.data/{key}.storage")
 
     def model_options(self) -> Dict[str, Any]:
         try:
@@ -121,8 +125,12 @@ class Reader:
     def __init__(self, package: Package):
         self.package, self.path = package, package.path
         self.used: set = set()
+        self.func: Optional[Record] = None
+
+    def load(self) -> None:
+        root = self.package.load_model()
         try:
-            self.func = package.root.child("sole_model").child("model").child("func")
+            self.func = root.child("sole_model").child("model").child("func")
         except (ModelFileError, AttributeError) as e:
             raise ModelFileError(f"{self.path!r}: the eager model is not a nequip GraphModel "
                                  "(sole_model.model.func)") from e
@@ -342,7 +350,7 @@ class Reader:
 
         def put(name: str, value) -> None:
             target = state[name]
-            state[name] = torch.as_tensor(np.asarray(value), dtype=target.dtype).reshape(target.shape)
+            state[name] = torch.as_tensor(np.array(value, dtype=np.float64), dtype=target.dtype).reshape(target.shape)
 
         f = self.func
         put("embedding.weight", _np(self.tensor(f.child("type_embed").child("embed_module"), "weight")))
@@ -411,10 +419,13 @@ def read(path: str | Path, progress: bool = True):
     try:
         reader = Reader(package)
         config = reader.config()
+        reader.load()
         dtype = reader.package.model_options().get("model_dtype", "float32")
         model = potentials.build("nequip", dtype=dtype, **config)
         state = reader.fill(model, config)
         model.load_state_dict(state, strict=True)
+    except EqcalcError:
+        raise
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as e:
         raise ModelFileError(f"{path!r} does not have the structure of a nequip NequIPGNNModel package "
                              f"({type(e).__name__}: {e})") from e
