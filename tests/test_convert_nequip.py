@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from ase import Atoms
 
-from eqcalc import EquivariantCalculator
+from eqcalc import EquivariantCalculator, package
 from eqcalc.errors import ModelFileError, UnsafeModelError, UnsupportedModelError
+from potentials import testing as T
 from potentials.convert import convert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,59 @@ def test_converted_package_matches_nequip(nequip_reference, variant, tmp_path):
             st = atoms.get_stress(voigt=False)
             np.testing.assert_allclose(st, r["stress"], rtol=0, atol=1e-10 * np.abs(r["stress"]).max(),
                                        err_msg=name)
+
+
+@pytest.fixture(scope="session")
+def converted(nequip_reference, tmp_path_factory):
+    folder, ref = nequip_reference
+    made = {}
+
+    def get(variant):
+        if variant not in made:
+            out = tmp_path_factory.mktemp("nequip") / f"{variant}.eqm"
+            made[variant] = str(convert(folder / ref["variants"][variant]["file"], out))
+        return made[variant]
+
+    return get
+
+
+def test_converted_model_passes_the_physics_library(converted):
+    """Padded per-degree channels, per-type normalisation, l_max 2: forces and stress are
+    derivatives of the energy and O(3) symmetry holds in eqcalc's own machinery."""
+    calc = EquivariantCalculator(converted("per_type_l2"), compile="eager", device="cpu")
+    structures = T.structures(calc.metadata["species"], seed=1)
+    tol = T.TOLERANCES["float64"]
+    for name in ("bulk", "small_triclinic", "cluster"):
+        assert T.check_forces_fd(calc, structures[name]) <= tol["fd_forces"], name
+    assert T.check_stress_fd(calc, structures["bulk"]) <= tol["fd_stress"]
+    worst = T.check_symmetry(calc, structures["slab"], n=6)
+    assert max(worst.values()) <= tol["symmetry"], worst
+
+
+def test_converted_model_compiles_to_torchscript(converted):
+    path = converted("zbl_l3")
+    eager = EquivariantCalculator(path, compile="eager", device="cpu")
+    compiled = EquivariantCalculator(path, compile="torchscript", device="cpu")
+    assert compiled.model.compile_kind == "torchscript"
+    systems = list(T.structures(eager.metadata["species"], seed=2).values())
+    assert T.check_compiled(compiled, eager, systems) <= T.TOLERANCES["float64"]["compiled"]
+
+
+def test_metadata_records_the_source_and_the_cli_converts(nequip_reference, converted, tmp_path):
+    folder, ref = nequip_reference
+    from eqcalc.cli import build_parser, main
+
+    source = package.read(converted("basic")).metadata["source"]
+    assert source["nequip_version"] == ref["versions"]["nequip"]
+    assert source["e3nn_version"] == ref["versions"]["e3nn"]
+    assert len(source["sha256"]) == 64 and source["file"] == "basic.nequip.zip"
+    help_text = build_parser()._subparsers._group_actions[0].choices["convert"].format_help()
+    assert ".nequip.zip" in help_text
+    out = tmp_path / "cli.eqm"
+    assert main(["convert", str(folder / "zbl_l3.nequip.zip"), str(out)]) == 0
+    assert package.read(str(out)).metadata["config"]["pair_repulsion"] == "zbl_lammps"
+    assert main(["convert", str(folder / "parity_4layers.nequip.zip"), str(tmp_path / "p.eqm")]) != 0
+    assert not (tmp_path / "p.eqm").exists()
 
 
 @pytest.mark.parametrize("variant", sorted(REFUSED))
