@@ -21,6 +21,7 @@ hits both. Each row keeps the best wall time and the best process CPU time.
         [--dtypes float32 float64] [--kinds eager] [--steps 2] [--rounds 2] [--threads 2]
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -55,15 +56,13 @@ def worker(args):
     out = Path(args.workdir)
     data = out / "train.xyz"
     ref.training_data(data)
-    bin_dir = Path(sys.executable).parent
     for dtype in args.dtypes:
         folder = out / dtype
         folder.mkdir()
         opts = {**ref.BASE, **PRESET_S}
         (folder / "config.yaml").write_text(ref.config("S", opts, data).replace("float64", dtype))
-        ref.run([bin_dir / "nequip-train", "-cp", str(folder), "-cn", "config", f"hydra.run.dir={folder}/run"], folder)
-        ref.run([bin_dir / "nequip-package", "build", str(folder / "run" / "last.ckpt"),
-                 str(out / f"nequip_s.{dtype}.nequip.zip")], folder)
+        with contextlib.redirect_stdout(sys.stderr):  # hydra logs to stdout; stdout is the JSON channel
+            ref.nequip_package(ref.nequip_train(folder), out / f"nequip_s.{dtype}.nequip.zip")
         shutil.rmtree(folder)
     print(json.dumps({"nequip_version": nequip.__version__}), flush=True)
     calcs = {}

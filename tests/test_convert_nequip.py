@@ -1,17 +1,19 @@
 """``potentials.convert`` / ``eqcalc convert`` against nequip itself (``.nequip.zip`` packages).
 
 nequip lives in its own virtualenv (e3nn >= 0.6): the session fixture creates it with
-``benchmarks/nequip_env.sh`` under ``build/nequip-env`` (PyPI only; reused when present) and runs
-``tests/nequip_reference.py`` there once (brief ``nequip-train`` runs, ``nequip-package build``,
-nequip's ASE calculator), caching packages and results under
-``build/nequip-reference/<hash of the script and nequip version>``. Nothing from nequip, e3nn or
-the packages is imported or run in this process.
+``benchmarks/nequip_env.sh`` under ``build/nequip-env`` (PyPI only; reused when present; it reads
+this venv's torch and common packages, never the reverse) and runs ``tests/nequip_reference.py``
+there once (brief ``nequip-train`` runs, ``nequip-package build``, nequip's ASE calculator, all in
+one process), caching packages and results under
+``build/nequip-reference/<hash of the script, nequip and torch versions>``. Nothing from nequip,
+e3nn or the packages is imported or run in this process.
 """
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -43,9 +45,11 @@ def _run(cmd, what):
 def nequip_reference():
     """``(folder, reference dict)``: nequip's packages and results (see the module doc)."""
     python = ENV / "bin" / "python"
-    check = [python, "-c", "import nequip, e3nn; print(nequip.__version__)"]
+    check = [python, "-c", "import nequip, e3nn, torch; print(nequip.__version__, torch.__version__)"]
     if not python.exists() or subprocess.run([str(c) for c in check], capture_output=True).returncode != 0:
-        _run(["bash", ROOT / "benchmarks" / "nequip_env.sh", ENV], "creating the nequip virtualenv")
+        # shares this venv's torch (read-only, see the script): ~45 s instead of ~2 min and 1.3 GB
+        _run(["bash", ROOT / "benchmarks" / "nequip_env.sh", ENV, sys.executable],
+             "creating the nequip virtualenv")
     version = _run(check, "importing nequip").strip()
     key = hashlib.sha256(SCRIPT.read_bytes() + version.encode()).hexdigest()[:16]
     out = ROOT / "build" / "nequip-reference" / key
