@@ -144,10 +144,13 @@ def _convert(args) -> int:
     out = convert(args.source, args.output, head=args.head)
     meta = package.read(str(out)).metadata
     src = meta["source"]
-    print(f"wrote {out} in {time.perf_counter() - start:.1f} s: {src['model_class']} (head {src['head']!r} "
-          f"of {src['heads']}), {len(meta['species'])} species, cutoff {meta['cutoff']} Å, {meta['dtype']}, "
-          f"{meta['n_parameters']:,} parameters; {os.path.getsize(out) / 1e6:.1f} MB from "
-          f"{os.path.getsize(args.source) / 1e6:.1f} MB (mace-torch {src['mace_version']}, "
+    if "nequip_version" in src:
+        what, origin = f"{src['model_builder']}", f"nequip {src['nequip_version']}"
+    else:
+        what, origin = f"{src['model_class']} (head {src['head']!r} of {src['heads']})", f"mace-torch {src['mace_version']}"
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s: {what}, {len(meta['species'])} species, "
+          f"cutoff {meta['cutoff']} Å, {meta['dtype']}, {meta['n_parameters']:,} parameters; "
+          f"{os.path.getsize(out) / 1e6:.1f} MB from {os.path.getsize(args.source) / 1e6:.1f} MB ({origin}, "
           f"sha256 {src['sha256'][:16]}…). Use it with EquivariantCalculator({str(out)!r})")
     return 0
 
@@ -203,6 +206,7 @@ EPILOGS = {
               "  eqcalc export my_model.eqm --format torchscript --dtype float64",
     "convert": "example:\n  eqcalc convert 2023-12-03-mace-128-L1_epoch-199.model mace-mp0-medium.eqm\n"
                "  eqcalc convert multihead.model omat.eqm --head omat_pbe\n"
+               "  eqcalc convert my_model.nequip.zip my_model.eqm\n"
                "nothing in the source file is run: it is read by a restricted reader that refuses "
                "anything but model data",
     "bench": "example:\n  eqcalc bench --what neighbors\n  eqcalc bench --what model --model painn.eqm --atoms 864",
@@ -267,12 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--forces", choices=["auto", "conservative", "direct"], default="auto")
     c.set_defaults(func=_export)
 
-    c = command("convert", "convert a mace-torch .model file into an eqcalc .eqm package (same numbers, "
-                           "no mace/e3nn needed to run it)")
-    c.add_argument("source", help="mace-torch .model file (torch.save of the model)")
+    c = command("convert", "convert a mace-torch .model file or a nequip .nequip.zip package into an "
+                           "eqcalc .eqm package (same numbers, no mace/nequip/e3nn needed to run it)")
+    c.add_argument("source", help="mace-torch .model file (torch.save of the model) or nequip package "
+                                  "(.nequip.zip from nequip-package build)")
     c.add_argument("output", help="the .eqm package to write")
     c.add_argument("--head", default=None,
-                   help="multi-head files: the head to keep (default: the only head, or 'default')")
+                   help="multi-head mace files: the head to keep (default: the only head, or 'default')")
     c.set_defaults(func=_convert)
 
     c = command("bench", "time neighbor lists against vesin/matscipy/ASE, or a model's step in each compiled form")

@@ -10,56 +10,123 @@ linear layers read out per-atom energies from the scalars.
 """
 import dataclasses
 import math
-from typing import Dict, List
+from typing import Any, ClassVar, Dict, List, Tuple
 
 import torch
 from torch import Tensor
 
 from eqcalc import keys
-from eqcalc.errors import InvalidOptionError
-from potentials import o3
-from potentials.mace import ScalarReadout, TensorProductConfig, TensorProductPotential, radial_mlp
+from eqcalc.errors import InvalidOptionError, check_choice
+from potentials import o3, short_range
+from potentials.mace import (MLPReadout, NoSelfConnection, ScalarReadout, TensorProductConfig, TensorProductPotential,
+                             check_int, radial_mlp)
 from potentials.registry import register
+
+
+#: e3nn's second-moment normalisation of SiLU (Monte-Carlo, 1e6 samples, seed 0): what nequip's
+#: gates multiply SiLU by. Not the exact integral (1.67653): converted models need this number.
+NORMALIZED_SILU_GAIN = 1.6791767923989418
 
 
 @dataclasses.dataclass(frozen=True)
 class NequIPConfig(TensorProductConfig):
-    """NequIP hyperparameters (:class:`~potentials.mace.TensorProductConfig`); ``radial_mlp`` is
-    the width of the radial network's two hidden layers, three layers by default (NequIP's)."""
+    """NequIP hyperparameters (:class:`~potentials.mace.TensorProductConfig`) plus the options
+    that reproduce nequip's own ``NequIPGNNModel`` (defaults: eqcalc's original NequIP):
+
+    * ``radial_depth``: hidden layers of width ``radial_mlp`` in the radial network (nequip 1);
+    * ``embedding_channels``: width of the species embedding the first layer reads (0: ``channels``);
+    * ``residual``: add the input features to a layer's output where the shapes agree (nequip: no);
+    * ``first_self_connection``: the first layer has a per-species self-connection (nequip: no);
+    * ``last_scalars_only``: the last layer outputs scalars only (nequip: yes);
+    * ``gate``: ``"sigmoid"`` (SiLU scalars, sigmoid gates) or ``"normalized_silu"`` (nequip:
+      e3nn's normalised SiLU on both);
+    * ``readout``: ``"two_layer"`` (two linear layers), ``"linear"`` (nequip's one layer) or
+      ``"mlp"`` (Linear → SiLU → linear, ``readout_hidden`` wide: nequip's readout MLP);
+    * ``pair_repulsion``: ``"none"`` or ``"zbl_lammps"`` (nequip's ZBL: LAMMPS constants,
+      polynomial envelope of order ``pair_envelope_p`` in ``d / cutoff``), added after the
+      scale/shift;
+    * ``avg_num_neighbors_per_species``: per-species neighbor counts (nequip's per-type
+      ``avg_num_neighbors``); a neighbor's features are divided by the square root of its
+      species' count before the sum (empty: ``avg_num_neighbors`` for every species).
+    """
     num_interactions: int = 3
+    radial_depth: int = 2
+    embedding_channels: int = 0
+    residual: bool = True
+    first_self_connection: bool = True
+    last_scalars_only: bool = False
+    gate: str = "sigmoid"
+    readout: str = "two_layer"
+    readout_hidden: int = 16
+    pair_repulsion: str = "none"
+    pair_envelope_p: int = 6
+    avg_num_neighbors_per_species: Tuple[float, ...] = ()
+
+    FILE_DEFAULTS: ClassVar[Dict[str, Any]] = {
+        **TensorProductConfig.FILE_DEFAULTS, "radial_depth": 2, "embedding_channels": 0, "residual": True,
+        "first_self_connection": True, "last_scalars_only": False, "gate": "sigmoid",
+        "readout": "two_layer", "readout_hidden": 16, "pair_repulsion": "none",
+        "pair_envelope_p": 6, "avg_num_neighbors_per_species": ()}
+
+    @property
+    def features(self) -> int:  # width of the species embedding
+        return self.embedding_channels or self.channels
 
     def __post_init__(self):
         super().__post_init__()
-        if self.direct_forces and self.hidden_l < 1:
-            raise InvalidOptionError("direct_forces needs vector features: set hidden_l >= 1")
+        check_int(self, "radial_depth", 1)
+        check_int(self, "embedding_channels", 0)
+        check_choice("gate", self.gate, ("sigmoid", "normalized_silu"))
+        check_choice("readout", self.readout, ("two_layer", "linear", "mlp"))
+        check_int(self, "readout_hidden", 1)
+        check_choice("pair_repulsion", self.pair_repulsion, ("none", "zbl_lammps"))
+        check_int(self, "pair_envelope_p", 1)
+        per_species = tuple(float(x) for x in self.avg_num_neighbors_per_species)
+        if per_species and (len(per_species) != len(self.species) or min(per_species) <= 0):
+            raise InvalidOptionError(
+                f"avg_num_neighbors_per_species={per_species!r} needs one positive number per species "
+                f"({len(self.species)}), or none")
+        object.__setattr__(self, "avg_num_neighbors_per_species", per_species)
+        if self.direct_forces and (self.hidden_l < 1 or self.last_scalars_only):
+            raise InvalidOptionError("direct_forces needs vector features: set hidden_l >= 1 and "
+                                     "last_scalars_only=False")
 
 
 class Convolution(torch.nn.Module):
-    """One NequIP interaction: ``h (n, (l_in+1)^2, c)`` → ``(n, (l_out+1)^2, c)``."""
+    """One NequIP interaction: ``h (n, (l_in+1)^2, c_in)`` → ``(n, (l_out+1)^2, c)``."""
 
-    def __init__(self, config: NequIPConfig, l_in: int, l_out: int):
+    def __init__(self, config: NequIPConfig, l_in: int, l_out: int, c_in: int, self_connection: bool):
         super().__init__()
         c, n_species = config.channels, len(config.species)
-        self.linear_in = o3.Linear(l_in, c, c)
+        self.linear_in = o3.Linear(l_in, c_in, c_in)
         self.tp = o3.EdgeTensorProduct(l_in, config.max_ell, l_out)
-        self.n_paths, self.channels = len(self.tp.paths), c
-        w = config.radial_mlp
-        self.radial = radial_mlp([config.num_radial, w, w, self.n_paths * c])
+        self.n_paths, self.channels = len(self.tp.paths), c_in
+        self.radial = radial_mlp([config.num_radial] + [config.radial_mlp] * config.radial_depth
+                                 + [self.n_paths * c_in])
         # Scalars carry the features and one gate per channel for every degree l > 0.
         widths = [c * (1 + l_out)] + [c] * l_out
-        self.linear_out = o3.PathLinear(self.tp, c, widths)
-        self.self_connection = o3.SpeciesLinear(l_in, n_species, c, widths)
-        self.gate = o3.Gate(l_out, c)
-        self.norm = 1.0 / math.sqrt(config.avg_num_neighbors)
-        self.residual = l_in == l_out
+        self.linear_out = o3.PathLinear(self.tp, c_in, widths)
+        self.self_connection = (o3.SpeciesLinear(l_in, n_species, c_in, widths) if self_connection
+                                else NoSelfConnection())
+        if config.gate == "normalized_silu":
+            act = o3.ScaledSiLU(NORMALIZED_SILU_GAIN)
+            self.gate = o3.Gate(l_out, c, act, act)
+        else:
+            self.gate = o3.Gate(l_out, c)
+        # 1/sqrt(avg_num_neighbors) of each neighbor's species: the sum over neighbors is linear,
+        # so scaling a neighbor's features before it is the same as scaling the sum after.
+        counts = config.avg_num_neighbors_per_species or (config.avg_num_neighbors,) * n_species
+        # float64 here: a float32 default would round it before a float64 model ever sees it.
+        norm = torch.tensor([1.0 / math.sqrt(x) for x in counts], dtype=torch.float64).view(-1, 1, 1)
+        self.register_buffer("norm", norm, persistent=False)
+        self.residual = config.residual and l_in == l_out and c_in == c
 
     def forward(self, h: Tensor, species: Tensor, Y: List[Tensor], edge_features: Tensor,
                 edge_index: Tensor) -> Tensor:
         R = self.radial(edge_features).view(edge_features.shape[0], self.n_paths, self.channels)
-        messages = self.tp(self.linear_in(h), Y, R, edge_index)
-        mixed = [m * self.norm for m in self.linear_out(messages)]
-        skip = self.self_connection(h, species)
-        update = self.gate(o3.add_blocks(mixed, skip))
+        x = self.linear_in(h) * self.norm.to(h.dtype).index_select(0, species)
+        mixed = self.linear_out(self.tp(x, Y, R, edge_index))
+        update = self.gate(o3.add_blocks(mixed, self.self_connection(h, species)))
         return h + update if self.residual else update
 
 
@@ -75,16 +142,26 @@ class NequIP(TensorProductPotential):
         super().__init__(config)
         L, c = config.num_interactions, config.channels
         l_in = [0] + [config.hidden_l] * (L - 1)
+        l_out = [config.hidden_l] * (L - 1) + [0 if config.last_scalars_only else config.hidden_l]
+        c_in = [config.features] + [c] * (L - 1)
         self.convolutions = torch.nn.ModuleList(
-            [Convolution(config, l_in[k], config.hidden_l) for k in range(L)])
-        # Two linear layers (NequIP's conv_to_output_hidden, output_hidden_to_scalar).
-        self.readout = torch.nn.Sequential(torch.nn.Linear(c, max(c // 2, 1)), ScalarReadout(max(c // 2, 1)))
+            [Convolution(config, l_in[k], l_out[k], c_in[k], k > 0 or config.first_self_connection)
+             for k in range(L)])
+        if config.readout == "linear":  # nequip's ScalarMLP of depth 0
+            self.readout = ScalarReadout(c)
+        elif config.readout == "mlp":
+            self.readout = MLPReadout(c, config.readout_hidden)
+        else:  # two linear layers (the original NequIP's conv_to_output_hidden, output_hidden_to_scalar)
+            self.readout = torch.nn.Sequential(torch.nn.Linear(c, max(c // 2, 1)), ScalarReadout(max(c // 2, 1)))
+        self.pair_repulsion = (short_range.LammpsZBL(self.species_z.tolist(), config.cutoff, config.pair_envelope_p)
+                               if config.pair_repulsion == "zbl_lammps" else short_range.NoRepulsion())
         self.force_head = o3.Degree1ForceHead(c) if config.direct_forces else o3.NoForceHead()
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        species, edge_index, Y, edge_features, h, _ = self.inputs(data)
+        species, edge_index, Y, edge_features, h, lengths = self.inputs(data)
         for convolution in self.convolutions:
             h = convolution(h, species, Y, edge_features, edge_index)
-        energies = self.readout(h[:, 0])
-        out: Dict[str, Tensor] = {keys.ENERGIES: self.scale_shift(energies, species)}
+        energies = self.scale_shift(self.readout(h[:, 0]), species)
+        # nequip adds its pair potential after the scale/shift (zeros without one)
+        out: Dict[str, Tensor] = {keys.ENERGIES: energies + self.pair_repulsion(lengths, species, edge_index)}
         return self.force_head(out, h)

@@ -569,22 +569,37 @@ class SymmetricContraction(torch.nn.Module):
         return out.permute(2, 1, 0).contiguous()
 
 
-class Gate(torch.nn.Module):
-    """NequIP's gated nonlinearity: scalars ``silu``; each degree-l>0 block multiplied channel-wise
-    by ``sigmoid`` of its own gate scalars. Input per-degree list from :class:`PathLinear` with
-    degree 0 holding ``c * (1 + l_max)`` channels (features, then one gate set per l > 0);
-    output ``(n, (l_max+1)^2, c)``."""
+class ScaledSiLU(torch.nn.Module):
+    """``gain * silu(x)``: e3nn's second-moment-normalised SiLU (``gain`` 1.6791767923989418,
+    NequIP's gates) or the plain one (``gain`` 1)."""
 
-    def __init__(self, lmax: int, channels: int):
+    def __init__(self, gain: float = 1.0):
+        super().__init__()
+        self.gain = float(gain)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.silu(x) * self.gain if self.gain != 1.0 else torch.nn.functional.silu(x)
+
+
+class Gate(torch.nn.Module):
+    """NequIP's gated nonlinearity: ``scalar_act`` on the scalars; each degree-l>0 block
+    multiplied channel-wise by ``gate_act`` of its own gate scalars (default: SiLU and sigmoid).
+    Input per-degree list from :class:`PathLinear` with degree 0 holding ``c * (1 + l_max)``
+    channels (features, then one gate set per l > 0); output ``(n, (l_max+1)^2, c)``."""
+
+    def __init__(self, lmax: int, channels: int, scalar_act: torch.nn.Module = None,
+                 gate_act: torch.nn.Module = None):
         super().__init__()
         self.lmax, self.channels = lmax, channels
+        self.scalar_act = scalar_act if scalar_act is not None else ScaledSiLU()
+        self.gate_act = gate_act if gate_act is not None else torch.nn.Sigmoid()
 
     def forward(self, parts: List[Tensor]) -> Tensor:
         c = self.channels
         scalars = parts[0]
-        out = [torch.nn.functional.silu(scalars[:, :, :c])]
+        out = [self.scalar_act(scalars[:, :, :c])]
         for l in range(1, self.lmax + 1):
-            out.append(parts[l] * torch.sigmoid(scalars[:, :, l * c:(l + 1) * c]))
+            out.append(parts[l] * self.gate_act(scalars[:, :, l * c:(l + 1) * c]))
         return torch.cat(out, dim=1)
 
 

@@ -15,7 +15,7 @@ from eqcalc.errors import check_choice
 from potentials.nn import polynomial_envelope
 
 TRANSFORMS = ("none", "agnesi", "soft")
-REPULSIONS = ("none", "zbl")
+REPULSIONS = ("none", "zbl")  # mace-torch's forms (nequip's ZBL is LammpsZBL below)
 
 
 def _radii(species_z: Sequence[int]) -> Tensor:
@@ -115,6 +115,31 @@ class ZBL(torch.nn.Module):
             + c[2] * torch.exp(-0.4028 * x) + c[3] * torch.exp(-0.2016 * x)
         pair = (14.3996 * zi * zj) / lengths * phi
         pair = 0.5 * pair * polynomial_envelope(lengths / (ri + rj), self.p)
+        return torch.zeros(species.shape[0], dtype=pair.dtype, device=pair.device).index_add(0, edge_index[0], pair)
+
+
+class LammpsZBL(torch.nn.Module):
+    """ZBL with LAMMPS' constants (``pair_zbl``; nequip's ``ZBL`` pair potential), per atom:
+
+    ``E_i = 1/2 sum_j q Z_i Z_j / d phi(d (Z_i^0.23 + Z_j^0.23) / 0.4685) f_p(d / cutoff)`` eV,
+    ``q = 14.399645`` eV Å (LAMMPS metal units' e²/(4 pi eps0)), ``phi(x) = sum_k c_k exp(d_k x)``,
+    ``f_p`` the polynomial envelope of order ``p`` of the model's own cutoff (not covalent radii).
+    ``forward(lengths (n_edges,) Å, species (n_atoms,), edge_index (2, n_edges))`` → ``(n_atoms,)``.
+    """
+
+    def __init__(self, species_z: Sequence[int], cutoff: float, p: int = 6):
+        super().__init__()
+        self.p, self.cutoff = float(p), float(cutoff)
+        self.register_buffer("z", torch.tensor([float(z) for z in species_z], dtype=torch.float64))
+        self.qqr2e = 14.399645
+
+    def forward(self, lengths: Tensor, species: Tensor, edge_index: Tensor) -> Tensor:
+        zi, zj = _pair(self.z, species, edge_index)
+        x = (torch.pow(zi, 0.23) + torch.pow(zj, 0.23)) * lengths / 0.46850
+        phi = 0.02817 * torch.exp(-0.20162 * x) + 0.28022 * torch.exp(-0.40290 * x) \
+            + 0.50986 * torch.exp(-0.94229 * x) + 0.18175 * torch.exp(-3.19980 * x)
+        pair = (self.qqr2e * 0.5) * (zi * zj / lengths) * phi
+        pair = pair * polynomial_envelope(lengths / self.cutoff, self.p)
         return torch.zeros(species.shape[0], dtype=pair.dtype, device=pair.device).index_add(0, edge_index[0], pair)
 
 

@@ -14,11 +14,11 @@ import types
 from pathlib import Path
 from typing import Optional
 
-from eqcalc.errors import ModelFileError
+from eqcalc.errors import ModelFileError, UnsupportedModelError
 
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, head: Optional[str] = None) -> Path:
-    """Convert ``source`` (a mace-torch ``.model``) to the eqcalc package ``output`` (``.eqm``).
+    """Convert ``source`` (a mace-torch ``.model`` or a nequip ``.nequip.zip``) to the eqcalc package ``output`` (``.eqm``).
 
     ``head``: for multi-head files, the head to keep (default: the only head, or the one named
     "default"). Raises :class:`~eqcalc.errors.UnsafeModelError` for files that ask for anything
@@ -26,21 +26,42 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, head: Optional
     cannot reproduce exactly. Returns the path written.
     """
     import potentials
-    from potentials.convert import mace
+    from potentials.convert import mace, nequip
 
     source = str(source)
     if not os.path.isfile(source):
-        raise ModelFileError(f"{source!r} does not exist; pass the path of a mace-torch .model file")
+        raise ModelFileError(f"{source!r} does not exist; pass the path of a mace-torch .model file "
+                             "or a nequip .nequip.zip package")
+    if source.endswith((".nequip.pt2", ".pt2", ".nequip.pth")):
+        raise UnsupportedModelError(
+            f"{source!r} is a compiled nequip model (AOTInductor/TorchScript: weights baked into "
+            "compiled code); convert the .nequip.zip package it was compiled from instead")
     with open(source, "rb") as f:
         magic = f.read(4)
     if not magic.startswith(b"PK"):
         raise ModelFileError(
             f"{source!r} is not a zip archive; eqcalc converts mace-torch .model files written by "
-            "torch.save (a zip); legacy (pre-1.6) torch pickles are not read")
+            "torch.save and nequip .nequip.zip packages; legacy (pre-1.6) torch pickles are not read")
     start = time.perf_counter()
-    model, info = mace.read(source, head=head)
+    if _is_nequip_package(source):
+        if head is not None:
+            raise UnsupportedModelError(f"{source!r}: nequip packages have no heads; drop head={head!r}")
+        model, info = nequip.read(source)
+    else:
+        model, info = mace.read(source, head=head)
     info["conversion_seconds"] = round(time.perf_counter() - start, 3)
     return potentials.save(model, output, source=info)
+
+
+def _is_nequip_package(path: str) -> bool:
+    """A zip with ``<name>/model/config.yaml`` (what ``nequip-package build`` writes)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/model/config.yaml") and n.count("/") == 2 for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 class _CallableModule(types.ModuleType):

@@ -189,6 +189,13 @@ def _codecs_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+def _slice(*args):
+    # e3nn pickles index slices; only plain integer bounds are accepted.
+    if len(args) > 3 or not all(a is None or (isinstance(a, int) and not isinstance(a, bool)) for a in args):
+        raise UnsafeModelError(f"slice called with {args!r}")
+    return slice(*args)
+
+
 def _ordered_dict(items=()):
     return collections.OrderedDict(items)
 
@@ -207,6 +214,7 @@ CALLABLES: Dict[Tuple[str, str], Callable] = {
     ("builtins", "set"): _set,
     ("__builtin__", "set"): _set,
     ("_codecs", "encode"): _codecs_encode,
+    ("builtins", "slice"): _slice,
 }
 
 
@@ -263,6 +271,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise UnsafeModelError(f"unknown persistent id {str(pid)[:80]!r} in the file")
         _, dtype, key, _location, numel = pid
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)  # torch.package numbers its storages
         if not isinstance(dtype, torch.dtype) or not isinstance(key, str) or not isinstance(numel, int):
             raise UnsafeModelError(f"malformed storage reference {str(pid)[:80]!r} in the file")
         if key not in self.storages:

@@ -1,0 +1,454 @@
+"""nequip ``.nequip.zip`` packages → eqcalc's NequIP, with the same numbers.
+
+A ``.nequip.zip`` is a ``torch.package``: the nequip and e3nn source it was built with, the
+resolved hyperparameters as plain YAML (``<name>/model/config.yaml``), metadata
+(``package_metadata.txt``) and the model as a pickle (``model/eager_model.pkl``) whose tensors
+are ``.data/<key>.storage`` members. Loading it the normal way imports and runs the shipped
+source. This converter reads the YAML with ``yaml.safe_load`` and the pickle with the restricted
+reader of :mod:`potentials.convert.torch_pickle` (nequip, e3nn and torch.nn classes as inert
+records; anything else refused, nothing imported or run), and maps every number onto eqcalc's one
+NequIP (:mod:`potentials.nequip`) configured as nequip's ``NequIPGNNModel``:
+
+* species in the file's ``type_names`` order; the type embedding is eqcalc's species embedding;
+* nequip's Bessel basis ``sinc(n r / r_max) n`` times ``2 pi / r_max^2`` (its ``ApplyFactor``)
+  is eqcalc's ``sqrt(2/r_max) sin(n pi r/r_max)/r`` times ``sqrt(2/r_max)``: folded into the
+  first radial layer, as are the ``alpha`` scales of nequip's scalar MLPs;
+* edge vectors point from centre to neighbour in both codes; e3nn's harmonics basis and 3j signs
+  (:mod:`potentials.convert.e3nn`) and each path's stored weight are folded into the radial weights
+  of that path; ``linear_2``'s input is the per-degree concatenation of the paths in nequip's
+  enumeration order, remapped to eqcalc's path order;
+* the self-connection is e3nn's tensor product of the features with the type *embedding*
+  (``node_attrs``): contracted with each species' embedding row it is a per-species linear map;
+* ``E_i = scale[t_i] * readout(h_i) + shift[t_i]``.
+
+Options eqcalc does not reproduce (see :data:`SUPPORTED`) are refused with
+:class:`~eqcalc.errors.UnsupportedModelError` naming them; compiled ``.nequip.pt2``/``.pth`` files
+are refused with the way out (convert the package).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from eqcalc.errors import EqcalcError, ModelFileError, UnsupportedModelError
+from potentials import o3
+from potentials.convert import e3nn
+from potentials.convert.mace import sha256
+from potentials.convert.torch_pickle import Allow, Record, TorchArchive, walk
+from potentials.nequip import NORMALIZED_SILU_GAIN
+
+log = logging.getLogger(__name__)
+
+ALLOW = Allow(
+    prefixes=("nequip.nn.", "e3nn.o3.", "e3nn.nn.", "e3nn.math.", "torch.nn.modules."),
+    functions=("torch.nn.functional.silu", "torch.tanh", "torch.abs", "torch.float64", "torch.float32"),
+    hints={"torch.fx": "the package holds a torch.fx graph (a compiled model); convert the eager package",
+           "nequip.nn._tp_scatter_cueq": "the package was built with CuEquivariance kernels; "
+                                         "package the checkpoint without them",
+           "nequip.nn._tp_scatter_oeq": "the package was built with OpenEquivariance kernels; "
+                                        "package the checkpoint without them"},
+)
+
+#: Model builders and hyperparameters this converter reproduces, with the values it accepts
+#: (None: any value, mapped).
+BUILDERS = ("nequip.model.NequIPGNNModel",)
+SUPPORTED: Dict[str, Any] = {
+    "_target_": None, "seed": None, "model_dtype": ("float64", "float32"), "type_names": None, "r_max": None,
+    "num_layers": None, "l_max": (1, 2, 3), "parity": (False,), "num_features": None,
+    "type_embed_num_features": None, "radial_mlp_depth": None, "radial_mlp_width": None,
+    "num_bessels": None, "bessel_trainable": (False,), "polynomial_cutoff_p": None,
+    "avg_num_neighbors": None, "per_type_energy_scales": None, "per_type_energy_shifts": None,
+    "per_type_energy_scales_trainable": None, "per_type_energy_shifts_trainable": None,
+    "per_edge_type_cutoff": (None,), "pair_potential": None, "do_derivatives": (True,),
+    "readout_mlp_hidden_layers_depth": (0, 1), "readout_mlp_hidden_layers_width": None,
+    "readout_mlp_nonlinearity": None, "convnet_nonlinearity_type": ("gate",), "convnet_resnet": (False,),
+    "convnet_sc": (True,), "learnable_shift": (False,), "categorical_graph_field_embed": (None,),
+    "compile_mode": None,
+}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).numpy()
+
+
+def _yaml(text: str) -> Dict[str, Any]:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ModelFileError(f"model/config.yaml of the package is not valid YAML ({e})") from e
+
+
+class Package:
+    """An opened ``.nequip.zip``: its config, metadata and the eager model's record tree."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.archive = TorchArchive(path)
+        names = self.archive.names
+        configs = [n for n in names if n.endswith("/model/config.yaml") and n.count("/") == 2]
+        if len(configs) != 1:
+            raise ModelFileError(f"{path!r} is a zip but not a nequip package (no <name>/model/config.yaml); "
+                                 "convert the .nequip.zip written by nequip-package build")
+        self.prefix = configs[0].split("/", 1)[0]
+        self.config = _yaml(self.archive.read(configs[0], 1 << 20).decode("utf-8"))
+        meta = f"{self.prefix}/model/package_metadata.txt"
+        self.metadata = _yaml(self.archive.read(meta, 1 << 20).decode("utf-8")) if meta in names else {}
+
+    def load_model(self) -> Record:
+        """The eager model's record tree (read after the config has been checked, so that an
+        unsupported option is named before anything of the pickle is looked at)."""
+        eager = f"{self.prefix}/model/eager_model.pkl"
+        if eager not in self.archive.names:
+            raise ModelFileError(f"{self.path!r} has no eager model (model/eager_model.pkl)")
+        return self.archive.load(ALLOW, eager, storage_member=lambda key: f"{self.prefix}/.data/{key}.storage")
+
+    def model_options(self) -> Dict[str, Any]:
+        try:
+            model = self.config["training_module"]["model"]
+        except (KeyError, TypeError) as e:
+            raise ModelFileError(f"{self.path!r}: model/config.yaml has no training_module.model") from e
+        if not isinstance(model, dict):
+            raise ModelFileError(f"{self.path!r}: training_module.model is not a mapping")
+        return model
+
+
+class Reader:
+    """Maps one package onto eqcalc's NequIP."""
+
+    def __init__(self, package: Package):
+        self.package, self.path = package, package.path
+        self.used: set = set()
+        self.func: Optional[Record] = None
+
+    def load(self) -> None:
+        root = self.package.load_model()
+        try:
+            self.func = root.child("sole_model").child("model").child("func")
+        except (ModelFileError, AttributeError) as e:
+            raise ModelFileError(f"{self.path!r}: the eager model is not a nequip GraphModel "
+                                 "(sole_model.model.func)") from e
+
+    def refuse(self, what: str, fix: str = "") -> None:
+        raise UnsupportedModelError(f"{self.path!r}: {what} is not supported by eqcalc's NequIP converter"
+                                    + (f"; {fix}" if fix else ""))
+
+    def tensor(self, module: Record, key: str) -> torch.Tensor:
+        t = module.tensor(key)
+        self.used.add(id(t))
+        return t
+
+    # ---- hyperparameters ------------------------------------------------------------------
+    def config(self) -> Dict[str, Any]:
+        opts = self.package.model_options()
+        target = opts.get("_target_")
+        if target not in BUILDERS:
+            self.refuse(f"model builder {target!r}", f"supported: {', '.join(BUILDERS)}")
+        unknown = sorted(k for k in opts if k not in SUPPORTED)
+        if unknown:
+            self.refuse(f"model option(s) {unknown}")
+        for key, allowed in SUPPORTED.items():
+            if allowed is not None and key in opts and opts[key] not in allowed:
+                self.refuse(f"{key}={opts[key]!r}", f"supported values: {list(allowed)}")
+        if opts.get("parity", True) is not False:
+            self.refuse("parity=True (odd-parity features)", "convert a model trained with parity: false")
+        l_max = int(opts.get("l_max", 1))
+        features = opts.get("num_features", 32)
+        features = [features] * (l_max + 1) if isinstance(features, int) else list(features)
+        # Fewer channels in some degrees: eqcalc pads every degree to the largest count with
+        # channels whose weights are all zero (they stay exactly zero).
+        c = int(max(features))
+        types = [str(t) for t in opts["type_names"]]
+        avg = opts.get("avg_num_neighbors")
+        if avg is None:
+            self.refuse("avg_num_neighbors=None")
+        per_species: Tuple[float, ...] = ()
+        if isinstance(avg, dict):
+            if set(avg) != set(types):
+                raise ModelFileError(f"{self.path!r}: avg_num_neighbors has types {sorted(avg)}, model {types}")
+            per_species = tuple(float(avg[t]) for t in types)
+            avg = float(np.mean(per_species))
+        num_layers = int(opts.get("num_layers", 4))
+        readout_depth = int(opts.get("readout_mlp_hidden_layers_depth", 0))
+        if readout_depth and opts.get("readout_mlp_nonlinearity", "silu") != "silu":
+            self.refuse(f"readout_mlp_nonlinearity={opts['readout_mlp_nonlinearity']!r}", "silu is supported")
+        pair = opts.get("pair_potential")
+        if pair is not None:
+            if not isinstance(pair, dict) or pair.get("_target_") != "nequip.nn.pair_potential.ZBL" \
+                    or pair.get("units") != "metal":
+                self.refuse(f"pair_potential={pair!r}", "the ZBL pair potential in metal units is supported")
+            if [str(x) for x in pair.get("chemical_species", [])] != types:
+                self.refuse("ZBL chemical_species that differ from type_names")
+        return dict(
+            species=types, cutoff=float(opts["r_max"]), channels=c, max_ell=l_max, hidden_l=l_max,
+            num_interactions=num_layers, num_radial=int(opts.get("num_bessels", 8)), radial_basis="bessel",
+            envelope="polynomial", envelope_p=int(opts.get("polynomial_cutoff_p", 6)),
+            radial_mlp=int(opts.get("radial_mlp_width", 128)), radial_depth=int(opts.get("radial_mlp_depth", 1)),
+            avg_num_neighbors=float(avg), avg_num_neighbors_per_species=per_species,
+            embedding_channels=int(opts.get("type_embed_num_features") or features[0]), residual=False,
+            first_self_connection=False, last_scalars_only=True, gate="normalized_silu",
+            readout="mlp" if readout_depth else "linear",
+            readout_hidden=int(opts.get("readout_mlp_hidden_layers_width") or features[0]),
+            pair_repulsion="zbl_lammps" if pair else "none",
+            pair_envelope_p=int(float(pair.get("polynomial_cutoff_p", 6))) if pair else 6,
+        )
+
+    # ---- weights --------------------------------------------------------------------------
+    def linear(self, record: Record) -> List[Tuple[int, int, np.ndarray]]:
+        self.tensor(record, "weight")
+        return e3nn.linear_blocks(record)
+
+    def per_degree(self, record: Record, c_in: int) -> np.ndarray:
+        """An e3nn Linear irreps → same irreps (one irrep per degree) as eqcalc's ``o3.Linear``
+        weight ``(lmax+1, c_in, c_in)``, zero-padded to ``c_in`` channels (eqcalc divides by
+        sqrt(c_in) in the forward)."""
+        irreps = e3nn.parse_irreps(record.attr("irreps_in"))
+        if [l for _, l, _ in irreps] != list(range(len(irreps))):
+            self.refuse(f"features of degrees {[l for _, l, _ in irreps]}")
+        blocks = self.linear(record)
+        if sorted((i, o) for i, o, _ in blocks) != [(l, l) for l in range(len(irreps))]:
+            self.refuse(f"{record.kind} mixing degrees {[(i, o) for i, o, _ in blocks]}")
+        out = np.zeros((len(irreps), c_in, c_in))
+        for i, _, w in blocks:
+            out[i, :w.shape[0], :w.shape[1]] = w * np.sqrt(c_in)
+        return out
+
+    @staticmethod
+    def output_columns(irreps_out, C: int) -> Dict[int, np.ndarray]:
+        """Degree → eqcalc column of each of nequip's output channels of that degree. Degree 0
+        holds the scalars and then one gate set per degree l > 0 (eqcalc: ``l * C`` onwards)."""
+        muls = {l: m for m, l, _ in irreps_out}
+        cols = {l: np.arange(m) for l, m in muls.items() if l > 0}
+        gates = [np.arange(muls[l]) + l * C for l in sorted(cols)]
+        scalars = muls[0] - sum(len(g) for g in gates)
+        cols[0] = np.concatenate([np.arange(scalars)] + gates)
+        return cols
+
+    def scalar_mlp(self, record: Record) -> List[np.ndarray]:
+        """nequip's ScalarMLPFunction (no bias) → per layer ``(in, out)`` weights times alpha."""
+        if record.attr("bias"):
+            self.refuse("scalar MLPs with biases")
+        layers = [m for _, m in sorted(record.child("mlp").modules.items(), key=lambda kv: int(kv[0]))]
+        weights, acts = [], []
+        for m in layers:
+            if m.name == "ScalarLinearLayer":
+                alpha = float(_np(self.tensor(m, "alpha")))
+                weights.append(_np(self.tensor(m, "weight")) * alpha)
+            elif m.name == "SiLU":
+                acts.append(m.name)
+            else:
+                self.refuse(f"scalar MLP layer {m.kind}")
+        if len(acts) != len(weights) - 1:
+            self.refuse("a scalar MLP without SiLU between its layers")
+        return weights
+
+    def layer(self, k: int, model, config: Dict[str, Any], put) -> None:
+        layer = self.func.child(f"layer{k}_convnet")
+        conv = layer.child("conv")
+        ours = model.convolutions[k]
+        p = f"convolutions.{k}."
+        C_in, C = ours.channels, config["channels"]   # eqcalc's (padded) channel counts
+        put(p + "linear_in.weight", self.per_degree(conv.child("linear_1"), C_in))
+        # Tensor product: instructions (l1, l2, l3) in nequip's enumeration order.
+        tp = conv.child("tp_scatter").child("tp")
+        irreps1 = e3nn.parse_irreps(tp.attr("irreps_in1"))
+        irreps_mid = e3nn.parse_irreps(tp.attr("irreps_out"))
+        theirs = []   # ((l1, l2, l3), path weight, channels)
+        for i1, i2, i_out, mode, has_weight, path_weight, _shape in e3nn.instructions(tp):
+            if mode != "uvu" or not has_weight:
+                self.refuse(f"tensor-product instruction mode {mode!r}")
+            theirs.append(((irreps1[i1][1], int(i2), irreps_mid[i_out][1]), float(path_weight), irreps1[i1][0]))
+        if sorted(t for t, _, _ in theirs) != sorted(ours.tp.paths):
+            self.refuse(f"tensor-product paths {[t for t, _, _ in theirs]} (eqcalc builds {ours.tp.paths})")
+        slot = {t: n for n, (t, _, _) in enumerate(theirs)}
+        offsets = np.cumsum([0] + [m for _, _, m in theirs])
+        # Radial MLP: nequip's last layer gives, per instruction, one weight per input channel.
+        weights = self.scalar_mlp(conv.child("edge_mlp"))
+        if len(weights) != config["radial_depth"] + 1:
+            self.refuse(f"radial MLP with {len(weights) - 1} hidden layers where the config says "
+                        f"{config['radial_depth']}")
+        factor = float(self.func.child("factor").attr("factor"))
+        r_max = config["cutoff"]
+        # nequip's basis sinc(n x) n * factor = factor r_max/pi * sin(n pi r/r_max)/r; eqcalc's is
+        # sqrt(2/r_max) sin(n pi r/r_max)/r.
+        weights[0] = weights[0] * (factor * r_max / np.pi / np.sqrt(2.0 / r_max))
+        last = weights[-1]
+        mapped = np.zeros((last.shape[0], len(ours.tp.paths), C_in))
+        for q, (l1, l2, l3) in enumerate(ours.tp.paths):
+            n = slot[(l1, l2, l3)]
+            _, path_weight, mul = theirs[n]
+            sign = e3nn.coupling_sign(l1, l2, l3)
+            mapped[:, q, :mul] = last[:, offsets[n]:offsets[n + 1]] * path_weight * sign / np.sqrt(2 * l3 + 1)
+        weights[-1] = mapped.reshape(last.shape[0], -1)
+        for j, w in enumerate(weights):
+            put(p + f"radial.{2 * j}.weight", w.T)
+        # linear_2: its input per degree is that degree's paths, concatenated in nequip's order.
+        linear_2 = conv.child("linear_2")
+        self.tensor(linear_2, "weight")
+        mid_in = e3nn.parse_irreps(linear_2.attr("irreps_in"))
+        out_irreps = e3nn.parse_irreps(linear_2.attr("irreps_out"))
+        cols = self.output_columns(out_irreps, C)
+        lin_blocks = {(i_in, i_out): w for i_in, i_out, w in e3nn.linear_blocks(linear_2)}
+        for l, mix in enumerate(ours.linear_out.mixes):
+            i_in = next(i for i, (_, li, _) in enumerate(mid_in) if li == l)
+            i_out = next(i for i, (_, lo, _) in enumerate(out_irreps) if lo == l)
+            w = lin_blocks[(i_in, i_out)]                      # (sum of path channels, out channels)
+            order = [n for n, (t, _, _) in enumerate(theirs) if t[2] == l]
+            start = {n: sum(theirs[m][2] for m in order[:order.index(n)]) for n in order}
+            rows = np.zeros((len(mix.paths) * C_in, mix.weight.shape[1]))
+            for r, q in enumerate(mix.paths):
+                n = slot[ours.tp.paths[q]]
+                mul = theirs[n][2]
+                rows[np.ix_(r * C_in + np.arange(mul), cols[l])] = w[start[n]:start[n] + mul]
+            put(p + f"linear_out.mixes.{l}.weight", rows)
+        # Self-connection: features ⊗ type embedding (node_attrs) → one linear map per species.
+        if isinstance(conv.modules.get("sc"), Record):
+            sc = conv.child("sc")
+            flat = _np(self.tensor(sc, "weight")).reshape(-1)
+            emb = _np(self.func.child("type_embed").child("embed_module").tensor("weight"))  # (types, e)
+            irr_in = e3nn.parse_irreps(sc.attr("irreps_in1"))
+            irr_out = e3nn.parse_irreps(sc.attr("irreps_out"))
+            sc_cols = self.output_columns(irr_out, C)
+            start = 0
+            for i1, i2, i_out, mode, has_weight, path_weight, shape in e3nn.instructions(sc):
+                n = int(np.prod(shape))
+                l = irr_in[i1][1]
+                # e3nn's 3j symbol of l x 0 -> l is the identity / sqrt(2l+1)
+                w = flat[start:start + n].reshape(shape) * (float(path_weight) / np.sqrt(2 * l + 1))  # (u, v, w)
+                start += n
+                if irr_out[i_out][1] != l or mode != "uvw":
+                    self.refuse(f"self-connection instruction {(i1, i2, i_out, mode)}")
+                mix = ours.self_connection.mixes[l]
+                per_species = np.einsum("uvw,sv->suw", w, emb)                # (species, u, w)
+                full = np.zeros((emb.shape[0], C_in, mix.weight.shape[1]))
+                full[:, :w.shape[0], sc_cols[l]] = per_species
+                put(p + f"self_connection.mixes.{l}.weight", full.reshape(-1, full.shape[2]))
+        elif k > 0:
+            self.refuse(f"layer {k} without a self-connection")
+        # Gate: e3nn's normalised SiLU on scalars and gates.
+        gate = layer.child("equivariant_nonlin")
+        if gate.name != "Gate":
+            self.refuse(f"nonlinearity {gate.kind}", "gate nonlinearities are supported")
+        for part in ("act_scalars", "act_gates"):
+            for _, act in gate.child(part).child("acts").modules.items():
+                f = act.attr("f")
+                if getattr(f, "qualname", "") != "torch.nn.functional.silu" or \
+                        abs(e3nn.normalize2mom_constant(act) - NORMALIZED_SILU_GAIN) > 1e-12:
+                    self.refuse(f"layer {k} nonlinearity {getattr(f, 'qualname', f)!r} "
+                                f"(scale {act.attr('cst')})", "gates with SiLU are supported")
+
+    def fill(self, model, config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        state = dict(initial)
+        n_species = len(config["species"])
+
+        def put(name: str, value) -> None:
+            target = state[name]
+            state[name] = torch.as_tensor(np.array(value, dtype=np.float64), dtype=target.dtype).reshape(target.shape)
+
+        f = self.func
+        put("embedding.weight", _np(self.tensor(f.child("type_embed").child("embed_module"), "weight")))
+        bessel = f.child("bessel_encode")
+        n = _np(self.tensor(bessel, "bessel_weights")).reshape(-1)
+        if not np.allclose(n, np.arange(1, n.size + 1), rtol=0, atol=1e-12):
+            self.refuse("trained Bessel frequencies")
+        if float(bessel.child("cutoff").attr("p")) != config["envelope_p"]:
+            raise ModelFileError(f"{self.path!r}: cutoff p differs from the config's polynomial_cutoff_p")
+        recip = _np(self.tensor(f.child("edge_norm"), "_rmax_recip")).reshape(-1)
+        if recip.size != 1 or abs(recip[0] * config["cutoff"] - 1.0) > 1e-12:
+            self.refuse("per-edge-type cutoffs")
+        for k in range(config["num_interactions"]):
+            self.layer(k, model, config, put)
+        readout = self.scalar_mlp(f.child("per_atom_energy_readout").child("mlp_module"))
+        C = config["channels"]
+        first = np.zeros((C, readout[0].shape[1]))
+        first[:readout[0].shape[0]] = readout[0]                  # padded scalar channels read nothing
+        if len(readout) == 1:
+            put("readout.weight", first.reshape(-1))
+            put("readout.bias", 0.0)
+        elif len(readout) == 2 and config["readout"] == "mlp":
+            put("readout.hidden.weight", first.T)
+            put("readout.hidden.bias", np.zeros(first.shape[1]))
+            put("readout.out.weight", readout[1].reshape(-1))
+            put("readout.out.bias", 0.0)
+        else:
+            self.refuse(f"a readout MLP with {len(readout) - 1} hidden layers")
+        ss = f.child("per_type_energy_scale_shift")
+        scales = _np(self.tensor(ss, "scales")).reshape(-1) if ss.attr("has_scales") else np.ones(1)
+        shifts = _np(self.tensor(ss, "shifts")).reshape(-1) if ss.attr("has_shifts") else np.zeros(1)
+        put("scale_shift.scale", np.broadcast_to(scales, (n_species,)))
+        put("scale_shift.shift", np.broadcast_to(shifts, (n_species,)))
+        pair = f.modules.get("pair_potential")
+        if (pair is not None) != (config["pair_repulsion"] != "none"):
+            raise ModelFileError(f"{self.path!r}: the pair potential of the model and of its config differ")
+        if pair is not None:
+            z = _np(self.tensor(pair, "atomic_numbers")).reshape(-1)
+            if not np.array_equal(z, model.species_z.double().numpy()):
+                self.refuse(f"ZBL atomic numbers {z.tolist()} that differ from the types' elements")
+            if abs(float(_np(self.tensor(pair, "_qqr2exesquare"))) - 0.5 * 14.399645) > 1e-9 or \
+                    float(pair.child("cutoff").attr("p")) != config["pair_envelope_p"]:
+                self.refuse("a ZBL with other constants than nequip's metal-units ZBL")
+        self.check_all_used()
+        parameters = {name for name, _ in model.named_parameters()}
+        missing = sorted(x for x in parameters if state[x] is initial[x])
+        if missing:
+            raise ModelFileError(f"{self.path!r}: no value in the file for {missing[:5]}")
+        return state
+
+    def check_all_used(self) -> None:
+        for path, module in walk(self.func):
+            for key, t in module.tensors.items():
+                if id(t) in self.used or t.numel() == 0 or key in ("output_mask", "norm_const", "_empty"):
+                    continue
+                self.refuse(f"tensor {path}.{key} {tuple(t.shape)} has no place in eqcalc's NequIP")
+
+
+def read(path: str | Path, progress: bool = True):
+    """Read a ``.nequip.zip`` → ``(model, source_metadata)`` without running anything in it."""
+    import potentials
+
+    path = str(path)
+    start = time.perf_counter()
+    package = Package(path)
+    try:
+        reader = Reader(package)
+        config = reader.config()
+        reader.load()
+        dtype = reader.package.model_options().get("model_dtype", "float32")
+        model = potentials.build("nequip", dtype=dtype, **config)
+        state = reader.fill(model, config)
+        model.load_state_dict(state, strict=True)
+    except EqcalcError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as e:
+        raise ModelFileError(f"{path!r} does not have the structure of a nequip NequIPGNNModel package "
+                             f"({type(e).__name__}: {e})") from e
+    finally:
+        package.archive.close()
+    versions = (package.metadata or {}).get("versions", {}) if isinstance(package.metadata, dict) else {}
+    source = {
+        "format": "nequip package (.nequip.zip, torch.package)",
+        "file": Path(path).name,
+        "sha256": sha256(path),
+        "nequip_version": str(versions.get("nequip", "unknown")),
+        "e3nn_version": str(versions.get("e3nn", "unknown")),
+        "model_builder": package.model_options().get("_target_"),
+        "dtype": dtype,
+        "conventions": {
+            "edge_vector": "neighbour minus centre in both",
+            "harmonics": "e3nn 'component' basis (y polar) rotated onto eqcalc's",
+            "wigner_3j": "e3nn >= 0.5 signs",
+            "bessel": "nequip's sinc basis times 2 pi / r_max^2 folded into the first radial layer",
+            "energy": "scale[type] * readout + shift[type]",
+        },
+        "conversion_seconds": round(time.perf_counter() - start, 3),
+    }
+    log.info("converted %s (%d parameters) in %.1f s", path, sum(p.numel() for p in model.parameters()),
+             source["conversion_seconds"])
+    return model, source

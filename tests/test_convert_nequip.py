@@ -1,0 +1,186 @@
+"""``potentials.convert`` / ``eqcalc convert`` against nequip itself (``.nequip.zip`` packages).
+
+nequip lives in its own virtualenv (e3nn >= 0.6): the session fixture creates it with
+``benchmarks/nequip_env.sh`` under ``build/nequip-env`` (PyPI only; reused when present; it reads
+this venv's torch and common packages, never the reverse) and runs ``tests/nequip_reference.py``
+there once (brief ``nequip-train`` runs, ``nequip-package build``, nequip's ASE calculator, all in
+one process), caching packages and results under
+``build/nequip-reference/<hash of the script, nequip and torch versions>``. Nothing from nequip,
+e3nn or the packages is imported or run in this process.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import Atoms
+
+from eqcalc import EquivariantCalculator, package
+from eqcalc.errors import ModelFileError, UnsafeModelError, UnsupportedModelError
+from potentials import testing as T
+from potentials.convert import convert
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "nequip_reference.py"
+ENV = Path(os.environ.get("EQCALC_NEQUIP_ENV", ROOT / "build" / "nequip-env"))
+SUPPORTED = ["basic", "per_type_l2", "zbl_l3"]
+REFUSED = {"parity_4layers": "parity", "edge_cutoffs": "per_edge_type_cutoff"}
+
+
+def _run(cmd, what):
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=""))
+    if done.returncode != 0:
+        pytest.fail(f"{what} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def nequip_reference():
+    """``(folder, reference dict)``: nequip's packages and results (see the module doc)."""
+    python = ENV / "bin" / "python"
+    check = [python, "-c", "import nequip, e3nn, torch; print(nequip.__version__, torch.__version__)"]
+    if not python.exists() or subprocess.run([str(c) for c in check], capture_output=True).returncode != 0:
+        # shares this venv's torch (read-only, see the script): ~45 s instead of ~2 min and 1.3 GB
+        _run(["bash", ROOT / "benchmarks" / "nequip_env.sh", ENV, sys.executable],
+             "creating the nequip virtualenv")
+    version = _run(check, "importing nequip").strip()
+    key = hashlib.sha256(SCRIPT.read_bytes() + version.encode()).hexdigest()[:16]
+    out = ROOT / "build" / "nequip-reference" / key
+    if not (out / "reference.json").exists():
+        tmp = out.with_name(key + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _run([python, SCRIPT, tmp], "nequip reference run")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out, json.loads((out / "reference.json").read_text())
+
+
+def atoms_of(s):
+    return Atoms(numbers=s["numbers"], positions=s["positions"], cell=s["cell"], pbc=s["pbc"])
+
+
+@pytest.mark.parametrize("variant", SUPPORTED)
+def test_converted_package_matches_nequip(nequip_reference, variant, tmp_path):
+    folder, ref = nequip_reference
+    v = ref["variants"][variant]
+    calc = EquivariantCalculator(str(convert(folder / v["file"], tmp_path / "m.eqm")), dtype="float64",
+                                 compile="eager")
+    for name, s in ref["structures"].items():
+        atoms = atoms_of(s)
+        atoms.calc = calc
+        r = v["results"][name]
+        e, f = atoms.get_potential_energy(), atoms.get_forces()
+        assert abs(e - r["energy"]) / max(1.0, abs(r["energy"])) < 1e-10, (name, e, r["energy"])
+        np.testing.assert_allclose(f, r["forces"], rtol=0, atol=1e-10 * np.abs(r["forces"]).max(), err_msg=name)
+        if r["stress"] is not None:
+            st = atoms.get_stress(voigt=False)
+            np.testing.assert_allclose(st, r["stress"], rtol=0, atol=1e-10 * np.abs(r["stress"]).max(),
+                                       err_msg=name)
+
+
+@pytest.fixture(scope="session")
+def converted(nequip_reference, tmp_path_factory):
+    folder, ref = nequip_reference
+    made = {}
+
+    def get(variant):
+        if variant not in made:
+            out = tmp_path_factory.mktemp("nequip") / f"{variant}.eqm"
+            made[variant] = str(convert(folder / ref["variants"][variant]["file"], out))
+        return made[variant]
+
+    return get
+
+
+def test_converted_model_passes_the_physics_library(converted):
+    """Padded per-degree channels, per-type normalisation, l_max 2: forces and stress are
+    derivatives of the energy and O(3) symmetry holds in eqcalc's own machinery."""
+    calc = EquivariantCalculator(converted("per_type_l2"), compile="eager", device="cpu")
+    structures = T.structures(calc.metadata["species"], seed=1)
+    tol = T.TOLERANCES["float64"]
+    for name in ("bulk", "small_triclinic", "cluster"):
+        assert T.check_forces_fd(calc, structures[name]) <= tol["fd_forces"], name
+    assert T.check_stress_fd(calc, structures["bulk"]) <= tol["fd_stress"]
+    worst = T.check_symmetry(calc, structures["slab"], n=6)
+    assert max(worst.values()) <= tol["symmetry"], worst
+
+
+def test_converted_model_compiles_to_torchscript(converted):
+    path = converted("zbl_l3")
+    eager = EquivariantCalculator(path, compile="eager", device="cpu")
+    compiled = EquivariantCalculator(path, compile="torchscript", device="cpu")
+    assert compiled.model.compile_kind == "torchscript"
+    systems = list(T.structures(eager.metadata["species"], seed=2).values())
+    assert T.check_compiled(compiled, eager, systems) <= T.TOLERANCES["float64"]["compiled"]
+
+
+def test_metadata_records_the_source_and_the_cli_converts(nequip_reference, converted, tmp_path):
+    folder, ref = nequip_reference
+    from eqcalc.cli import build_parser, main
+
+    source = package.read(converted("basic")).metadata["source"]
+    assert source["nequip_version"] == ref["versions"]["nequip"]
+    assert source["e3nn_version"] == ref["versions"]["e3nn"]
+    assert len(source["sha256"]) == 64 and source["file"] == "basic.nequip.zip"
+    help_text = build_parser()._subparsers._group_actions[0].choices["convert"].format_help()
+    assert ".nequip.zip" in help_text
+    out = tmp_path / "cli.eqm"
+    assert main(["convert", str(folder / "zbl_l3.nequip.zip"), str(out)]) == 0
+    assert package.read(str(out)).metadata["config"]["pair_repulsion"] == "zbl_lammps"
+    assert main(["convert", str(folder / "parity_4layers.nequip.zip"), str(tmp_path / "p.eqm")]) != 0
+    assert not (tmp_path / "p.eqm").exists()
+
+
+@pytest.mark.parametrize("variant", sorted(REFUSED))
+def test_unsupported_options_are_refused_by_name(nequip_reference, variant, tmp_path):
+    folder, ref = nequip_reference
+    with pytest.raises(UnsupportedModelError, match=REFUSED[variant]):
+        convert(folder / ref["variants"][variant]["file"], tmp_path / "m.eqm")
+    assert not (tmp_path / "m.eqm").exists()
+
+
+def test_compiled_nequip_files_are_refused(tmp_path):
+    for name in ("model.nequip.pt2", "model.nequip.pth"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04")
+        with pytest.raises(UnsupportedModelError, match="convert the .nequip.zip package"):
+            convert(tmp_path / name, tmp_path / "m.eqm")
+
+
+def test_package_with_an_unknown_global_is_refused_and_never_runs(nequip_reference, tmp_path):
+    """The eager model's pickle is rewritten to call os.system: refused by name, nothing runs."""
+    folder, ref = nequip_reference
+    source = folder / ref["variants"]["basic"]["file"]
+    bad = tmp_path / "bad.nequip.zip"
+    marker = tmp_path / "ran"
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("model/eager_model.pkl"):
+                cmd = f"touch {marker}".encode()
+                data = (b"\x80\x02cos\nsystem\nq\x00X" + len(cmd).to_bytes(4, "little") + cmd
+                        + b"\x85R.")
+            zout.writestr(item, data)
+    with pytest.raises(UnsafeModelError, match="os.system"):
+        convert(bad, tmp_path / "m.eqm")
+    assert not marker.exists()
+
+
+def test_damaged_config_is_a_model_file_error(nequip_reference, tmp_path):
+    folder, ref = nequip_reference
+    source = folder / ref["variants"]["basic"]["file"]
+    bad = tmp_path / "bad.nequip.zip"
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("model/config.yaml"):
+                data = b"training_module: [unclosed"
+            zout.writestr(item, data)
+    with pytest.raises(ModelFileError):
+        convert(bad, tmp_path / "m.eqm")
