@@ -331,7 +331,7 @@ def _conforms(value, hint) -> bool:
     if origin is typing.Literal:
         return value in args
     if origin in (tuple, list, collections.abc.Sequence):
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):  # a list once read back from JSON; a tuple while written
             return False
         if origin is tuple and args and args[-1] is not Ellipsis:
             return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args))
