@@ -216,6 +216,21 @@ def _base_structure(rng: np.random.Generator, elements: Sequence[str]):
     return kind, slab
 
 
+def _check_elements(elements: Sequence[str]) -> None:
+    unknown = sorted(set(elements) - set(ELEMENTS))
+    if unknown:
+        raise InvalidAtomsError(f"elements {unknown} are not covered by EMT here; use some of "
+                                f"{', '.join(ELEMENTS)}")
+
+
+def _progress(show: bool, total: int, desc: str):
+    """A tqdm bar over frames, or None."""
+    if not show:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="frame")
+
+
 def generate(path: str | os.PathLike, n_structures: int, seed: int = 0,
              elements: Sequence[str] = ELEMENTS, progress: bool = False) -> Path:
     """Write ``n_structures`` EMT-labelled frames to ``path`` (extxyz); see the module docstring.
@@ -223,17 +238,11 @@ def generate(path: str | os.PathLike, n_structures: int, seed: int = 0,
     Deterministic for a given ``(n_structures, seed, elements)``. Returns the path.
     """
 
-    unknown = sorted(set(elements) - set(ELEMENTS))
-    if unknown:
-        raise InvalidAtomsError(f"elements {unknown} are not covered by EMT here; use some of "
-                                f"{', '.join(ELEMENTS)}")
+    _check_elements(elements)
     rng = np.random.default_rng(seed)
     frames: List = []
     group = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n_structures, desc="EMT data", unit="frame")
+    bar = _progress(progress, n_structures, "EMT data")
     while len(frames) < n_structures:
         kind, atoms = _base_structure(rng, elements)
         new = _perturb(atoms, rng, seed * 100003 + group)
@@ -269,10 +278,7 @@ def generate_near_minima(path: str | os.PathLike, n_structures: int, seed: int =
     from ase.constraints import FixAtoms
     from ase.optimize import BFGS
 
-    unknown = sorted(set(elements) - set(ELEMENTS))
-    if unknown:
-        raise InvalidAtomsError(f"elements {unknown} are not covered by EMT here; use some of "
-                                f"{', '.join(ELEMENTS)}")
+    _check_elements(elements)
     metals = [m for m in METALS if m in elements]
     adsorbates = [a for a in ADSORBATES if set(_MOLECULE_ON_SURFACE[a][0]) <= set(elements)]
     if not metals:
@@ -280,10 +286,7 @@ def generate_near_minima(path: str | os.PathLike, n_structures: int, seed: int =
     rng = np.random.default_rng([seed, 11])
     frames: List = []
     group = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n_structures, desc="EMT near-minimum data", unit="frame")
+    bar = _progress(progress, n_structures, "EMT near-minimum data")
     while len(frames) < n_structures:
         metal = metals[rng.integers(len(metals))]
         if adsorbates and rng.random() < 0.85:

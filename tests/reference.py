@@ -56,3 +56,18 @@ def emt_relaxed(atoms, fmax: float = 0.05):
     atoms.calc = EMT()
     assert BFGS(atoms, logfile=None).run(fmax=fmax, steps=300)
     return atoms
+
+
+def run_reference(cmd, what: str) -> str:
+    """Run ``cmd`` (a reference code in its own virtualenv, so without this tree on PYTHONPATH);
+    its stdout, or the test fails with the tail of both streams."""
+    import os
+    import subprocess
+
+    import pytest
+
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=""))
+    if done.returncode != 0:
+        pytest.fail(f"{what} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return done.stdout

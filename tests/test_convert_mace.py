@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -28,19 +27,13 @@ from potentials import testing as T
 from potentials.convert import convert, e3nn
 from potentials.convert.torch_pickle import Allow, Limits, TorchArchive
 
+from tests.reference import run_reference as _run
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "mace_torch_reference.py"
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 SMALL_VARIANTS = ["mp0_like", "mp0_like_float32", "plain_first_l2", "density_zbl_agnesi",
                   "density_residual_soft_l0", "plain_zbl_3layers", "two_heads"]
-
-
-def _run(cmd, what):
-    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=""))
-    if done.returncode != 0:
-        pytest.fail(f"{what} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return done.stdout
 
 
 @pytest.fixture(scope="session")

@@ -26,19 +26,13 @@ from eqcalc.errors import ModelFileError, UnsafeModelError, UnsupportedModelErro
 from potentials import testing as T
 from potentials.convert import convert
 
+from tests.reference import run_reference as _run
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "nequip_reference.py"
 ENV = Path(os.environ.get("EQCALC_NEQUIP_ENV", ROOT / "build" / "nequip-env"))
 SUPPORTED = ["basic", "per_type_l2", "zbl_l3"]
 REFUSED = {"parity_4layers": "parity", "edge_cutoffs": "per_edge_type_cutoff"}
-
-
-def _run(cmd, what):
-    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=""))
-    if done.returncode != 0:
-        pytest.fail(f"{what} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return done.stdout
 
 
 @pytest.fixture(scope="session")

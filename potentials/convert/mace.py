@@ -40,7 +40,7 @@ import torch
 from eqcalc.errors import ModelFileError, UnsupportedModelError
 from potentials import o3
 from potentials.convert import e3nn
-from potentials.convert.torch_pickle import Allow, Record, TorchArchive, walk
+from potentials.convert.torch_pickle import Allow, Record, TorchArchive, require_filled, walk
 
 log = logging.getLogger("eqcalc.convert")
 
@@ -518,11 +518,7 @@ class Reader:
         put("scale_shift.scale", np.full(n_species, scale))
         put("scale_shift.shift", shift + e0[self.h])
         self.check_all_used()
-        # Every parameter of eqcalc's model must have come from the file.
-        parameters = {name for name, _ in model.named_parameters()}
-        missing = sorted(n for n in parameters if state[n] is initial[n])
-        if missing:
-            raise ModelFileError(f"{self.path!r}: no value in the file for {missing[:5]}")
+        require_filled(self.path, model, state, initial)
         return state
 
     def check_all_used(self) -> None:

@@ -39,7 +39,7 @@ from eqcalc.errors import EqcalcError, ModelFileError, UnsupportedModelError
 from potentials import o3
 from potentials.convert import e3nn
 from potentials.convert.mace import sha256
-from potentials.convert.torch_pickle import Allow, Record, TorchArchive, walk
+from potentials.convert.torch_pickle import Allow, Record, TorchArchive, require_filled, walk
 from potentials.nequip import NORMALIZED_SILU_GAIN
 
 log = logging.getLogger(__name__)
@@ -395,10 +395,7 @@ class Reader:
                     float(pair.child("cutoff").attr("p")) != config["pair_envelope_p"]:
                 self.refuse("a ZBL with other constants than nequip's metal-units ZBL")
         self.check_all_used()
-        parameters = {name for name, _ in model.named_parameters()}
-        missing = sorted(x for x in parameters if state[x] is initial[x])
-        if missing:
-            raise ModelFileError(f"{self.path!r}: no value in the file for {missing[:5]}")
+        require_filled(self.path, model, state, initial)
         return state
 
     def check_all_used(self) -> None:

@@ -409,3 +409,11 @@ def state_dict(record: Record) -> Dict[str, torch.Tensor]:
             if isinstance(tensor, torch.Tensor):
                 out[f"{path}.{key}" if path else key] = tensor
     return out
+
+
+def require_filled(path, model, state: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor]) -> None:
+    """:class:`ModelFileError` unless every parameter of ``model`` in ``state`` was replaced by a
+    value from the file (``initial`` holds the freshly built model's tensors)."""
+    missing = sorted(n for n, _ in model.named_parameters() if state[n] is initial[n])
+    if missing:
+        raise ModelFileError(f"{path!r}: no value in the file for {missing[:5]}")
