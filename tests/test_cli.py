@@ -124,7 +124,7 @@ def test_bench_model_times_every_compiled_form(package_path, tmp_path, capsys):
     assert [(r["form"], int(r["atoms"])) for r in rows] == [("eager", 32), ("torchscript", 32), ("aoti", 32)]
     assert all(float(r["step_ms"]) > 0 for r in rows) and float(rows[0]["speedup_vs_eager"]) == 1.0
     for r in rows[1:]:
-        assert float(r["speedup_vs_eager"]) == pytest.approx(float(rows[0]["step_ms"]) / float(r["step_ms"]), rel=0.02)
+        assert float(r["speedup_vs_eager"]) == pytest.approx(float(rows[0]["step_ms"]) / float(r["step_ms"]), rel=0.02, abs=0.006)  # printed to 2 decimals
     assert (tmp_path / "model_step.png").stat().st_size > 0
     assert "speedup_vs_eager" in capsys.readouterr().out
 

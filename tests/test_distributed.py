@@ -372,15 +372,15 @@ def test_ctrl_c_leaves_a_consistent_db_and_a_rerun_resumes(model_path, ref, tmp_
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if db.exists() and len(rows(db)) >= 2:
+        if db.exists() and len(rows(db)) >= 1:  # interrupt at the first row: the run takes ~3 s
             break
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err  # interrupted mid-run, said so
     assert "run the same command again to resume" in err
     before = rows(db)
-    assert 2 <= len(before) < 40 and all(r.status == "done" for r in before)
+    assert 1 <= len(before) < 40 and all(r.status == "done" for r in before)
     assert len({r.name for r in before}) == len(before)
 
     from eqcalc.engine.drivers import read_structures
