@@ -359,10 +359,10 @@ print("no dask")
 
 
 def test_ctrl_c_leaves_a_consistent_db_and_a_rerun_resumes(model_path, ref, tmp_path):
-    structures = small_structures(40)
+    structures = small_structures(120)  # ~10 s of work: the interrupt lands inside it
     files = []
     for k, a in enumerate(structures):
-        files.append(str(tmp_path / f"i{k:02d}.extxyz"))
+        files.append(str(tmp_path / f"i{k:03d}.extxyz"))
         ase.io.write(files[-1], a)
     db = tmp_path / "resume.db"
     argv = ["relax", *files, "--model", model_path, "--dtype", "float64", "--device", "cpu", "--max-steps", "12",
@@ -372,20 +372,21 @@ def test_ctrl_c_leaves_a_consistent_db_and_a_rerun_resumes(model_path, ref, tmp_
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if db.exists() and len(rows(db)) >= 1:  # interrupt at the first row: the run takes ~3 s
+        if db.exists() and len(rows(db)) >= 2:
             break
         time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err  # interrupted mid-run, said so
     assert "run the same command again to resume" in err
     before = rows(db)
-    assert 1 <= len(before) < 40 and all(r.status == "done" for r in before)
+    assert 2 <= len(before) < 120 and all(r.status == "done" for r in before)
     assert len({r.name for r in before}) == len(before)
 
     from eqcalc.engine.drivers import read_structures
 
     report = dist.relax(None, read_structures(files), ref, names=files, db=str(db), progress=False, **RELAX)
-    assert report.skipped == len(before) and report.done == 40 - len(before)
+    assert report.skipped == len(before) and report.done == 120 - len(before)
     after = rows(db)
     assert sorted(r.name for r in after) == files
