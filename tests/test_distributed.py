@@ -368,8 +368,11 @@ def test_ctrl_c_leaves_a_consistent_db_and_a_rerun_resumes(model_path, ref, tmp_
     argv = ["relax", *files, "--model", model_path, "--dtype", "float64", "--device", "cpu", "--max-steps", "12",
             "--fmax", "0.02", "--db", str(db), "--batch-atoms", "1"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    # SIGINT back to its default in the child: Python started with SIGINT ignored (inherited; in the
+    # full suite something before this test leaves it ignored) never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "eqcalc.cli", *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if db.exists() and len(rows(db)) >= 2:
