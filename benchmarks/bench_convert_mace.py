@@ -202,23 +202,30 @@ def main():
     write(rows, sizes, info, Path(args.out))
 
 
-def write(rows, sizes, info, out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    reference = {(r["dtype"], r["atoms"]): r for r in rows if r["code"].startswith("mace-torch")}
-    fields = ["code", "kind", "dtype", "atoms", "threads", "best_s", "median_s", "cpu_s", "ratio_to_mace_torch",
-              "cpu_ratio_to_mace_torch"]
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields + ["conversion_s", "model_MB", "eqm_MB"])
+def write_ratio_csv(rows, sizes, path: Path, peer: str, source_column: str) -> None:
+    """Step times with their ratios to the peer code (rows whose ``code`` starts with ``peer``,
+    same dtype and atoms; column suffix ``peer`` with "-" as "_"), then one conversion row per
+    source file (its size under ``source_column``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reference = {(r["dtype"], r["atoms"]): r for r in rows if r["code"].startswith(peer)}
+    ratio, cpu_ratio = f"ratio_to_{peer.replace('-', '_')}", f"cpu_ratio_to_{peer.replace('-', '_')}"
+    fields = ["code", "kind", "dtype", "atoms", "threads", "best_s", "median_s", "cpu_s", ratio, cpu_ratio]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields + ["conversion_s", source_column, "eqm_MB"])
         w.writeheader()
         for r in rows:
             ref = reference.get((r["dtype"], r["atoms"]))
             w.writerow({**{k: r.get(k, "") for k in fields},
-                        "ratio_to_mace_torch": round(r["best_s"] / ref["best_s"], 3) if ref else "",
-                        "cpu_ratio_to_mace_torch": round(r["cpu_s"] / ref["cpu_s"], 3) if ref else ""})
+                        ratio: round(r["best_s"] / ref["best_s"], 3) if ref else "",
+                        cpu_ratio: round(r["cpu_s"] / ref["cpu_s"], 3) if ref else ""})
         for s in sizes:
             w.writerow({"code": "potentials.convert", "kind": "conversion", "dtype": s["dtype"],
-                        "conversion_s": round(s["conversion_s"], 2), "model_MB": round(s["model_MB"], 2),
+                        "conversion_s": round(s["conversion_s"], 2), source_column: round(s["model_MB"], 2),
                         "eqm_MB": round(s["eqm_MB"], 2)})
+
+
+def write(rows, sizes, info, out: Path):
+    write_ratio_csv(rows, sizes, out.with_suffix(".csv"), "mace-torch", "model_MB")
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -22,7 +22,6 @@ hits both. Each row keeps the best wall time and the best process CPU time.
 """
 import argparse
 import contextlib
-import csv
 import json
 import os
 import subprocess
@@ -117,22 +116,10 @@ def run(args, worker_process, workdir: Path):
 
 
 def write(rows, sizes, n_params, out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    reference = {(r["dtype"], r["atoms"]): r for r in rows if r["code"].startswith("nequip")}
-    fields = ["code", "kind", "dtype", "atoms", "threads", "best_s", "median_s", "cpu_s", "ratio_to_nequip",
-              "cpu_ratio_to_nequip"]
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields + ["conversion_s", "package_MB", "eqm_MB"])
-        w.writeheader()
-        for r in rows:
-            ref = reference.get((r["dtype"], r["atoms"]))
-            w.writerow({**{k: r.get(k, "") for k in fields},
-                        "ratio_to_nequip": round(r["best_s"] / ref["best_s"], 3) if ref else "",
-                        "cpu_ratio_to_nequip": round(r["cpu_s"] / ref["cpu_s"], 3) if ref else ""})
-        for s in sizes:
-            w.writerow({"code": "potentials.convert", "kind": "conversion", "dtype": s["dtype"],
-                        "conversion_s": round(s["conversion_s"], 2), "package_MB": round(s["model_MB"], 2),
-                        "eqm_MB": round(s["eqm_MB"], 2)})
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_convert_mace import write_ratio_csv
+
+    write_ratio_csv(rows, sizes, out.with_suffix(".csv"), "nequip", "package_MB")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
