@@ -103,6 +103,21 @@ def _rel(a, b) -> float:
 
 
 # ---- checks -------------------------------------------------------------------------------
+def _central_differences(reference, atoms: Atoms, picks, h: float, key: str) -> np.ndarray:
+    """``∂ result[key] / ∂ r[i, k]`` for each ``(i, k)`` of ``picks`` by 4th-order central
+    differences (one batched ``reference.predict`` of the 4 displacements of each), flattened:
+    ``(len(picks), size of result[key])``."""
+    displaced = []
+    for i, k in picks:
+        for step in (h, -h, 2 * h, -2 * h):
+            d = atoms.copy()
+            d.positions[i, k] += step
+            displaced.append(d)
+    values = np.array([np.asarray(r[key], dtype=float).reshape(-1) for r in reference.predict(displaced)])
+    values = values.reshape(len(picks), 4, -1)
+    return (8 * (values[:, 0] - values[:, 1]) - (values[:, 2] - values[:, 3])) / (12 * h)
+
+
 def check_forces_fd(calc, atoms: Atoms, reference=None, n_components: int = 6, h: float = 1e-3,
                     seed: int = 0) -> float:
     """Forces vs 4th-order central differences of the energy (``reference`` calculator, default
@@ -110,14 +125,7 @@ def check_forces_fd(calc, atoms: Atoms, reference=None, n_components: int = 6, h
     reference = reference or calc
     rng = np.random.default_rng(seed)
     picks = [(rng.integers(len(atoms)), rng.integers(3)) for _ in range(n_components)]
-    displaced = []
-    for i, k in picks:
-        for step in (h, -h, 2 * h, -2 * h):
-            d = atoms.copy()
-            d.positions[i, k] += step
-            displaced.append(d)
-    energies = np.array([r["energy"] for r in reference.predict(displaced)]).reshape(-1, 4)
-    fd = -(8 * (energies[:, 0] - energies[:, 1]) - (energies[:, 2] - energies[:, 3])) / (12 * h)
+    fd = -_central_differences(reference, atoms, picks, h, "energy")[:, 0]
     forces = calc.predict([atoms])[0]["forces"]
     analytic = np.array([forces[i, k] for i, k in picks])
     return float(np.abs(analytic - fd).max() / max(np.abs(forces).max(), 1e-12))
@@ -305,15 +313,7 @@ def check_hessian_fd(calc, atoms: Atoms, reference=None, n_columns: int = 6, h: 
     reference = reference or calc
     rng = np.random.default_rng(seed)
     picks = [(int(rng.integers(len(atoms))), int(rng.integers(3))) for _ in range(n_columns)]
-    displaced = []
-    for i, k in picks:
-        for step in (h, -h, 2 * h, -2 * h):
-            d = atoms.copy()
-            d.positions[i, k] += step
-            displaced.append(d)
-    forces = np.array([r["forces"].reshape(-1) for r in reference.predict(displaced)]).reshape(
-        n_columns, 4, -1)
-    fd = -(8 * (forces[:, 0] - forces[:, 1]) - (forces[:, 2] - forces[:, 3])) / (12 * h)
+    fd = -_central_differences(reference, atoms, picks, h, "forces")
     hessian = calc.get_hessian(atoms)
     analytic = np.stack([hessian[:, 3 * i + k] for i, k in picks])
     return float(np.abs(analytic - fd).max() / max(np.abs(analytic).max(), 1e-12))
