@@ -82,7 +82,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -290,16 +290,17 @@ def _loss(out, batch, weights) -> Dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # model preparation
 # ----------------------------------------------------------------------------------------------
-def _initial_model(cfg: Dict, species: List[str], cutoff: float) -> torch.nn.Module:
+def _initial_model(cfg: Dict, species: List[str], cutoff: float) -> Tuple[torch.nn.Module, Dict]:
     """The model of ``cfg["init"]`` (a package path or shipped name), trainable, checked against
-    the recipe: fine-tuning keeps the package's architecture, hyperparameters, species and cutoff."""
-    import potentials
+    the recipe (fine-tuning keeps the package's architecture, hyperparameters, species and
+    cutoff), and the package's metadata."""
     from eqcalc import package
 
-    model = potentials.load(cfg["init"])
+    pkg = package.read(package.resolve(cfg["init"]))
+    model = package.build_eager(pkg)
     config = model.config_dict()
     problems = []
-    architecture = package.read(package.resolve(cfg["init"])).metadata.get("architecture")
+    architecture = pkg.metadata.get("architecture")
     if cfg["architecture"] != architecture:
         problems.append(f"architecture {cfg['architecture']!r} vs the package's {architecture!r}")
     if list(config["species"]) != list(species):
@@ -315,15 +316,7 @@ def _initial_model(cfg: Dict, species: List[str], cutoff: float) -> torch.nn.Mod
         raise InvalidOptionError(f"init={cfg['init']!r} does not match the recipe: {'; '.join(problems)}; "
                                  "fine-tuning keeps the package's model, so remove or align these options "
                                  "(species: set species to the package's list)")
-    return model.train()
-
-
-def _init_card(init) -> Dict:
-    """Which package a fine-tune started from (name and file hash), for the new model's metadata."""
-    from eqcalc import package
-
-    meta = package.read(package.resolve(init)).metadata
-    return {"model": str(init), "sha256": meta.get("sha256"), "weights_sha256": meta.get("weights_sha256")}
+    return model.train(), pkg.metadata
 
 
 def _species_parameter(model: torch.nn.Module, name: str, n_species: int) -> torch.Tensor:
@@ -681,11 +674,9 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
 
     # ---- model ----
     if cfg["init"]:
-        model = _initial_model(cfg, species, cutoff)
+        model, init_meta = _initial_model(cfg, species, cutoff)
         dtype = next(model.parameters()).dtype
-        from eqcalc import package
-
-        fitted = (package.read(package.resolve(cfg["init"])).metadata.get("training") or {}).get("reference_energies_eV")
+        fitted = (init_meta.get("training") or {}).get("reference_energies_eV")
         refs = (np.array([fitted[s] for s in species]) if fitted and set(species) <= set(fitted)
                 else _species_parameter(model, "shift", len(species)).detach().double().numpy())
     else:
@@ -854,7 +845,8 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     if extra:
         summary.update(extra_files=[Path(p).name for p in extra], generate_extra=cfg["generate_extra"])
     if cfg["init"]:
-        summary["init"] = _init_card(cfg["init"])
+        summary["init"] = {"model": str(cfg["init"]), "sha256": init_meta.get("sha256"),
+                           "weights_sha256": init_meta.get("weights_sha256")}
     training = {
         "data": summary,
         "reference_energies_eV": {s: round(float(e), 6) for s, e in zip(species, refs)},
