@@ -1,6 +1,6 @@
 """Regenerate the shipped models from their recipes.
 
-    nice -n 15 python -m potentials.make_models            # every recipe (default and its base, faenet, schnet)
+    nice -n 15 python -m potentials.make_models            # every recipe (default, schnet)
     nice -n 15 python -m potentials.make_models default    # one recipe
     python -m potentials.make_models default --set max_steps=50 --set output=/tmp/m.eqm
 
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Dict
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-_MADE: set = set()  # recipes trained in this process
 
 
 def _scalar(text: str) -> Any:
@@ -85,13 +84,8 @@ def make(name: str, overrides: Dict[str, Any] | None = None) -> Path:
     config = load_recipe(RECIPES / f"{name}.yaml")
     config.update(overrides or {})
     check = bool(config.pop("adsorption_check", False))
-    base = config.pop("init_recipe", None)
-    if base and config.get("init") and not Path(config["init"]).exists():
-        print(f"{name} fine-tunes {config['init']}: building it first from recipe {base!r}")
-        make(base)
     start = time.perf_counter()
     path = train(config)
-    _MADE.add(name)
     if check:
         add_adsorption_check(path)
     metrics = json.loads((Path(config["work_dir"]) / "metrics.json").read_text())
@@ -129,8 +123,6 @@ def main(argv=None) -> int:
     names = args.recipes or sorted(p.stem for p in RECIPES.glob("*.yaml"))
     overrides = parse_overrides(args.set)
     for name in names:
-        if name in _MADE:  # a fine-tune's base built on the way
-            continue
         make(name, overrides)
     return 0
 
