@@ -69,12 +69,12 @@ def check_supercell(supercell) -> np.ndarray:
 
 def phonons(atoms, model="default", supercell=(4, 4, 4), method: str = "displacement",
             displacement: float = 0.01, device: str = "auto", dtype: Optional[str] = None,
-            forces: Optional[Callable[[List], List[np.ndarray]]] = None):
+            forces=None):
     """A ``phonopy.Phonopy`` for the crystal ``atoms`` with force constants from ``model``.
 
     ``supercell``: three multiples or a 3x3 integer matrix; ``displacement``: Å (phonopy's
-    default 0.01); ``forces``: optional function ``[Atoms] -> [(n, 3) eV/Å]`` replacing the model
-    (e.g. a reference calculator), displacement method only.
+    default 0.01); ``forces``: a reference in place of the model, displacement method only: an ASE calculator
+    (e.g. ``EMT()``, evaluated supercell by supercell) or a function ``[Atoms] -> [(n, 3) eV/Å]``.
     """
     from eqcalc.atoms import to_ase, validate
     from eqcalc.workflows.vibrations import _calculator
@@ -106,7 +106,8 @@ def phonons(atoms, model="default", supercell=(4, 4, 4), method: str = "displace
     else:
         phonon.generate_displacements(distance=displacement)
         cells = [_to_ase(c) for c in phonon.supercells_with_displacements] + [_to_ase(phonon.supercell)]
-        evaluate = forces or (lambda structures: [r["forces"] for r in calc.predict(structures)])
+        evaluate = (_forces_of(forces) if forces is not None
+                    else (lambda structures: [r["forces"] for r in calc.predict(structures)]))
         results = evaluate(cells)
         residual = results[-1]  # forces of the perfect supercell: zero at equilibrium
         phonon.forces = np.array([f - residual for f in results[:-1]])
@@ -115,6 +116,24 @@ def phonons(atoms, model="default", supercell=(4, 4, 4), method: str = "displace
     log.info("force constants of %s (%s, %d-atom supercell) in %.2f s", atoms.get_chemical_formula(),
              method, len(phonon.supercell), time.perf_counter() - start)
     return phonon
+
+
+def _forces_of(reference) -> Callable[[List], List[np.ndarray]]:
+    """``forces=`` as a function of a list of structures: an ASE calculator is attached to a copy
+    of each structure in turn (the caller's calculator keeps no state from us)."""
+    from ase.calculators.calculator import BaseCalculator
+
+    if not isinstance(reference, BaseCalculator):
+        return reference
+
+    def evaluate(structures):
+        out = []
+        for s in structures:
+            s = s.copy()
+            s.calc = reference
+            out.append(s.get_forces())
+        return out
+    return evaluate
 
 
 def frequencies(phonon, qpoints: Sequence[Sequence[float]]) -> np.ndarray:
