@@ -223,12 +223,12 @@ def _check_elements(elements: Sequence[str]) -> None:
                                 f"{', '.join(ELEMENTS)}")
 
 
-def _progress(show: bool, total: int, desc: str):
-    """A tqdm bar over frames, or None."""
+def _progress(show: bool, total: int, desc: str, unit: str = "frame"):
+    """A tqdm bar over frames (or ``unit``), or None."""
     if not show:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="frame")
+    return tqdm(total=total, desc=desc, unit=unit)
 
 
 def generate(path: str | os.PathLike, n_structures: int, seed: int = 0,
@@ -320,6 +320,107 @@ def generate_near_minima(path: str | os.PathLike, n_structures: int, seed: int =
     if bar is not None:
         bar.close()
     return write_split(path, frames[:n_structures], group, seed)
+
+
+#: ``(process, metal, moving species)`` left out of :func:`generate_paths` by default: the
+#: reactions of ``tests/neb_cases.py``, whose barriers measure the model against EMT, so that
+#: those exact chemistries stay unseen (their neighbours in chemistry are drawn).
+HELD_OUT_PATHS = (("hop-111", "Pt", "O"), ("hop-100", "Cu", "O"), ("hop-100", "Al", "Au"),
+                  ("vacancy", "Cu", "Cu"), ("hop-111", "Pd", "N"))
+_HOP_HEIGHT = {"H": 1.0, "C": 1.1, "N": 1.1, "O": 1.2}   # Å above the surface, before relaxing
+
+
+def _hop_endpoints(process: str, metal: str, mover: str, rng: np.random.Generator):
+    """Unrelaxed end points of one elementary hop (same atoms, same order)."""
+    from ase.build import add_adsorbate, bulk, fcc100, fcc111
+    from ase.constraints import FixAtoms
+
+    if process == "vacancy":
+        base = bulk(metal, "fcc", cubic=True).repeat((2, 2, 2))
+        base.set_cell(base.cell.array * rng.uniform(0.99, 1.01), scale_atoms=True)
+        vacancy = int(rng.integers(len(base)))
+        neighbour = int(np.argsort(base.get_distances(vacancy, range(len(base)), mic=True))[1])
+        initial = base.copy()
+        del initial[vacancy]
+        final = initial.copy()
+        final.positions[neighbour - (neighbour > vacancy)] = base.positions[vacancy]
+        return initial, final
+    build, sites = (fcc111, ("fcc", "hcp")) if process == "hop-111" else (fcc100, ("hollow", "hollow"))
+    size = [(3, 3, 3), (2, 3, 3), (3, 3, 4)][rng.integers(3)]
+    height = 1.8 if mover in METALS else _HOP_HEIGHT[mover] - (0.2 if process == "hop-100" else 0.0)
+    pair = []
+    for site, offset in zip(sites, ((0, 0), (1, 0) if process == "hop-100" else (0, 0))):
+        s = build(metal, size, vacuum=6.0)
+        add_adsorbate(s, mover, height, site, offset=offset)
+        s.info.pop("adsorbate_info", None)
+        s.set_constraint(FixAtoms(mask=s.get_tags() == size[2]))
+        pair.append(s)
+    return tuple(pair)
+
+
+def generate_paths(path: str | os.PathLike, n_paths: int, seed: int = 0,
+                   elements: Sequence[str] = ELEMENTS, n_images: int = 5,
+                   held_out: Sequence[tuple] = HELD_OUT_PATHS, progress: bool = False) -> Path:
+    """Write EMT-labelled frames along ``n_paths`` elementary hops to ``path`` (extxyz).
+
+    Barriers are read where :func:`generate`'s frames never go: an atom squeezed between two
+    sites, a metal atom jumping into a vacancy. Each path is one of: an adsorbate (H, C, N, O)
+    or a metal adatom hopping fcc → hcp on (111) or hollow → hollow on (100), or a metal atom
+    hopping into a nearest-neighbour vacancy of a 2x2x2 cubic crystal. End points are relaxed
+    by EMT (0.05 eV/Å), ``n_images`` intermediate images interpolated (IDPP, minimum image)
+    and relaxed by ASE's climbing-image NEB with EMT for at most 60 FIRE steps (a band near
+    the path is the point, not a converged one). Frames: every intermediate image plus a
+    0.03 Å rattle of the highest one, ``info["kind"] == "path"``, one group per path. Hops in
+    ``held_out`` (``(process, metal, mover)``, see :data:`HELD_OUT_PATHS`) are never drawn.
+    Deterministic for given arguments; returns the path.
+    """
+    from ase.calculators.emt import EMT
+    from ase.mep import NEB
+    from ase.optimize import BFGS, FIRE
+
+    _check_elements(elements)
+    metals = [m for m in METALS if m in elements]
+    movers = [a for a in ADSORBATE_ELEMENTS if a in elements]
+    if not metals:
+        raise InvalidAtomsError(f"elements={list(elements)} contain no metal; use some of {', '.join(METALS)}")
+    rng = np.random.default_rng([seed, 13])
+    held = {tuple(h) for h in held_out}
+    frames: List = []
+    bar = _progress(progress, n_paths, "EMT reaction paths", unit="path")
+    group = 0
+    while group < n_paths:
+        process = ["hop-111", "hop-100", "vacancy"][rng.choice(3, p=[0.4, 0.35, 0.25])]
+        metal = metals[rng.integers(len(metals))]
+        if process == "vacancy":
+            mover = metal
+        else:
+            choices = movers if movers and rng.random() < 0.6 else metals
+            mover = choices[rng.integers(len(choices))]
+        if (process, metal, mover) in held:
+            continue
+        ends = _hop_endpoints(process, metal, mover, rng)
+        for end in ends:
+            end.calc = EMT()
+            BFGS(end, logfile=None).run(fmax=0.05, steps=200)
+        band = [ends[0]] + [ends[0].copy() for _ in range(n_images)] + [ends[1]]
+        for image in band[1:-1]:
+            image.calc = EMT()
+        neb = NEB(band, climb=True, method="improvedtangent")
+        neb.interpolate("idpp", mic=True)
+        FIRE(neb, logfile=None).run(fmax=0.1, steps=60)
+        interior = band[1:-1]
+        top = interior[int(np.argmax([image.get_potential_energy() for image in interior]))].copy()
+        top.positions += rng.normal(scale=0.03, size=top.positions.shape)
+        for image in interior + [top]:
+            frame = _label(image)
+            frame.info.update(group=group, kind="path", reference="ASE EMT", site=f"{process}-{metal}-{mover}")
+            frames.append(frame)
+        if bar is not None:
+            bar.update(1)
+        group += 1
+    if bar is not None:
+        bar.close()
+    return write_split(path, frames, group, seed)
 
 
 def write_split(path: str | os.PathLike, frames: List, n_groups: int, seed: int) -> Path:

@@ -165,3 +165,26 @@ def test_near_minimum_frames_sit_close_to_emt_minima(tmp_path):
             assert np.sum(data.labels(f)["forces"] * u) < 0, f.info["site"]
     assert data.generate_near_minima(tmp_path / "again.xyz", 6, seed=2,
                                      elements=("Cu", "O", "H")).read_text() == path.read_text()
+
+
+def test_path_frames_cross_a_barrier_and_never_draw_a_held_out_hop(tmp_path):
+    """Each hop gives its interior NEB images plus a rattled top image; the images climb a real
+    barrier (the highest EMT energy above the lowest by > 10 meV) and the moving atom travels
+    between two sites; labels are EMT's; the two held-out Cu chemistries are never drawn."""
+    from ase.calculators.emt import EMT
+
+    path = data.generate_paths(tmp_path / "p.xyz", 3, seed=3, elements=("Cu", "O"), n_images=3)
+    frames = data.read_dataset(path)
+    assert {f.info["kind"] for f in frames} == {"path"} and len(frames) == 3 * 4
+    assert not {f.info["site"] for f in frames} & {"hop-100-Cu-O", "vacancy-Cu-Cu"}
+    for group in sorted({f.info["group"] for f in frames}):
+        band = [f for f in frames if f.info["group"] == group][:3]
+        energies = [data.labels(f)["energy"] for f in band]
+        assert max(energies) - min(energies) > 0.01, band[0].info["site"]
+        travel = np.linalg.norm(band[-1].positions - band[0].positions, axis=1).max()
+        assert 0.3 < travel < 3.0, band[0].info["site"]
+    check = frames[1].copy()
+    check.calc = EMT()
+    assert abs(check.get_potential_energy() - data.labels(frames[1])["energy"]) < 1e-9
+    assert data.generate_paths(tmp_path / "again.xyz", 3, seed=3, elements=("Cu", "O"),
+                               n_images=3).read_text() == path.read_text()
