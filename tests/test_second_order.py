@@ -180,6 +180,29 @@ def test_batched_rows_are_zero_outside_their_system(calc):
         assert np.abs(block - single).max() <= 1e-12 * np.abs(single).max()
 
 
+def test_cpu_groups_of_systems_give_the_one_graph_hessian(calc, monkeypatch):
+    """A CPU batch cut into groups of systems (one graph each) gives what one graph of the whole
+    batch gives, for rows picked in any order across systems, and zero across groups."""
+    import torch
+    from eqcalc import derivatives
+    from eqcalc.atoms import to_tensors
+    from eqcalc.neighbors import compute_neighbors
+
+    c = calc("painn")
+    a, b = STRUCTS["slab"], STRUCTS["cluster"]
+    t = to_tensors([a, b, a, b])
+    e, s = compute_neighbors(t.positions, t.cell, t.pbc, c.model.cutoff, t.system)
+    n = len(a) + len(b)
+    rows = torch.tensor([3 * n + 4, 1, 3 * (n + len(a)) + 2, 3 * len(a) + 5, 7, 3 * n + 1])
+    one_graph = c.model.hessian(t, e, s, rows, max_batch=1)
+    edges = torch.bincount(t.system[e[0]]).tolist()
+    monkeypatch.setattr(derivatives, "HESSIAN_CPU_EDGES", max(edges[0], edges[1]))
+    assert int(derivatives._groups_of_systems(e, t.system, 4, derivatives.HESSIAN_CPU_EDGES).max()) == 3
+    grouped = c.model.hessian(t, e, s, rows)
+    assert torch.allclose(grouped, one_graph, rtol=0, atol=1e-12 * float(one_graph.abs().max()))
+    assert float(one_graph.abs().max()) > 0
+
+
 def test_hessian_bad_input_gets_typed_errors(calc):
     c = calc("painn")
     atoms = STRUCTS["cluster"].copy()
