@@ -7,8 +7,10 @@ recipes in ``potentials/recipes/*.yaml`` are such dicts); every key has a defaul
 ``data``            extxyz file from :func:`potentials.data.generate` (splits in ``info``).
 ``generate``        optional ``{n_structures, seed, elements}``: write ``data`` first if missing.
 ``extra_data``      more data files (a path or a list), each with its own splits, joined to ``data``'s.
-``generate_extra``  optional ``{n_structures, seed, elements}``: write the first ``extra_data``
-                    file with :func:`potentials.data.generate_near_minima` if missing.
+``generate_extra``  optional, one mapping per ``extra_data`` file (a single mapping: the first),
+                    writing it if missing: ``{kind: near_minima, n_structures, seed, elements}``
+                    (:func:`potentials.data.generate_near_minima`, the default kind) or
+                    ``{kind: paths, n_paths, seed, elements}`` (:func:`potentials.data.generate_paths`).
 ``init``            fine-tune: start from this model package (path or shipped name) instead of
                     fresh weights; its architecture, hyperparameters, species, cutoff, dtype and
                     reference energies are kept (recipe values for those must agree or be unset).
@@ -586,6 +588,22 @@ def check_options(cfg: Dict) -> None:
     outputs.writable_dir(cfg["work_dir"])
 
 
+def _generate_extra(path, gen: Dict, seed: int, progress: bool) -> None:
+    """Write one ``extra_data`` file from its ``generate_extra`` mapping (see the module docstring)."""
+    from potentials import data as datamod
+
+    kind = gen.pop("kind", "near_minima")
+    elements = gen.get("elements", datamod.ELEMENTS)
+    if kind == "near_minima":
+        datamod.generate_near_minima(path, int(gen.get("n_structures", 1000)), int(gen.get("seed", seed)),
+                                     elements=elements, progress=progress)
+    elif kind == "paths":
+        datamod.generate_paths(path, int(gen.get("n_paths", 100)), int(gen.get("seed", seed)),
+                               elements=elements, progress=progress)
+    else:
+        raise InvalidOptionError(f"generate_extra kind={kind!r}; use near_minima or paths")
+
+
 def train(config: Dict) -> Path:
     """Train per ``config`` (see the module docstring); returns the path of the model package.
 
@@ -644,10 +662,11 @@ def _train(config: Dict, ddp: "_Dist | None" = None) -> Path:
     require = ("energy", "forces") if weights[1] > 0 else ("energy",)
     extra = cfg["extra_data"] or []
     extra = [extra] if isinstance(extra, (str, Path)) else list(extra)
-    if extra and cfg["generate_extra"] and not Path(extra[0]).exists() and main:
-        gen = dict(cfg["generate_extra"])
-        datamod.generate_near_minima(extra[0], int(gen.get("n_structures", 1000)), int(gen.get("seed", seed)),
-                                     elements=gen.get("elements", datamod.ELEMENTS), progress=cfg["progress"])
+    recipes = cfg["generate_extra"] or []
+    recipes = [recipes] if isinstance(recipes, dict) else list(recipes)
+    for target, gen in zip(extra, recipes):
+        if not Path(target).exists() and main:
+            _generate_extra(target, dict(gen), seed, cfg["progress"])
     ddp.barrier()
     frames_ase = [f for p in [data_path, *extra] for f in datamod.read_dataset(p, require=require)]
     n_dropped = 0

@@ -272,6 +272,20 @@ def test_fine_tune_starts_from_the_package_and_refuses_a_different_model(dataset
         train(_config(dataset, tmp_path / "bad2", init=str(base), model=dict(features=16)))
 
 
+def test_generate_extra_writes_each_extra_file_with_its_own_generator(dataset, tmp_path):
+    """generate_extra: one mapping per extra_data file, near-minimum frames by default, reaction
+    paths with kind: paths; an unknown kind is refused by name."""
+    minima, paths = tmp_path / "m.xyz", tmp_path / "p.xyz"
+    train(_config(dataset, tmp_path / "run", extra_data=[str(minima), str(paths)], max_steps=1,
+                  generate_extra=[dict(n_structures=3, seed=1, elements=ELEMENTS),
+                                  dict(kind="paths", n_paths=1, seed=1, elements=ELEMENTS)]))
+    assert {f.info["kind"] for f in data.read_dataset(minima)} == {"near-minimum"}
+    assert {f.info["kind"] for f in data.read_dataset(paths)} == {"path"}
+    with pytest.raises(InvalidOptionError, match="kind='phonons'"):
+        train(_config(dataset, tmp_path / "bad", extra_data=[str(tmp_path / "x.xyz")],
+                      generate_extra=dict(kind="phonons")))
+
+
 def test_select_last_saves_the_final_ema_weights(dataset, tmp_path, monkeypatch):
     """select="last" (the shipped default's recipe) writes the EMA weights at the end of the
     schedule, "best" those of the best validation. The final validation (step 6) is made to look
