@@ -38,7 +38,8 @@ def _scalar(text: str) -> Any:
 
 def load_recipe(path: str | Path) -> Dict[str, Any]:
     """Read a recipe: PyYAML when installed, else the YAML subset the recipes use
-    (``key: value`` with nested mappings by indentation and ``[a, b]`` flow lists)."""
+    (``key: value`` with nested mappings by indentation, ``[a, b]`` flow lists and block lists
+    of mappings, ``- key: value`` items)."""
     text = Path(path).read_text()
     try:
         import yaml
@@ -47,19 +48,28 @@ def load_recipe(path: str | Path) -> Dict[str, Any]:
     if yaml is not None:
         return yaml.safe_load(text)
     root: Dict[str, Any] = {}
-    stack = [(-1, root)]
+    stack = [(-1, root, None, None)]  # (indent, mapping, its owner, its key in the owner)
     for raw in text.splitlines():
         line = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
         if not line.strip():
             continue
         indent = len(line) - len(line.lstrip())
-        key, _, value = line.strip().partition(":")
+        body = line.strip()
         while stack[-1][0] >= indent:
             stack.pop()
+        if body.startswith("- "):
+            # A list item: the mapping opened for its key becomes a list, the item a new mapping.
+            _, _, owner, key = stack[-1]
+            if not isinstance(owner[key], list):
+                owner[key] = []
+            owner[key].append({})
+            stack.append((indent, owner[key][-1], None, None))
+            body, indent = body[2:].strip(), indent + 2
+        key, _, value = body.partition(":")
         parent = stack[-1][1]
         if value.strip() == "":
             parent[key] = {}
-            stack.append((indent, parent[key]))
+            stack.append((indent, parent[key], parent, key))
         else:
             parent[key] = _scalar(value)
     return root

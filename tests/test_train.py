@@ -302,3 +302,28 @@ def test_select_last_saves_the_final_ema_weights(dataset, tmp_path, monkeypatch)
         for k, v in saved.items():
             assert torch.equal(v, kept[k]), (select, k)
         assert json.loads((work / "metrics.json").read_text())["best_step"] == 4
+
+
+def test_recipes_read_the_same_without_pyyaml(tmp_path, monkeypatch):
+    """The fallback reader of potentials.make_models gives PyYAML's dict for every shipped recipe
+    and for a block list of mappings (generate_extra of a fine-tune)."""
+    import builtins
+    from pathlib import Path
+
+    from potentials.make_models import RECIPES, load_recipe
+
+    sample = tmp_path / "r.yaml"
+    sample.write_text("extra_data: [a.xyz, b.xyz]\nmodel:\n  features: 8\ngenerate_extra:\n"
+                      "  - kind: paths\n    n_paths: 2\n  - n_structures: 3  # minima\nlr: 0.5\n")
+    paths = sorted(Path(RECIPES).glob("*.yaml")) + [sample]
+    with_yaml = [load_recipe(p) for p in paths]
+    real_import = builtins.__import__
+
+    def no_yaml(name, *args, **kwargs):
+        if name == "yaml":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_yaml)
+    assert [load_recipe(p) for p in paths] == with_yaml
+    assert with_yaml[-1]["generate_extra"] == [{"kind": "paths", "n_paths": 2}, {"n_structures": 3}]
