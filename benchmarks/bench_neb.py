@@ -444,12 +444,12 @@ def plot_speed(rows, path: Path) -> None:
                    f"load {r['load_eqcalc']:.1f}", ha="center", va="bottom", fontsize=7)
     ax[0].set_xticks(x, [f"round {r['round']}\n({r['first']} first)" for r in rounds], fontsize=7)
     ax[0].set_ylabel("wall time (s)")
-    ax[0].set_ylim(0, 1.3 * max(r["wall_ase_loop_s"] for r in rounds))
+    ax[0].set_ylim(0, 1.6 * max(r["wall_ase_loop_s"] for r in rounds))
     r0 = rounds[0]
     ax[0].set_title(f"5 reactions x {N_IMAGES} images to fmax {FMAX} eV/Å; network "
                     f"{r0['network_ms_per_atom_eqcalc']:.2f} vs {r0['network_ms_per_atom_ase']:.2f} ms/atom\n"
                     f"({r0['compile']}, {r0['dtype']}, {r0['threads']} thread(s), CPU)", fontsize=8)
-    ax[0].legend(fontsize=6, loc="upper right")
+    ax[0].legend(fontsize=6, loc="upper center", ncol=2)
     first = [r for r in rows if r["round"] == 0]
     x = np.arange(len(first))
     ax[1].bar(x - 0.2, [r["steps_ase"] for r in first], 0.4, label="ASE NEB", color="C1")
