@@ -6,7 +6,8 @@ Cu(100), Au adatom hop on Al(100), a vacancy hop in bulk Cu and N fcc→hcp on P
 cell boundary (28-31 atoms each, slabs with the bottom layer fixed).
 
 * ``--what speed``: 5 reactions x 7 images to fmax 0.03 eV/Å with the same model object and the
-  same compiled form on both sides, one run each in the same process, everything included
+  same compiled form on both sides, ``--repeats`` runs each in the same process alternating which
+  side goes first, everything included
   (end-point relaxation with FIRE to the same fmax, IDPP interpolation with the minimum image,
   climbing-image NEB with improved tangents and FIRE):
 
@@ -17,14 +18,17 @@ cell boundary (28-31 atoms each, slabs with the bottom layer fixed).
     with one calculator per image (each its own neighbor list with skin), ``interpolate("idpp",
     mic=True)`` and ``FIRE(neb).run``.
 
-  → ``neb_speed.csv`` (wall time, steps and barrier per reaction on both sides) and ``neb_speed.png``.
+  → ``neb_speed.csv`` (per round: wall time, time in the network and in the model call, calls and
+  atoms evaluated on both sides, the speed-up bound of an engine with no overhead, load; per
+  reaction: steps and barrier on both sides) and ``neb_speed.png``.
 * ``--what same-images``: the "same images, same model" check: end points relaxed once, then
   both sides start from identical IDPP bands (``relax_endpoints=False``); barrier differences.
   → ``neb_same_images.csv``.
 * ``--what accuracy``: barriers of the five reactions with EMT (ASE's, through the engine) and
   with the model → ``neb_accuracy.csv`` and ``neb_accuracy.png`` (mean absolute error).
-* ``--what saddles``: the saddle check (imaginary modes of each climbing image from the model's
-  Hessian) of the five reactions converged to ``--saddle-fmax`` → ``neb_saddles_MODEL_DTYPE.csv``.
+* ``--what saddles``: the saddle check (harmonic modes of each climbing image from the model's
+  Hessian against the band's tangent) of the five reactions converged to ``--saddle-fmax`` →
+  ``neb_saddles_MODEL_DTYPE.csv``.
 * ``--what relax``: atom evaluations of ``eqcalc.relax`` with converged systems leaving the batch
   against what the former loop evaluated (every system until the last converged), on 16 slabs with
   the model; and the engine's per-step overhead against torch-sim 0.3.0 with zero-cost
@@ -38,7 +42,8 @@ cell boundary (28-31 atoms each, slabs with the bottom layer fixed).
 The machine is a shared 2-core CPU: load from other jobs slows both sides of a comparison alike
 only when they run interleaved; the load average is recorded with each row.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_neb.py --what speed
+    nice -n 5 .venv/bin/python benchmarks/bench_neb.py --what speed --repeats 4 --threads 1
+    nice -n 5 .venv/bin/python benchmarks/bench_neb.py --what saddles --dtype float64 --threads 1
     .venv/bin/python benchmarks/bench_neb.py --what accuracy same-images relax
 """
 from __future__ import annotations
@@ -232,7 +237,8 @@ def accuracy(model, args) -> list:
 
 def saddles(model, args) -> list:
     """The saddle check of each reaction's climbing image with the model's Hessian (the five bands
-    in one batch, fmax ``--saddle-fmax``): imaginary modes above the soft-mode floor and the list."""
+    in one batch, fmax ``--saddle-fmax``): the verdict, the mode along the band's tangent (its
+    frequency and overlap), imaginary modes counted and the list."""
     from eqcalc.engine import md
     from eqcalc.neb import neb
 
@@ -240,8 +246,9 @@ def saddles(model, args) -> list:
     t = time.perf_counter()
     bands = neb(pairs, md.ModelPotential(model), n_images=N_IMAGES, fmax=args.saddle_fmax, k=K)
     seconds = time.perf_counter() - t
-    rows = [dict(reaction=name, imaginary_modes=r.imaginary_modes, saddle_check=r.saddle_check,
-                 barrier_eV=r.barrier, converged=r.converged, fmax=args.saddle_fmax, model=args.model,
+    rows = [dict(reaction=name, saddle_verified=r.saddle_verified, imaginary_modes=r.imaginary_modes,
+                 reaction_mode_cm1=r.reaction_mode_cm1, tangent_overlap=r.tangent_overlap,
+                 saddle_check=r.saddle_check, barrier_eV=r.barrier, converged=r.converged, fmax=args.saddle_fmax, model=args.model,
                  dtype=model.dtype, wall_s=seconds, load=load())
             for name, r in zip(REACTIONS, bands)]
     for r in rows:
