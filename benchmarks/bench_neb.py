@@ -6,7 +6,8 @@ Cu(100), Au adatom hop on Al(100), a vacancy hop in bulk Cu and N fcc→hcp on P
 cell boundary (28-31 atoms each, slabs with the bottom layer fixed).
 
 * ``--what speed``: 5 reactions x 7 images to fmax 0.03 eV/Å with the same model object and the
-  same compiled form on both sides, one run each in the same process, everything included
+  same compiled form on both sides, ``--repeats`` runs each in the same process alternating which
+  side goes first, everything included
   (end-point relaxation with FIRE to the same fmax, IDPP interpolation with the minimum image,
   climbing-image NEB with improved tangents and FIRE):
 
@@ -17,14 +18,17 @@ cell boundary (28-31 atoms each, slabs with the bottom layer fixed).
     with one calculator per image (each its own neighbor list with skin), ``interpolate("idpp",
     mic=True)`` and ``FIRE(neb).run``.
 
-  → ``neb_speed.csv`` (wall time, steps and barrier per reaction on both sides) and ``neb_speed.png``.
+  → ``neb_speed.csv`` (per round: wall time, time in the network and in the model call, calls and
+  atoms evaluated on both sides, the speed-up bound of an engine with no overhead, load; per
+  reaction: steps and barrier on both sides) and ``neb_speed.png``.
 * ``--what same-images``: the "same images, same model" check: end points relaxed once, then
   both sides start from identical IDPP bands (``relax_endpoints=False``); barrier differences.
   → ``neb_same_images.csv``.
 * ``--what accuracy``: barriers of the five reactions with EMT (ASE's, through the engine) and
   with the model → ``neb_accuracy.csv`` and ``neb_accuracy.png`` (mean absolute error).
-* ``--what saddles``: the saddle check (imaginary modes of each climbing image from the model's
-  Hessian) of the five reactions converged to ``--saddle-fmax`` → ``neb_saddles_MODEL_DTYPE.csv``.
+* ``--what saddles``: the saddle check (harmonic modes of each climbing image from the model's
+  Hessian against the band's tangent) of the five reactions converged to ``--saddle-fmax`` →
+  ``neb_saddles_MODEL_DTYPE.csv``.
 * ``--what relax``: atom evaluations of ``eqcalc.relax`` with converged systems leaving the batch
   against what the former loop evaluated (every system until the last converged), on 16 slabs with
   the model; and the engine's per-step overhead against torch-sim 0.3.0 with zero-cost
@@ -38,7 +42,8 @@ cell boundary (28-31 atoms each, slabs with the bottom layer fixed).
 The machine is a shared 2-core CPU: load from other jobs slows both sides of a comparison alike
 only when they run interleaved; the load average is recorded with each row.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_neb.py --what speed
+    nice -n 5 .venv/bin/python benchmarks/bench_neb.py --what speed --repeats 4 --threads 1
+    nice -n 5 .venv/bin/python benchmarks/bench_neb.py --what saddles --dtype float64 --threads 1
     .venv/bin/python benchmarks/bench_neb.py --what accuracy same-images relax
 """
 from __future__ import annotations
@@ -96,33 +101,96 @@ def ase_band(initial, final, model, interpolation="idpp", relax_ends=True, max_s
     return dict(barrier=float(e.max() - e[0]), steps=opt.nsteps, converged=bool(ok))
 
 
+class ModelClock:
+    """Times what a side spends in the model: the network itself (``Model.runner``: message
+    passing and the force backward pass) and the whole ``Model.__call__`` (plus the cutoff filter,
+    overlap and finiteness checks), with the calls and atoms evaluated. Installed on one model
+    object; :meth:`reset` before each side."""
+
+    def __init__(self, model):
+        from eqcalc.model import Model
+
+        self.reset()
+        runner, call = model.runner, Model.__call__
+
+        def timed_runner(*a):
+            t = time.perf_counter()
+            out = runner(*a)
+            self.network += time.perf_counter() - t
+            return out
+
+        def timed_call(m, t_, *a):
+            if m is not model:
+                return call(m, t_, *a)
+            t = time.perf_counter()
+            out = call(m, t_, *a)
+            self.model += time.perf_counter() - t
+            self.calls += 1
+            self.atoms += len(t_.positions)
+            return out
+
+        model.runner = timed_runner
+        Model.__call__ = timed_call
+
+    def reset(self):
+        self.network = self.model = 0.0
+        self.calls = self.atoms = 0
+
+
 def speed(model, args) -> list:
+    """Both sides ``--repeats`` times, alternating which goes first (A B, B A, ...), in one process."""
     from eqcalc.engine import md
     from eqcalc.neb import neb
 
     pairs = [f() for f in REACTIONS.values()]
     neb([pairs[0]], md.ModelPotential(model), n_images=N_IMAGES, fmax=FMAX, max_steps=3, check_saddles=False)
-    load0 = load()
-    t = time.perf_counter()
-    ase = [ase_band(i, f, model) for i, f in pairs]
-    t_ase = time.perf_counter() - t
-    load1 = load()
-    t = time.perf_counter()
-    ours = neb(pairs, md.ModelPotential(model), n_images=N_IMAGES, fmax=FMAX, k=K, climb=True,
-               check_saddles=False)  # the ASE loop does no Hessian either
-    t_ours = time.perf_counter() - t
-    load2 = load()
-    rows = []
-    for name, a, r in zip(REACTIONS, ase, ours):
-        rows.append(dict(reaction=name, n_atoms=len(r.images[0]), barrier_eqcalc_eV=r.barrier,
-                         barrier_ase_eV=a["barrier"], diff_meV=1e3 * (r.barrier - a["barrier"]),
-                         steps_eqcalc=r.steps, steps_ase=a["steps"], converged_eqcalc=r.converged,
-                         converged_ase=a["converged"], wall_eqcalc_s=t_ours, wall_ase_loop_s=t_ase,
-                         speedup=t_ase / t_ours, threads=torch.get_num_threads(), compile=args.compile,
-                         dtype=model.dtype, load_before_ase=load0, load_before_eqcalc=load1, load_after=load2))
-        print(f"{name:36s} barrier {r.barrier:.4f} vs ASE {a['barrier']:.4f} eV, steps {r.steps} vs {a['steps']}")
-    print(f"5 reactions x {N_IMAGES} images: eqcalc.neb {t_ours:.1f} s, ASE loop {t_ase:.1f} s -> {t_ase / t_ours:.2f}x "
-          f"(load {load0:.1f}/{load1:.1f}/{load2:.1f})")
+    clock = ModelClock(model)
+
+    def ours():
+        return neb(pairs, md.ModelPotential(model), n_images=N_IMAGES, fmax=FMAX, k=K, climb=True,
+                   check_saddles=False)  # the ASE loop does no Hessian either
+
+    def theirs():
+        return [ase_band(i, f, model) for i, f in pairs]
+
+    rows, runs = [], []
+    for rep in range(args.repeats):
+        sides = [("eqcalc", ours), ("ase", theirs)]
+        timing = {}
+        for name, run in (sides if rep % 2 else sides[::-1]):
+            clock.reset()
+            load0 = load()
+            t = time.perf_counter()
+            result = run()
+            timing[name] = dict(wall=time.perf_counter() - t, network=clock.network, model=clock.model,
+                                calls=clock.calls, atoms=clock.atoms, load=0.5 * (load0 + load()), result=result)
+        runs.append(timing)
+        e, a = timing["eqcalc"], timing["ase"]
+        print(f"round {rep}: eqcalc.neb {e['wall']:.1f} s ({100 * e['network'] / e['wall']:.1f} % in the network, "
+              f"{e['calls']} calls, {e['atoms']} atoms), ASE loop {a['wall']:.1f} s ({100 * a['network'] / a['wall']:.1f} %, "
+              f"{a['calls']} calls, {a['atoms']} atoms) -> {a['wall'] / e['wall']:.2f}x (load {e['load']:.1f}/{a['load']:.1f})")
+    for rep, timing in enumerate(runs):
+        e, a = timing["eqcalc"], timing["ase"]
+        common = dict(round=rep, first="ase" if rep % 2 == 0 else "eqcalc", wall_eqcalc_s=e["wall"],
+                      wall_ase_loop_s=a["wall"], speedup=a["wall"] / e["wall"],
+                      network_eqcalc_s=e["network"], network_ase_s=a["network"],
+                      model_call_eqcalc_s=e["model"], model_call_ase_s=a["model"],
+                      network_fraction_eqcalc=e["network"] / e["wall"], network_fraction_ase=a["network"] / a["wall"],
+                      model_calls_eqcalc=e["calls"], model_calls_ase=a["calls"],
+                      atoms_evaluated_eqcalc=e["atoms"], atoms_evaluated_ase=a["atoms"],
+                      network_ms_per_atom_eqcalc=1e3 * e["network"] / e["atoms"],
+                      network_ms_per_atom_ase=1e3 * a["network"] / a["atoms"],
+                      # even with nothing but the network on the eqcalc side:
+                      speedup_bound_network_only=a["wall"] / e["network"],
+                      threads=torch.get_num_threads(), compile=model.compile_kind, dtype=model.dtype,
+                      load_eqcalc=e["load"], load_ase=a["load"])
+        for name, ra, r in zip(REACTIONS, a["result"], e["result"]):
+            rows.append(dict(reaction=name, n_atoms=len(r.images[0]), barrier_eqcalc_eV=r.barrier,
+                             barrier_ase_eV=ra["barrier"], diff_meV=1e3 * (r.barrier - ra["barrier"]),
+                             steps_eqcalc=r.steps, steps_ase=ra["steps"], converged_eqcalc=r.converged,
+                             converged_ase=ra["converged"], **common))
+            if rep == 0:
+                print(f"{name:36s} barrier {r.barrier:.4f} vs ASE {ra['barrier']:.4f} eV, steps {r.steps} vs {ra['steps']}")
     return rows
 
 
@@ -169,7 +237,8 @@ def accuracy(model, args) -> list:
 
 def saddles(model, args) -> list:
     """The saddle check of each reaction's climbing image with the model's Hessian (the five bands
-    in one batch, fmax ``--saddle-fmax``): imaginary modes above the soft-mode floor and the list."""
+    in one batch, fmax ``--saddle-fmax``): the verdict, the mode along the band's tangent (its
+    frequency and overlap), imaginary modes counted and the list."""
     from eqcalc.engine import md
     from eqcalc.neb import neb
 
@@ -177,8 +246,9 @@ def saddles(model, args) -> list:
     t = time.perf_counter()
     bands = neb(pairs, md.ModelPotential(model), n_images=N_IMAGES, fmax=args.saddle_fmax, k=K)
     seconds = time.perf_counter() - t
-    rows = [dict(reaction=name, imaginary_modes=r.imaginary_modes, saddle_check=r.saddle_check,
-                 barrier_eV=r.barrier, converged=r.converged, fmax=args.saddle_fmax, model=args.model,
+    rows = [dict(reaction=name, saddle_verified=r.saddle_verified, imaginary_modes=r.imaginary_modes,
+                 reaction_mode_cm1=r.reaction_mode_cm1, tangent_overlap=r.tangent_overlap,
+                 saddle_check=r.saddle_check, barrier_eV=r.barrier, converged=r.converged, fmax=args.saddle_fmax, model=args.model,
                  dtype=model.dtype, wall_s=seconds, load=load())
             for name, r in zip(REACTIONS, bands)]
     for r in rows:
@@ -367,16 +437,31 @@ def _plt():
 
 def plot_speed(rows, path: Path) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    r0 = rows[0]
-    ax[0].bar(["ASE NEB loop", "eqcalc.neb (batched)"], [r0["wall_ase_loop_s"], r0["wall_eqcalc_s"]], color=["C1", "C0"])
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.0))
+    rounds = [next(r for r in rows if r["round"] == k) for k in sorted({r["round"] for r in rows})]
+    x = np.arange(len(rounds))
+    for side, dx, color in (("ase", -0.2, "C1"), ("eqcalc", 0.2, "C0")):
+        wall = np.array([r["wall_ase_loop_s" if side == "ase" else "wall_eqcalc_s"] for r in rounds])
+        net = np.array([r[f"network_{side}_s"] for r in rounds])
+        label = "ASE NEB loop" if side == "ase" else "eqcalc.neb (batched)"
+        ax[0].bar(x + dx, net, 0.4, color=color, label=f"{label}: in the network")
+        ax[0].bar(x + dx, wall - net, 0.4, bottom=net, color=color, alpha=0.35, label=f"{label}: everything else")
+    for k, r in enumerate(rounds):
+        ax[0].text(k, r["wall_ase_loop_s"], f"{r['speedup']:.2f}x\n(bound {r['speedup_bound_network_only']:.2f}x)\n"
+                   f"load {r['load_eqcalc']:.1f}", ha="center", va="bottom", fontsize=7)
+    ax[0].set_xticks(x, [f"round {r['round']}\n({r['first']} first)" for r in rounds], fontsize=7)
     ax[0].set_ylabel("wall time (s)")
-    ax[0].set_title(f"5 reactions x {N_IMAGES} images to fmax {FMAX} eV/Å: {r0['speedup']:.2f}x\n"
+    ax[0].set_ylim(0, 1.6 * max(r["wall_ase_loop_s"] for r in rounds))
+    r0 = rounds[0]
+    ax[0].set_title(f"5 reactions x {N_IMAGES} images to fmax {FMAX} eV/Å; network "
+                    f"{r0['network_ms_per_atom_eqcalc']:.2f} vs {r0['network_ms_per_atom_ase']:.2f} ms/atom\n"
                     f"({r0['compile']}, {r0['dtype']}, {r0['threads']} thread(s), CPU)", fontsize=8)
-    x = np.arange(len(rows))
-    ax[1].bar(x - 0.2, [r["steps_ase"] for r in rows], 0.4, label="ASE NEB", color="C1")
-    ax[1].bar(x + 0.2, [r["steps_eqcalc"] for r in rows], 0.4, label="eqcalc.neb", color="C0")
-    ax[1].set_xticks(x, [r["reaction"].replace(" ", "\n", 1) for r in rows], fontsize=6)
+    ax[0].legend(fontsize=6, loc="upper center", ncol=2)
+    first = [r for r in rows if r["round"] == 0]
+    x = np.arange(len(first))
+    ax[1].bar(x - 0.2, [r["steps_ase"] for r in first], 0.4, label="ASE NEB", color="C1")
+    ax[1].bar(x + 0.2, [r["steps_eqcalc"] for r in first], 0.4, label="eqcalc.neb", color="C0")
+    ax[1].set_xticks(x, [r["reaction"].replace(" ", "\n", 1) for r in first], fontsize=6)
     ax[1].set_ylabel("FIRE steps to convergence")
     ax[1].legend(fontsize=8)
     fig.tight_layout()
@@ -435,6 +520,7 @@ def main(argv=None) -> None:
     p.add_argument("--compile", default="eager", help="eager | torchscript | aoti (both sides)")
     p.add_argument("--dtype", default=None, help="default: the model's own")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=2, help="--what speed: rounds, alternating which side goes first")
     p.add_argument("--saddle-fmax", type=float, default=0.01, help="fmax of the --what saddles bands, eV/Å")
     p.add_argument("--overhead-systems", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--blocks", type=int, default=40, help="interleaved NVE timing blocks")

@@ -483,3 +483,34 @@ def test_a_system_leaving_physics_is_named_with_its_step_and_reason():
     atoms[1].set_momenta(momenta, apply_constraint=False)
     with pytest.raises(InvalidAtomsError, match=r"momenta of atoms \[16\]"):
         md.state_from_atoms(atoms)
+
+
+@pytest.mark.parametrize("integrator", [md.NVE(1.0), md.Langevin(1.0, 500.0), md.NoseHooverChain(1.0, 500.0)],
+                         ids=["nve", "langevin", "nose-hoover"])
+def test_step_leaves_its_input_alone_and_follows_new_masses_and_constraints(integrator):
+    """The integrators derive constants from masses and FixAtoms once per batch
+    (MDState.constants) and add the closing half-kick in place to their own momenta: the state a
+    step starts from keeps every tensor it had, and a state given other masses or another FixAtoms
+    mask by replace() moves exactly like one built with them from the start (no stale constants)."""
+    potential = MorsePotential()
+    atoms = thermal(cu_slab(), 500, seed=3)
+    start = integrator.init(md.state_from_atoms([atoms]), potential)
+    before = {k: getattr(start, k).clone() for k in ("positions", "momenta", "forces", "energy")}
+    integrator.step(start, potential, torch.Generator().manual_seed(0))
+    for k, v in before.items():
+        assert torch.equal(getattr(start, k), v), k
+
+    heavy = atoms.copy()
+    heavy.set_masses(2.0 * atoms.get_masses())
+    heavy.set_constraint(FixAtoms(indices=range(8)))  # cu_slab fixes fewer
+    fresh = integrator.init(md.state_from_atoms([heavy]), potential)
+    fixed = torch.as_tensor(md.fixed_mask(heavy))
+    reused = integrator.init(start.replace(masses=2.0 * start.masses, fixed=fixed, forces=None,
+                                           momenta=start.momenta.masked_fill(fixed.unsqueeze(1), 0.0)),
+                             potential)
+    assert reused.constants is not start.constants
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(5):
+        fresh, reused = integrator.step(fresh, potential, g1), integrator.step(reused, potential, g2)
+    assert torch.equal(fresh.positions, reused.positions) and torch.equal(fresh.momenta, reused.momenta)
+    assert torch.equal(reused.positions[:8], start.positions[:8])  # the newly fixed atoms did not move

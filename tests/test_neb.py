@@ -129,6 +129,8 @@ def test_climbing_image_is_a_first_order_saddle():
     c = r.climbing_image
     tangent = (r.images[c + 1].positions - r.images[c - 1].positions)[free].ravel()
     assert abs(v[:, 0] @ tangent) / np.linalg.norm(tangent) > 0.9
+    # the band's own tangent at the climbing image (what the saddle check compares modes with)
+    assert np.linalg.norm(r.tangent) == pytest.approx(1.0) and abs(v[:, 0] @ r.tangent[free].ravel()) > 0.9
 
 
 def test_model_band_matches_ase_neb_with_equivariant_calculator():
@@ -250,7 +252,8 @@ def test_cli_writes_band_table_and_profile_and_fails_on_unconverged(tmp_path, ca
     assert (band[1].constraints[0].index == a.constraints[0].index).all()  # FixAtoms kept in the file
     assert (tmp_path / "ok" / "is-fs.png").stat().st_size > 1000
     # counted where the model has second derivatives, else said so
-    assert rows[0]["imaginary_modes"] == "1" or rows[0]["saddle_check"].startswith("not checked")
+    assert (rows[0]["imaginary_modes"] == "1" and float(rows[0]["tangent_overlap"]) >= 0.5
+            and float(rows[0]["reaction_mode_cm1"]) < 0) or rows[0]["saddle_check"].startswith("not checked")
     assert main(args + ["--max-steps", "1", "--output-dir", str(tmp_path / "short")]) == 1
     assert list(csv.DictReader(open(tmp_path / "short" / "barriers.csv")))[0]["converged"] == "False"
     assert "NOT converged" in capsys.readouterr().out
@@ -275,3 +278,79 @@ def test_saddle_check_with_the_model_hessian():
     assert (nu > 0).all()  # the relaxed initial state is a minimum
     emt, = neb([(r.images[0], r.images[-1])], EMTPotential(), n_images=3, fmax=0.05, relax_endpoints=False)
     assert emt.imaginary_modes is None and "no eqcalc model" in emt.saddle_check
+
+
+def test_shallow_barrier_saddle_is_verified_by_its_direction():
+    """N fcc -> hcp on Pd(111) with the default model (float64): a 25 meV barrier whose one
+    imaginary mode is only ~21i cm-1, softer than the 30i floor for other modes (the former check
+    refused it). The mode along the band's tangent decides: it is imaginary and the tangent lies
+    along it; independently, the curvature of the energy along the tangent (tau^T H tau from the
+    model's Hessian) is negative at the climbing image. The relaxed initial state, a minimum, has
+    no imaginary mode along the same direction and is not taken for a saddle."""
+    from eqcalc.engine.neb import saddle_modes
+    from eqcalc.model import Model
+    from eqcalc.workflows.vibrations import vibrations
+
+    model = Model("default", device="cpu", compile="eager", dtype="float64")
+    r, = neb([n_pd111_across_boundary()], md.ModelPotential(model), n_images=7, fmax=0.01)
+    assert r.converged and 0.01 < r.barrier < 0.05
+    assert r.saddle_verified and r.imaginary_modes == 1, r.saddle_check
+    assert -30.0 < r.reaction_mode_cm1 < -10.0 and r.tangent_overlap > 0.9
+    saddle, minimum = vibrations([r.images[r.climbing_image], r.images[0]], model)
+    tau = r.tangent[saddle.get_indices()].ravel()
+    assert tau @ saddle.get_hessian_2d() @ tau < 0
+    n, nu, overlap, text = saddle_modes(minimum, r.tangent)
+    assert nu > 0 and not (n == 1 and nu < 0) and "NOT a first-order saddle" in text
+
+
+def _vibrations_with(atoms, free, modes):
+    """ASE VibrationsData of ``atoms`` whose mass-weighted Hessian has the eigenpairs ``modes``
+    (``[(frequency_cm1 signed, unit mass-weighted vector over the free coordinates)]``) and
+    300 cm-1 in every other direction."""
+    from ase import units
+    from ase.vibrations import VibrationsData
+
+    n = 3 * len(free)
+    basis = np.linalg.qr(np.column_stack([v for _, v in modes] +
+                                         [np.random.default_rng(0).normal(size=(n, n - len(modes)))]))[0]
+    nu = np.full(n, 300.0)
+    nu[:len(modes)] = [f for f, _ in modes]
+    omega2 = np.sign(nu) * (nu * units.invcm) ** 2 / units._hbar ** 2 / units.J * units._amu * 1e-20
+    sqrt_m = np.repeat(np.sqrt(atoms.get_masses()[free]), 3)
+    weighted = basis @ np.diag(omega2) @ basis.T
+    return VibrationsData.from_2d(atoms, weighted * np.outer(sqrt_m, sqrt_m), indices=free)
+
+
+def test_saddle_decision_from_mode_directions():
+    """The rule of eqcalc.neb.saddle_modes on Hessians built with known modes (Pt(111)+O, free
+    top layer and O): an imaginary mode of any size above the zero floor along the tangent with
+    no other beyond 30i is a first-order saddle (21i like N/Pd, 95i); an imaginary mode across
+    the band with a real one along it is not (0 along the band), nor is a second imaginary mode
+    beyond 30i (2 modes), while a second one softer than 30i is not counted; a mode along the
+    band softer than the 10 cm-1 zero floor counts as flat."""
+    from eqcalc.engine.neb import saddle_modes
+
+    atoms, _ = o_pt111()
+    free = np.nonzero(~md.fixed_mask(atoms))[0]
+    sqrt_m = np.repeat(np.sqrt(atoms.get_masses()[free]), 3)
+    rng = np.random.default_rng(1)
+    tangent = np.zeros((len(atoms), 3))
+    tangent[-1] = [1.0, 0.3, 0.0]                      # the O atom hops, the surface follows a little
+    tangent[free[:-1]] = 0.02 * rng.normal(size=(len(free) - 1, 3))
+    along = tangent[free].ravel() * sqrt_m
+    along /= np.linalg.norm(along)
+    across = rng.normal(size=along.size)
+    across -= (across @ along) * along
+    across /= np.linalg.norm(across)
+
+    def judge(*modes):
+        n, nu, overlap, text = saddle_modes(_vibrations_with(atoms, free, modes), tangent)
+        verified = n == 1 and nu < 0 and overlap >= 0.5
+        assert verified == text.endswith("first-order saddle"), text
+        return n, round(nu), verified
+
+    assert judge((-21.0, along)) == (1, -21, True)
+    assert judge((-95.0, along), (-25.0, across)) == (1, -95, True)
+    assert judge((-95.0, along), (-60.0, across)) == (2, -95, False)
+    assert judge((120.0, along), (-60.0, across)) == (1, 120, False)
+    assert judge((-5.0, along)) == (0, -5, False)

@@ -560,6 +560,8 @@ def write_barriers(results, names: Sequence[str], output_dir) -> str:
                  converged=r.converged, endpoints_converged=r.endpoints_converged, steps=r.steps,
                  fmax_eV_per_A=f"{r.fmax:.4f}", climbing_image=r.climbing_image,
                  imaginary_modes="" if r.imaginary_modes is None else r.imaginary_modes,
+                 reaction_mode_cm1="" if r.reaction_mode_cm1 is None else f"{r.reaction_mode_cm1:.1f}",
+                 tangent_overlap="" if r.tangent_overlap is None else f"{r.tangent_overlap:.3f}",
                  saddle_check=r.saddle_check)
             for name, r in zip(names, results)]
     buffer = io.StringIO()
@@ -598,5 +600,5 @@ def neb_main(args) -> int:
               f"saddle {r.saddle_check}")
     print(f"{len(results)} bands x {args.images} images in {seconds:.1f} s; wrote {', '.join(files[:3])}"
           f"{' ...' if len(files) > 3 else ''}")
-    failed_saddles = [r for r in results if r.imaginary_modes is not None and r.imaginary_modes != 1]
+    failed_saddles = [r for r in results if r.imaginary_modes is not None and not r.saddle_verified]
     return 0 if all(r.converged for r in results) and not failed_saddles else 1

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Sequence, Union
 
@@ -110,6 +109,15 @@ class MDState:
         new.__dict__ = {**self.__dict__, **changes}
         return new
 
+    @property
+    def constants(self) -> "_Constants":
+        """What the integrators derive from ``masses`` and ``fixed`` (built once, then shared by
+        every state :meth:`replace` makes from this one, and rebuilt when either tensor changes)."""
+        c = self.__dict__.get("_constants")
+        if c is None or c.masses is not self.masses or c.fixed is not self.fixed:
+            c = self.__dict__["_constants"] = _Constants(self.masses, self.fixed)
+        return c
+
     def select(self, keep: Tensor) -> "MDState":
         """The systems where ``keep`` ``(n_systems,)`` bool is True, renumbered in order (how
         converged systems leave a batch). Thermostat variables are not carried: a state with
@@ -124,6 +132,18 @@ class MDState:
                       if getattr(self, k) is not None}
         forces = None if self.forces is None else self.forces[atoms]
         return self.replace(system=system, forces=forces, **per_atom, **per_system)
+
+
+class _Constants:
+    """Per-atom constants of a batch, derived once instead of every step: ``mass_column``
+    ``(n_atoms, 1)`` amu; ``free`` ``(n_atoms, 1)`` bool, ``None`` when no atom is fixed (then
+    forces need no masking); ``screens`` the weights of :func:`_within_limits` by field set."""
+
+    def __init__(self, masses: Tensor, fixed: Tensor):
+        self.masses, self.fixed = masses, fixed
+        self.mass_column = masses.unsqueeze(1)
+        self.free = (~fixed).unsqueeze(1) if bool(fixed.any()) else None
+        self.screens: Dict[tuple, Tensor] = {}
 
 
 def _segment_sum(values: Tensor, system: Tensor, n_systems: int) -> Tensor:
@@ -313,7 +333,8 @@ def evaluate(state: MDState, potential, check: bool = True) -> MDState:
     if check:
         check_physical(state, max_temperature_K=None, max_force=math.inf)
     out = potential(state)
-    forces = out["forces"].masked_fill(state.fixed.unsqueeze(1), 0.0)
+    free = state.constants.free
+    forces = out["forces"] if free is None else out["forces"].masked_fill(~free, 0.0)
     return state.replace(energy=out["energy"], forces=forces, stress=out.get("stress"))
 
 
@@ -326,7 +347,7 @@ def _check_timestep(timestep_fs: float) -> None:
 
 
 def _drift(state: MDState, momenta: Tensor, dt: float) -> Tensor:
-    return torch.addcdiv(state.positions, momenta, state.masses.unsqueeze(1), value=dt)
+    return torch.addcdiv(state.positions, momenta, state.constants.mass_column, value=dt)
 
 
 @dataclass(frozen=True)
@@ -359,9 +380,9 @@ class NVE:
         """Velocity Verlet; ``check=False`` when the state was checked at the end of the last step
         and nothing changed it since (plain NVE), so the positions it drifts to are finite."""
         p = torch.add(state.momenta, state.forces, alpha=0.5 * dt)
-        state = state.replace(positions=_drift(state, p, dt), momenta=p, step=state.step + 1)
-        state = evaluate(state, potential, check=check)
-        return state.replace(momenta=torch.add(state.momenta, state.forces, alpha=0.5 * dt))
+        state = evaluate(state.replace(positions=_drift(state, p, dt), momenta=p, step=state.step + 1),
+                         potential, check=check)
+        return state.replace(momenta=p.add_(state.forces, alpha=0.5 * dt))  # p: this step's own tensor
 
     def step(self, state: MDState, potential, generator: Optional[torch.Generator] = None) -> MDState:
         return _checked(self.verlet(state, potential, self.dt, check=False))
@@ -416,39 +437,36 @@ def check_physical(state: MDState, max_temperature_K: Optional[float] = MAX_TEMP
         "far outside the model's training data", system=s, step=state.step)
 
 
-_SCREENS: list = []  # [(weakref to masses, key, weights)], most recent first; see _within_limits
+_SCREENED = ("positions", "momenta", "forces", "energy", "stress")
 
 
 def _within_limits(state: MDState, max_temperature_K: Optional[float], max_force: float,
                    positions: bool = True) -> bool:
     """A sufficient condition for :func:`check_physical` to pass, in four kernels and one sync:
-    every ``x w`` over (positions,) momenta, forces, energy and stress lies in (-1, 1), with
-    weights ``w``: 0 for what must only be finite (``0 * inf`` and NaN propagate), ``sqrt(3) /
-    max_force`` on force components (so every force is below ``max_force``), and
+    every ``|x w|`` over (positions,) momenta, forces, energy and stress is below 1, with
+    weights ``w``: 0 for what must only be finite (``0 * inf`` and NaN propagate to the maximum),
+    ``sqrt(3) / max_force`` on force components (so every force is below ``max_force``), and
     ``sqrt(3 / (m_i kB max_temperature_K))`` on the momentum components of atom ``i`` (so
     ``p_i² / m_i < kB max_temperature_K`` for every atom, and a system's temperature
     ``sum p_i² / m_i / (dof kB)`` stays below the limit since its moving atoms never outnumber its
     degrees of freedom; fixed atoms carry no momentum). The weights are built once per masses
-    tensor and field shapes."""
-    fields = [n for n in ("positions", "momenta", "forces", "energy", "stress")
-              if getattr(state, n) is not None and (positions or n != "positions")]
-    tensors = [getattr(state, n) for n in fields]
-    key = (tuple(fields), tuple(t.shape for t in tensors),
-           max_temperature_K if state.dof is not None else None, max_force)
-    weights = next((w for ref, k, w in _SCREENS if ref() is state.masses and k == key), None)
-    if weights is None:
+    tensor and field set (:attr:`MDState.constants`)."""
+    d = state.__dict__
+    fields = tuple(n for n in _SCREENED if d[n] is not None and (positions or n != "positions"))
+    x = torch.cat([d[n].reshape(-1) for n in fields])  # a fresh tensor: scaled in place below
+    key = (fields, max_temperature_K if state.dof is not None else None, max_force)
+    screens = state.constants.screens
+    weights = screens.get(key)
+    if weights is None or weights.shape != x.shape:
         def weight(name, t):
-            if name == "momenta" and key[2] is not None:
+            if name == "momenta" and key[1] is not None:
                 return (3.0 / (state.masses * units.kB * max_temperature_K)).sqrt().unsqueeze(1).expand(-1, 3)
             if name == "forces":
                 return torch.full_like(t, math.sqrt(3.0) / max_force, dtype=torch.float64)
             return torch.zeros_like(t, dtype=torch.float64)
 
-        weights = torch.cat([weight(n, t).reshape(-1) for n, t in zip(fields, tensors)])
-        _SCREENS.insert(0, (weakref.ref(state.masses), key, weights))
-        del _SCREENS[8:]
-    low, high = torch.aminmax(torch.cat([t.reshape(-1) for t in tensors]) * weights)
-    return bool((low > -1.0) & (high < 1.0))
+        weights = screens[key] = torch.cat([weight(n, d[n]).reshape(-1) for n in fields])
+    return x.mul_(weights).abs_().max().item() < 1.0
 
 
 class _Thermostat(NVE):

@@ -50,7 +50,7 @@ from eqcalc.engine.relax import Segments, check_fmax, make_optimizer, relax
 from eqcalc.errors import InvalidAtomsError, InvalidOptionError
 
 __all__ = ["neb", "NEBResult", "NEBState", "BandLayout", "init", "evaluate", "step", "interpolate",
-           "verify_saddles", "INTERPOLATIONS"]
+           "tangents", "verify_saddles", "saddle_modes", "INTERPOLATIONS"]
 
 log = logging.getLogger("eqcalc.neb")
 
@@ -60,8 +60,17 @@ INTERPOLATIONS = ("idpp", "linear")
 IDENTICAL_ENDS = 0.1
 #: Interpolated atoms closer than this fraction of their covalent-radius sum overlap.
 OVERLAP_FRACTION = 0.5
-#: Imaginary modes softer than this (cm⁻¹) are not counted by the saddle check: a minimum
-#: relaxed to fmax 0.01 eV/Å with a trained model can show soft modes of 10-25i cm⁻¹.
+#: The saddle check (:func:`saddle_modes`) takes the harmonic mode with the largest overlap with
+#: the band's tangent at the climbing image as the reaction mode; it must overlap at least this
+#: much (cosine of the angle in mass-weighted coordinates; 0.5 is 60°).
+TANGENT_OVERLAP = 0.5
+#: Imaginary modes other than the reaction mode that are softer than this (cm⁻¹) are not counted:
+#: a minimum relaxed to fmax 0.01 eV/Å with a trained model shows soft modes of 10-25i cm⁻¹
+#: (flat frustrated rotations and translations of adsorbates, whose sign a residual force of
+#: fmax cannot resolve). The reaction mode has no such floor: a shallow barrier (25 meV for N
+#: on Pd(111)) has a soft imaginary mode (21i cm⁻¹), and its direction, not its size, says it is
+#: the one the band crosses; only a mode softer than the zero floor of
+#: :data:`eqcalc.workflows.vibrations.RIGID_BODY_CM1` counts as flat.
 SOFT_MODE_CM1 = 30.0
 
 
@@ -188,9 +197,10 @@ def init(bands: Sequence[Sequence], end_energy, k, climb: bool = True, optimizer
                     opt_state=optimizer.init(images.positions, len(bands)))
 
 
-def nudged_forces(state: NEBState) -> NEBState:
-    """``state`` with the NEB forces, ``fmax`` per band and the climbing images, from the model's
-    energies and forces on ``state.images`` (module docstring for the formulas)."""
+def tangents(state: NEBState) -> Tuple[Tensor, Tensor, Tensor]:
+    """The improved tangents ``τ`` ``(n_atoms, 3)`` (unit per image) of the interior images, and
+    the springs ``t+``, ``t-`` ``(n_atoms, 3)`` Å, from the positions and the model's energies
+    (module docstring)."""
     im, L = state.images, state.layout
     seg = L.images
     x = im.positions
@@ -209,10 +219,20 @@ def nudged_forces(state: NEBState) -> NEBState:
     w_prev = torch.where(up, zero, torch.where(down, one, torch.where(rising, dv_min, dv_max)))
     tau = seg.atoms(w_next) * t_next + seg.atoms(w_prev) * t_prev
     tau = tau / seg.atoms(seg.dot(tau, tau).sqrt().clamp(min=1e-300))  # two images on top of each other
+    return tau, t_next, t_prev
+
+
+def nudged_forces(state: NEBState) -> NEBState:
+    """``state`` with the NEB forces, ``fmax`` per band and the climbing images, from the model's
+    energies and forces on ``state.images`` (module docstring for the formulas)."""
+    im, L = state.images, state.layout
+    seg = L.images
+    tau, t_next, t_prev = tangents(state)
+    e = im.energy
     f_parallel = seg.dot(im.forces, tau)
     spring = state.k[L.band] * (seg.dot(t_next, t_next).sqrt() - seg.dot(t_prev, t_prev).sqrt())
     climbing = e.view(state.n_bands, L.n_interior).argmax(1)
-    is_climbing = torch.zeros_like(up)
+    is_climbing = torch.zeros(e.shape, dtype=torch.bool, device=e.device)
     if state.climb:
         is_climbing[climbing + L.n_interior * torch.arange(state.n_bands, device=e.device)] = True
     along = torch.where(is_climbing, -2.0 * f_parallel, spring - f_parallel)
@@ -373,8 +393,11 @@ class NEBResult:
     """One reaction's band: ``images`` (``n_images`` ASE Atoms with a single-point calculator:
     energy and the model's forces), ``energies`` ``(n_images,)`` eV, ``converged`` (band and end
     points), ``steps`` optimizer steps, ``fmax`` final largest NEB force (eV/Å), ``climbing_image``
-    (index into ``images``), ``endpoints_converged``, ``imaginary_modes`` at the climbing image
-    (``None``: not checked, ``saddle_check`` says why; see :func:`verify_saddles`)."""
+    (index into ``images``), ``endpoints_converged``, ``tangent`` ``(n_atoms, 3)`` the band's unit
+    tangent at the climbing image (the direction the band crosses the barrier); from the saddle
+    check (:func:`verify_saddles`; ``None``: not checked, ``saddle_check`` says why)
+    ``imaginary_modes`` at the climbing image, ``reaction_mode_cm1`` the signed frequency (cm⁻¹,
+    imaginary negative) of the mode along ``tangent`` and ``tangent_overlap`` how well it aligns."""
 
     images: List
     energies: np.ndarray
@@ -385,11 +408,15 @@ class NEBResult:
     endpoints_converged: bool = True
     imaginary_modes: Optional[int] = None
     saddle_check: str = "not checked"
+    tangent: Optional[np.ndarray] = None
+    reaction_mode_cm1: Optional[float] = None
+    tangent_overlap: Optional[float] = None
 
     @property
     def saddle_verified(self) -> bool:
-        """The climbing image was checked and has exactly one imaginary mode."""
-        return self.imaginary_modes == 1
+        """The climbing image was checked: exactly one imaginary mode, and it runs along the band."""
+        return (self.imaginary_modes == 1 and self.reaction_mode_cm1 is not None and self.reaction_mode_cm1 < 0
+                and self.tangent_overlap >= TANGENT_OVERLAP)
 
     @property
     def barrier(self) -> float:
@@ -417,22 +444,61 @@ def _band_result(state: NEBState, b: int, templates, ends, end_energy, fmax_b: f
     climbing = int(state.climbing[b]) + 1
     for j, a in enumerate(images):
         a.info.update(neb_image=j, climbing=(j == climbing and state.climb))
+    tau = tangents(state)[0][state.images.system == b * state.layout.n_interior + climbing - 1]
     return NEBResult(images=images, energies=energies, converged=converged and endpoints_converged,
                      steps=state.step, fmax=fmax_b, climbing_image=climbing,
-                     endpoints_converged=endpoints_converged)
+                     endpoints_converged=endpoints_converged, tangent=tau.cpu().numpy())
+
+
+def saddle_modes(vib, tangent: np.ndarray, soft_cm1: float = SOFT_MODE_CM1) -> Tuple[int, float, float, str]:
+    """Is the structure of ``vib`` (an ``ase.vibrations.VibrationsData``) a first-order saddle
+    crossed along ``tangent`` ``(n_atoms, 3)``? The reaction mode is the harmonic mode whose
+    mass-weighted eigenvector has the largest overlap ``|e · M^½τ| / |M^½τ|`` with the tangent
+    (over the atoms the Hessian covers); it counts as imaginary when it is, beyond the zero floor
+    :data:`~eqcalc.workflows.vibrations.RIGID_BODY_CM1`, and overlaps at least
+    :data:`TANGENT_OVERLAP`; other imaginary modes count beyond ``soft_cm1`` (:data:`SOFT_MODE_CM1`).
+
+    Returns ``(imaginary_modes, reaction_mode_cm1, overlap, text)``: the count (a first-order
+    saddle has one, the reaction mode), the reaction mode's signed frequency (cm⁻¹, imaginary
+    negative), its overlap and a sentence for ``saddle_check``."""
+    from eqcalc.workflows.vibrations import RIGID_BODY_CM1, summary
+
+    nu = summary(vib).frequencies_cm1
+    idx = vib.get_indices()
+    sqrt_m = np.sqrt(vib.get_atoms().get_masses()[idx])
+    _, modes = vib.get_energies_and_modes()                  # Cartesian: eigenvector / sqrt(m)
+    e = (modes * sqrt_m[None, :, None]).reshape(len(nu), -1)  # unit mass-weighted eigenvectors
+    q = (tangent[idx] * sqrt_m[:, None]).reshape(-1)
+    overlaps = np.abs(e @ q) / max(np.linalg.norm(q), 1e-300)
+    r = int(np.argmax(overlaps))
+    along = nu[r] < -RIGID_BODY_CM1 and overlaps[r] >= TANGENT_OVERLAP
+    others = np.sort(np.delete(nu, r))
+    others = others[others < -soft_cm1]
+    n = int(along) + len(others)
+    imaginary = np.sort(nu[nu < 0])
+    listed = ", ".join(f"{-f:.0f}i" for f in imaginary[:4]) + (" ..." if len(imaginary) > 4 else "")
+    mode = f"{-nu[r]:.0f}i" if nu[r] < 0 else f"{nu[r]:.0f}"
+    text = (f"{n} imaginary mode{'' if n == 1 else 's'}: along the band tangent {mode} cm-1 (overlap "
+            f"{overlaps[r]:.2f}), {len(others)} other{'' if len(others) == 1 else 's'} above {soft_cm1:g}i "
+            f"(all imaginary: {listed or 'none'})")
+    if along and n == 1:
+        return n, float(nu[r]), float(overlaps[r]), text + ": first-order saddle"
+    why = ("no imaginary mode along the band" if not along else "more than one imaginary mode")
+    return n, float(nu[r]), float(overlaps[r]), (
+        text + f": NOT a first-order saddle ({why}); tighten fmax, add images, or check the end points")
 
 
 def verify_saddles(results: Sequence[NEBResult], potential, soft_cm1: float = SOFT_MODE_CM1) -> None:
-    """Count the imaginary modes of each converged band's climbing image (autograd Hessian of the
-    atoms FixAtoms leaves free, :func:`eqcalc.vibrations.vibrations`, all in one batch) into
-    ``results[k].imaginary_modes``; a first-order saddle has exactly one. Modes softer than
-    ``soft_cm1`` (cm⁻¹) are numerical noise of a loosely converged structure and not counted
-    (``saddle_check`` lists the imaginary frequencies either way). Where that cannot be
+    """The harmonic modes of each converged band's climbing image (autograd Hessian of the atoms
+    FixAtoms leaves free, :func:`eqcalc.vibrations.vibrations`, all in one batch), judged by
+    :func:`saddle_modes` against the band's tangent into ``results[k].imaginary_modes``,
+    ``reaction_mode_cm1``, ``tangent_overlap`` and ``saddle_check`` (a first-order saddle: one
+    imaginary mode, along the band; :attr:`NEBResult.saddle_verified`). Where that cannot be
     done (no climbing image, band not converged, a potential without an eqcalc model, a model
     without smooth second derivatives) ``imaginary_modes`` stays ``None`` and ``saddle_check``
     says why."""
     from eqcalc.errors import PropertyNotAvailableError
-    from eqcalc.workflows.vibrations import summary, vibrations
+    from eqcalc.workflows.vibrations import vibrations
 
     todo = []
     for r in results:
@@ -458,14 +524,7 @@ def verify_saddles(results: Sequence[NEBResult], potential, soft_cm1: float = SO
             r.saddle_check = "not checked: the model has no smooth second derivatives"
         return
     for r, v in zip(todo, vibs):
-        nu = summary(v).frequencies_cm1
-        imaginary = np.sort(nu[nu < 0])
-        r.imaginary_modes = int(np.sum(imaginary < -soft_cm1))
-        listed = ", ".join(f"{-f:.0f}i" for f in imaginary[:4]) + (" ..." if len(imaginary) > 4 else "")
-        r.saddle_check = (f"{r.imaginary_modes} imaginary mode{'' if r.imaginary_modes == 1 else 's'} above "
-                          f"{soft_cm1:g}i cm-1 ({listed or 'none'})" +
-                          (": first-order saddle" if r.imaginary_modes == 1 else
-                           ": NOT a first-order saddle; tighten fmax, add images, or check the end points"))
+        r.imaginary_modes, r.reaction_mode_cm1, r.tangent_overlap, r.saddle_check = saddle_modes(v, r.tangent, soft_cm1)
     log.info("saddle check of %d climbing images (Hessian of the free atoms) in %.1f s: %s", len(todo),
              time.perf_counter() - t, ", ".join(str(r.imaginary_modes) for r in todo))
 

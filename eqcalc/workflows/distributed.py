@@ -270,7 +270,8 @@ class NEB:
     """Nudged elastic band of each ``(initial, final)`` pair with :func:`eqcalc.neb.neb` (all bands
     of a batch together). Row: the climbing image (the saddle estimate, with energy and forces),
     ``barrier_eV``, ``reaction_energy_eV``, ``converged``, ``steps``, ``neb_fmax``,
-    ``climbing_image``, ``imaginary_modes`` (absent if not checked) and ``saddle_check``; row data: ``energies`` ``(n_images,)`` eV and ``positions``
+    ``climbing_image``, ``imaginary_modes`` (absent if not checked), ``saddle_verified`` and
+    ``saddle_check``; row data: ``energies`` ``(n_images,)`` eV and ``positions``
     ``(n_images, n_atoms, 3)`` Å of the band."""
 
     n_images: int = 7
@@ -318,7 +319,7 @@ class NEB:
             values = {"barrier_eV": band.barrier, "reaction_energy_eV": band.reaction_energy,
                       "converged": bool(band.converged), "steps": int(band.steps), "neb_fmax": float(band.fmax),
                       "climbing_image": int(band.climbing_image), "imaginary_modes": band.imaginary_modes,
-                      "saddle_check": band.saddle_check}
+                      "saddle_verified": band.saddle_verified, "saddle_check": band.saddle_check}
             data = {"energies": np.asarray(band.energies),
                     "positions": np.stack([image.positions for image in band.images])}
             results.append((band.images[band.climbing_image], values, data))
