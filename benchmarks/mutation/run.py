@@ -22,6 +22,8 @@ a test that already fails there cannot kill anything and is reported.
     git worktree add /tmp/before <commit>
     cp eqcalc/_native/*.so /tmp/before/eqcalc/_native/
     nice -n 10 python benchmarks/mutation/run.py --tree /tmp/before --label before
+    # in a git worktree without build/: reuse the main checkout's nequip reference venv
+    nice -n 10 python benchmarks/mutation/run.py --reference-build /path/to/main/build
 
 With ``--tree`` pointing elsewhere, a mutant's test selection is cut to the test files and test
 functions that exist there (``before`` numbers: the original tests, same mutants).
@@ -69,6 +71,21 @@ def copy_tree(tree: Path, files, dest: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(tree / f, target)
     return dest
+
+
+#: Ignored (built) folders the tests reuse when present: the nequip reference venv and its results
+#: (``tests/test_convert_nequip.py``). mace-torch's lives outside the tree (``~/.cache/eqcalc-reference``).
+REFERENCE_DIRS = ("nequip-env", "nequip-reference")
+
+
+def link_references(build: Path, copy: Path) -> None:
+    """Symlink ``build/<name>`` for :data:`REFERENCE_DIRS` into ``copy/build`` (a copy of the
+    tracked files has no build/: without the links the converter tests would rebuild the nequip
+    venv and rerun nequip in every mutant's copy)."""
+    for name in REFERENCE_DIRS:
+        if (build / name).is_dir():
+            (copy / "build").mkdir(exist_ok=True)
+            (copy / "build" / name).symlink_to((build / name).resolve(), target_is_directory=True)
 
 
 def select_tests(tree: Path, selection):
@@ -148,6 +165,10 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants and their tests, run nothing")
     parser.add_argument("--plot", action="store_true", help="redraw mutation.png from the CSV, run nothing")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "mutation.csv"))
+    parser.add_argument("--reference-build", default=None,
+                        help="a build/ folder with nequip-env and nequip-reference (tests/test_convert_nequip.py's "
+                             "reference venv and results), linked into each copy instead of rebuilt there; "
+                             "default: the tree's own build/ (a git worktree without one: pass the main checkout's)")
     args = parser.parse_args(argv)
     tree = Path(args.tree).resolve()
     mutants = [m for m in MUTANTS if args.only is None or m["id"] in args.only]
@@ -167,6 +188,7 @@ def main(argv=None) -> int:
     rows = []
     try:
         pristine = copy_tree(tree, files, scratch / "pristine")
+        link_references(Path(args.reference_build) if args.reference_build else tree / "build", pristine)
         broken_at_baseline = set()
         if not args.no_baseline:
             union = sorted({t for m in mutants for t in select_tests(tree, m["tests"])})
@@ -180,7 +202,7 @@ def main(argv=None) -> int:
                    "description": m["description"], "n_tests": 0, "seconds": 0.0, "n_killing": 0,
                    "killing_tests": ""}
             work = scratch / f"m{k}"
-            shutil.copytree(pristine, work)
+            shutil.copytree(pristine, work, symlinks=True)  # the reference links stay links
             if not selection:
                 row["status"] = "no tests"
             elif not apply(work, m):
