@@ -147,3 +147,24 @@ def test_md_refuses_a_zero_mass_or_nan_momentum_in_an_input_file(inputs, package
         err = capsys.readouterr().err
         assert re.search(message, err), err
         assert not list(out.glob("*.extxyz"))
+
+
+@pytest.mark.parametrize("adsorbate", ["CO", "NO", "OH"])
+def test_adsorbates_are_placed_by_their_first_atom_pointing_up(adsorbate):
+    """Every placement of ``eqcalc adsorption`` (before relaxing): the atom named first in the
+    formula (C of CO, whatever order ASE's g2 set stores) sits 2 Å above the top layer at its
+    site, every other adsorbate atom higher, the molecule's geometry unchanged."""
+    from eqcalc.workflows.adsorption import gas_molecule, plan
+
+    slab = fcc111("Pt", (2, 2, 3), vacuum=6.0)
+    n, top = len(slab), slab.positions[:, 2].max()
+    p = plan(slab, adsorbate, distance=2.0)
+    first = "".join(c for c in adsorbate if c.isalpha() and c.isupper())[0]
+    gas = gas_molecule(adsorbate)
+    for (kind, site), atoms in zip(p.sites, p.placements):
+        ads = atoms[n:]
+        k = ads.get_chemical_symbols().index(first)
+        assert ads.positions[k, 2] == pytest.approx(top + 2.0, abs=1e-9), kind
+        assert np.allclose(ads.positions[k, :2], site[:2]), kind
+        assert (np.delete(ads.positions[:, 2], k) > ads.positions[k, 2] + 0.1).all(), kind
+        np.testing.assert_allclose(ads.get_all_distances(), gas.get_all_distances(), atol=1e-9)
