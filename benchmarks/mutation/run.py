@@ -264,7 +264,7 @@ def write_results(path: Path, rows, label: str, replace_all: bool) -> None:
 
 def plot(path: Path) -> Path:
     """``mutation.png`` beside the CSV: per module and label, mutants killed (by two or more
-    tests hatched apart from one) out of the total."""
+    tests apart from one) out of those the run could apply."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -278,22 +278,29 @@ def plot(path: Path) -> Path:
     for k, lab in enumerate(labels):
         by = {r["module"]: r for r in rows if r["label"] == lab}
         y = [m + k * height for m in range(len(modules))]
-        total = [int(by[m]["mutants"]) if m in by else 0 for m in modules]
+        # mutants a run could not apply (stale snippet, no selected test in that tree) are not
+        # counted in its total: drawn hatched beyond it
+        stale = [int(by[m]["stale_or_no_tests"]) if m in by else 0 for m in modules]
+        total = [int(by[m]["mutants"]) - n if m in by else 0 for m, n in zip(modules, stale)]
         multi = [int(by[m]["killed_by_2_or_more"]) if m in by else 0 for m in modules]
         single = [int(by[m]["killed"]) - b if m in by else 0 for m, b in zip(modules, multi)]
         ax.barh(y, total, height, color="0.88", edgecolor="0.6")
+        ax.barh(y, stale, height, left=total, color="white", edgecolor="0.75", hatch="///",
+                label="not applicable in that tree" if k == 0 else None)
         ax.barh(y, multi, height, color=f"C{k}", label=f"{lab}: killed by 2+ tests")
         ax.barh(y, single, height, left=multi, color=f"C{k}", alpha=0.45, label=f"{lab}: killed by 1 test")
-        for yy, t, b, s in zip(y, total, multi, single):
-            if t:
-                ax.text(t + 0.1, yy, f"{b + s}/{t}", va="center", fontsize=8)
+        for yy, t, b, s, n in zip(y, total, multi, single, stale):
+            if t or n:
+                ax.text(t + n + 0.1, yy, f"{b + s}/{t}" + (f" (+{n} n/a)" if n else ""), va="center", fontsize=8)
     ax.set_xlim(0, 1.12 * max(int(r["mutants"]) for r in rows) + 0.5)
     ax.set_yticks([m + 0.4 - height / 2 for m in range(len(modules))], modules)
     ax.invert_yaxis()
     ax.set_xlabel("mutants (grey: total)")
     killed = {lab: (sum(int(r["killed"]) for r in rows if r["label"] == lab),
-                    sum(int(r["mutants"]) for r in rows if r["label"] == lab)) for lab in labels}
-    ax.set_title("Mutants killed by the tests: " + ", ".join(f"{lab} {a}/{b}" for lab, (a, b) in killed.items()))
+                    sum(int(r["mutants"]) - int(r["stale_or_no_tests"]) for r in rows if r["label"] == lab))
+              for lab in labels}
+    ax.set_title("Mutants killed by the tests (of those applicable): "
+                 + ", ".join(f"{lab} {a}/{b}" for lab, (a, b) in killed.items()))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     out = path.with_suffix(".png")
