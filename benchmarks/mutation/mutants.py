@@ -212,7 +212,7 @@ MUTANTS = [
     dict(id="md.langevin_loses_com_dof", file="eqcalc/engine/md.py",
          original="conserves_momentum: ClassVar[bool] = False",
          mutated="conserves_momentum: ClassVar[bool] = True",
-         tests=[THERMO + "[langevin]", MD + "test_nve_conserves_energy_and_momentum"],
+         tests=[THERMO + "[langevin]", MD + "test_nve_conserves_energy_and_momentum", MD_LOG[0]],
          description="Langevin counts 3N-3 dof: temperatures read 3/(3N-3) high"),
     dict(id="md.com_removed_with_fixed_atoms", file="eqcalc/engine/md.py",
          original="com = (n_fixed == 0).to(torch.float64) * 3.0 if conserves_momentum else 0.0",
