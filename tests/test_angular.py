@@ -73,6 +73,44 @@ def test_triplets_match_brute_force(name):
         assert (i == 0).all() and (j == 0).all() and len(got) == len(i) * (len(i) - 1)
 
 
+def _angles_at_the_shared_atom(atoms, cutoff):
+    """Sorted cosines of every angle k-j-i of the structure, from Cartesian positions: ASE's
+    neighbor list places the images (atom + shift @ cell); every pair of neighbours of ``j``
+    that are distinct points makes one angle (two images of one atom are distinct points)."""
+    i, j, S = neighbor_list("ijS", atoms, cutoff)
+    pos, cell = atoms.positions, atoms.cell.array
+    cosines = []
+    for a in range(len(atoms)):
+        around = [pos[n] + s @ cell for c, n, s in zip(i, j, S) if c == a]  # neighbours of a in its cell
+        for x in range(len(around)):
+            for y in range(len(around)):
+                if x != y:
+                    u, v = around[x] - pos[a], around[y] - pos[a]
+                    cosines.append(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
+    return np.sort(cosines)
+
+
+@pytest.mark.parametrize("name", list(systems()))
+def test_triplet_cosines_are_the_angles_between_the_edges(name):
+    """The cosines the angular models see (eqcalc's neighbor list, triplets and
+    ``triplet_cosines``) are the angles of the geometry, one per ordered pair of distinct
+    neighbours of the shared atom, computed here from Cartesian positions: across periodic
+    images too (a 1-atom cell smaller than the cutoff has only images of itself)."""
+    from eqcalc.atoms import to_tensors
+    from eqcalc.neighbors import compute_edge_vectors, compute_neighbors
+    from potentials.angular import triplet_cosines
+
+    atoms, cutoff = systems()[name]
+    t = to_tensors([atoms])
+    edge_index, shifts = compute_neighbors(t.positions, t.cell, t.pbc, cutoff, t.system)
+    vectors = compute_edge_vectors(t.positions, t.cell, edge_index, shifts, t.system)
+    kj, ji, _ = trip.triplets(edge_index, shifts.double(), len(atoms))
+    ours = triplet_cosines(vectors / vectors.norm(dim=1, keepdim=True), kj, ji).numpy()
+    expected = _angles_at_the_shared_atom(atoms, cutoff)
+    assert len(expected) > 0 and len(ours) == len(expected)
+    np.testing.assert_allclose(np.sort(ours), expected, rtol=0, atol=1e-12)
+
+
 def test_triplets_of_a_batch_are_those_of_each_system():
     from eqcalc.atoms import to_tensors
     from eqcalc.neighbors import compute_neighbors

@@ -1,5 +1,6 @@
 """eqcalc md / relax / adsorption on tiny inputs: files written hold the physics they claim."""
 import csv
+import re
 
 import ase.io
 import numpy as np
@@ -121,3 +122,49 @@ def test_adsorption_table(inputs, capsys, adsorbate):
     hollow = min(float(r["E_ads_eV"]) for r in rows if r["site"].startswith("hollow"))
     ontop = float(next(r for r in rows if r["site"] == "ontop")["E_ads_eV"])
     assert hollow < ontop  # both prefer the hollow sites of Pt(111), as in EMT
+
+
+def test_md_refuses_a_zero_mass_or_nan_momentum_in_an_input_file(inputs, package_path, capsys):
+    """The fault table's MD inputs through the command line: a structure file with a zero mass or
+    a NaN momentum (extxyz keeps both) exits 2 naming the atom before any step, and writes no
+    trajectory."""
+    model = package_path("painn", "float64", features=8, num_interactions=2)
+    cu = ase.io.read(inputs / "cu.extxyz")
+    masses = cu.get_masses()
+    masses[2] = 0.0
+    cu.set_masses(masses)
+    ase.io.write(inputs / "massless.extxyz", cu)
+    cu = ase.io.read(inputs / "cu.extxyz")
+    momenta = np.zeros((len(cu), 3))
+    momenta[3, 1] = np.nan
+    cu.set_momenta(momenta)
+    ase.io.write(inputs / "nan.extxyz", cu)
+    # atoms are counted over all inputs: the 2 atoms of CO come first
+    for name, message in (("massless", r"atoms \[4\] .* masses \[0\.0\] amu"), ("nan", r"momenta of atoms \[5\]")):
+        out = inputs / f"run_{name}"
+        assert main(["md", str(inputs / "co.xyz"), str(inputs / f"{name}.extxyz"), "--model", model, "--steps", "2",
+                     "--output-dir", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+        assert not list(out.glob("*.extxyz"))
+
+
+@pytest.mark.parametrize("adsorbate", ["CO", "NO", "OH"])
+def test_adsorbates_are_placed_by_their_first_atom_pointing_up(adsorbate):
+    """Every placement of ``eqcalc adsorption`` (before relaxing): the atom named first in the
+    formula (C of CO, whatever order ASE's g2 set stores) sits 2 Å above the top layer at its
+    site, every other adsorbate atom higher, the molecule's geometry unchanged."""
+    from eqcalc.workflows.adsorption import gas_molecule, plan
+
+    slab = fcc111("Pt", (2, 2, 3), vacuum=6.0)
+    n, top = len(slab), slab.positions[:, 2].max()
+    p = plan(slab, adsorbate, distance=2.0)
+    first = "".join(c for c in adsorbate if c.isalpha() and c.isupper())[0]
+    gas = gas_molecule(adsorbate)
+    for (kind, site), atoms in zip(p.sites, p.placements):
+        ads = atoms[n:]
+        k = ads.get_chemical_symbols().index(first)
+        assert ads.positions[k, 2] == pytest.approx(top + 2.0, abs=1e-9), kind
+        assert np.allclose(ads.positions[k, :2], site[:2]), kind
+        assert (np.delete(ads.positions[:, 2], k) > ads.positions[k, 2] + 0.1).all(), kind
+        np.testing.assert_allclose(ads.get_all_distances(), gas.get_all_distances(), atol=1e-9)

@@ -128,3 +128,33 @@ def test_auto_uses_the_fastest_checked_form(package_path, tmp_path, monkeypatch,
     assert calc.model.compile_timings == {"eager": times[0], "torchscript": times[1]}
     assert calc.model.compile_kind == expected
     assert (calc.model.runner is calc.model.wrapper) == (expected == "eager")
+
+
+def test_agreement_check_sees_any_output_off_by_more_than_the_dtype_tolerance(package_path):
+    """The check that admits a compiled form (compile.max_relative_error against
+    compile.tolerance): TorchScript's energy, forces and stress of a real model agree with
+    eager's within the float64 tolerance, and a relative error of 1e-8 in any one of them
+    (1e-3 in float32: 20x the float32 tolerance) is refused, whichever output it is in."""
+    import numpy as np
+    import torch
+
+    from eqcalc import compile as compiled
+
+    path = package_path("schnet", "float64")
+    structures = [STRUCTS["slab"], STRUCTS["bulk"]]
+    eager = EquivariantCalculator(path, compile="eager", device="cpu").predict(structures)
+    script = EquivariantCalculator(path, compile="torchscript", device="cpu").predict(structures)
+
+    def tensors(results):
+        return {k: torch.as_tensor(np.concatenate([np.atleast_1d(r[k]).ravel() for r in results]))
+                for k in ("energy", "forces", "stress")}
+
+    reference = tensors(eager)
+    assert compiled.max_relative_error(tensors(script), reference) <= compiled.tolerance(torch.float64)
+    for dtype, error in ((torch.float64, 1e-8), (torch.float32, 1e-3)):
+        assert compiled.tolerance(dtype) * 10 < error
+        for key in reference:
+            off = {k: v.clone() for k, v in reference.items()}
+            worst = int(off[key].abs().argmax())
+            off[key][worst] += error * float(reference[key].abs().max())
+            assert compiled.max_relative_error(off, reference) > compiled.tolerance(dtype), (key, dtype)

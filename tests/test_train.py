@@ -4,6 +4,7 @@ the README says, checked from outside the training loop."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -327,3 +328,102 @@ def test_recipes_read_the_same_without_pyyaml(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_yaml)
     assert [load_recipe(p) for p in paths] == with_yaml
     assert with_yaml[-1]["generate_extra"] == [{"kind": "paths", "n_paths": 2}, {"n_structures": 3}]
+
+
+def test_learning_rate_warms_up_linearly_then_falls_by_a_half_cosine_to_the_floor():
+    """The schedule's documented shape, checked by its properties rather than its formula:
+    linear from lr/warmup to lr over the warm-up steps, then a half cosine, symmetric about its
+    midpoint, that ends at min_lr_ratio and never rises."""
+    import numpy as np
+
+    from potentials.train import _lr_factor
+
+    warmup, total, floor = 5, 45, 0.1
+    f = np.array([_lr_factor(s, warmup, total, floor) for s in range(total + 1)])
+    np.testing.assert_allclose(f[:warmup], np.arange(1, warmup + 1) / warmup, rtol=1e-15)  # linear, reaches 1
+    decay = f[warmup:]
+    assert decay[0] == 1.0 and decay[-1] == pytest.approx(floor, abs=1e-15)
+    assert (np.diff(decay) < 0).all()  # falls at every step
+    mid = (total - warmup) // 2
+    assert decay[mid] == pytest.approx((1 + floor) / 2, abs=1e-15)  # half-way down at half time
+    np.testing.assert_allclose(decay - (1 + floor) / 2, -(decay[::-1] - (1 + floor) / 2), atol=1e-15)
+    assert _lr_factor(total + 10, warmup, total, floor) == pytest.approx(floor)  # stays at the floor
+
+
+def test_ema_of_steady_weights_is_those_weights_and_warm_start_follows_a_jump():
+    """Two properties of an average: weights that never change average to themselves (for any
+    decay); and with the warm start the average of weights that jumped at the first step has
+    followed the jump after ten updates (more than 99 %), where a plain decay of 0.999 would
+    still be within 1 % of the old value."""
+    from potentials.train import EMA
+
+    model = torch.nn.Linear(3, 2).double()
+    steady = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = EMA(model, 0.999)
+    for step in range(50):
+        ema.update(model, step)
+    for k, v in steady.items():
+        assert torch.allclose(ema.shadow[k], v, rtol=1e-13, atol=0), k
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = EMA(model, 0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for step in range(10):
+        ema.update(model, step)
+    assert float(ema.shadow["weight"].min()) > 0.99
+
+
+def test_loss_of_a_model_on_its_own_predictions():
+    """Through collate and the training wrapper: labels equal to the model's own energies and
+    forces give zero loss; adding n_atoms x 0.1 eV to every frame's energy label gives an energy
+    term of exactly 0.01 (eV/atom)² whatever the frame sizes (a 1-atom and an 8-atom cell); the
+    forces term stays zero."""
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from potentials.train import Frame, _forward, _loss, collate, make_wrapper
+
+    model = potentials.build("painn", ["Cu"], cutoff=4.0, features=8, num_interactions=1, num_radial=8,
+                             dtype="float64")
+    wrapper = make_wrapper(model, stress=False)
+    structures = [bulk("Cu", "fcc", a=3.6), bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))]
+    for k, a in enumerate(structures):
+        a.rattle(0.05, seed=k)
+        a.calc = SinglePointCalculator(a, energy=0.0, forces=np.zeros((len(a), 3)))
+    batch = collate([Frame(a, {29: 0}) for a in structures], model.cutoff)
+    out = _forward(wrapper, batch)
+    assert out["forces"].abs().max() > 1e-3  # the rattled cells have forces
+    own = dict(batch, energy_ref=out["energy"].detach(), forces_ref=out["forces"].detach())
+    terms = _loss(out, own, (1.0, 1.0, 0.0))
+    assert float(terms["energy"]) == 0.0 and float(terms["forces"]) == 0.0
+    shifted = dict(own, energy_ref=own["energy_ref"] + 0.1 * batch["n_atoms"])
+    terms = _loss(out, shifted, (1.0, 1.0, 0.0))
+    assert float(terms["energy"]) == pytest.approx(0.01, rel=1e-10) and float(terms["forces"]) == 0.0
+
+
+def test_training_starts_from_exact_per_element_energies(tmp_path):
+    """Data whose energies are exactly sums of per-element energies (set here, by element name):
+    before any learning, the written model's per-species shift holds each element's energy in
+    the model's (unsorted) species order."""
+    import ase.io
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    per_element = {"Cu": -3.75, "O": -4.5, "Pt": -5.25}
+    rng = np.random.default_rng(1)
+    frames = []
+    for k in range(12):
+        a = bulk("Cu", "fcc", a=3.8, cubic=True)
+        a.symbols[:] = rng.choice(list(per_element), size=len(a))
+        a.rattle(0.02, seed=k)
+        energy = sum(per_element[s] for s in a.get_chemical_symbols())
+        a.calc = SinglePointCalculator(a, energy=energy, forces=np.zeros((len(a), 3)))
+        a.info["split"] = ("train", "train", "val", "test")[k % 4] if k >= 4 else "train"
+        frames.append(a)
+    path = tmp_path / "exact.xyz"
+    ase.io.write(path, frames)
+    species = ["Pt", "Cu", "O"]
+    out = train(_config(path, tmp_path, max_steps=1, lr=1e-12, weight_decay=0.0, species=species))
+    shift = potentials.load(out).scale_shift.shift.detach().double().numpy()
+    np.testing.assert_allclose(shift, [per_element[s] for s in species], atol=1e-5)  # float32 parameters

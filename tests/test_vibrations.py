@@ -107,14 +107,32 @@ def test_eqcalc_vib_writes_the_table_and_mode_animations(tmp_path):
 
 
 # ---- phonons ---------------------------------------------------------------------------------
-def test_phonons_from_displacements_and_from_the_hessian_agree(schnet64):
+@pytest.fixture(scope="module")
+def cu_hessian_phonons(schnet64):
+    """fcc Cu (a = 3.6 Å) with the shipped SchNet in a 3x3x3 supercell, Hessian route (the
+    Hessian is the slow part: computed once for the tests that read it)."""
+    return P.phonons(bulk("Cu", "fcc", a=3.6), schnet64, supercell=(3, 3, 3), method="hessian")
+
+
+def test_phonons_from_displacements_and_from_the_hessian_agree(schnet64, cu_hessian_phonons):
     cu = bulk("Cu", "fcc", a=3.6)
     a = P.phonons(cu, schnet64, supercell=(3, 3, 3))
-    b = P.phonons(cu, schnet64, supercell=(3, 3, 3), method="hessian")
+    b = cu_hessian_phonons
     points = P.special_points(a)
     for label in ("G", "X", "L"):
         fa, fb = P.frequencies(a, [points[label]])[0], P.frequencies(b, [points[label]])[0]
         assert np.abs(fa - fb).max() < 2e-3, (label, fa, fb)     # THz; displacement is 0.01 Å FD
+
+
+def test_hessian_route_gives_a_stable_crystal_real_bands_with_zero_acoustic_modes_at_gamma(cu_hessian_phonons):
+    """fcc Cu with the shipped SchNet (trained on EMT, for which Cu is stable) through the
+    Hessian route: no imaginary mode anywhere on the band path, the three acoustic modes at Γ
+    zero (and not reported as instabilities), the top of the band where EMT's is (~8 THz)."""
+    ph = cu_hessian_phonons
+    band = P.band_structure(ph, npoints=31)
+    assert P.imaginary_modes(band) == []
+    assert np.abs(P.frequencies(ph, [[0.0, 0.0, 0.0]])[0]).max() < 1e-3
+    assert 6.0 < band["frequencies"].max() < 10.0
 
 
 def test_emt_phonons_through_the_same_pipeline_match_known_cu_values():

@@ -22,6 +22,8 @@ a test that already fails there cannot kill anything and is reported.
     git worktree add /tmp/before <commit>
     cp eqcalc/_native/*.so /tmp/before/eqcalc/_native/
     nice -n 10 python benchmarks/mutation/run.py --tree /tmp/before --label before
+    # in a git worktree without build/: reuse the main checkout's nequip reference venv
+    nice -n 10 python benchmarks/mutation/run.py --reference-build /path/to/main/build
 
 With ``--tree`` pointing elsewhere, a mutant's test selection is cut to the test files and test
 functions that exist there (``before`` numbers: the original tests, same mutants).
@@ -69,6 +71,21 @@ def copy_tree(tree: Path, files, dest: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(tree / f, target)
     return dest
+
+
+#: Ignored (built) folders the tests reuse when present: the nequip reference venv and its results
+#: (``tests/test_convert_nequip.py``). mace-torch's lives outside the tree (``~/.cache/eqcalc-reference``).
+REFERENCE_DIRS = ("nequip-env", "nequip-reference")
+
+
+def link_references(build: Path, copy: Path) -> None:
+    """Symlink ``build/<name>`` for :data:`REFERENCE_DIRS` into ``copy/build`` (a copy of the
+    tracked files has no build/: without the links the converter tests would rebuild the nequip
+    venv and rerun nequip in every mutant's copy)."""
+    for name in REFERENCE_DIRS:
+        if (build / name).is_dir():
+            (copy / "build").mkdir(exist_ok=True)
+            (copy / "build" / name).symlink_to((build / name).resolve(), target_is_directory=True)
 
 
 def select_tests(tree: Path, selection):
@@ -148,6 +165,10 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants and their tests, run nothing")
     parser.add_argument("--plot", action="store_true", help="redraw mutation.png from the CSV, run nothing")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "mutation.csv"))
+    parser.add_argument("--reference-build", default=None,
+                        help="a build/ folder with nequip-env and nequip-reference (tests/test_convert_nequip.py's "
+                             "reference venv and results), linked into each copy instead of rebuilt there; "
+                             "default: the tree's own build/ (a git worktree without one: pass the main checkout's)")
     args = parser.parse_args(argv)
     tree = Path(args.tree).resolve()
     mutants = [m for m in MUTANTS if args.only is None or m["id"] in args.only]
@@ -167,6 +188,7 @@ def main(argv=None) -> int:
     rows = []
     try:
         pristine = copy_tree(tree, files, scratch / "pristine")
+        link_references(Path(args.reference_build) if args.reference_build else tree / "build", pristine)
         broken_at_baseline = set()
         if not args.no_baseline:
             union = sorted({t for m in mutants for t in select_tests(tree, m["tests"])})
@@ -180,7 +202,7 @@ def main(argv=None) -> int:
                    "description": m["description"], "n_tests": 0, "seconds": 0.0, "n_killing": 0,
                    "killing_tests": ""}
             work = scratch / f"m{k}"
-            shutil.copytree(pristine, work)
+            shutil.copytree(pristine, work, symlinks=True)  # the reference links stay links
             if not selection:
                 row["status"] = "no tests"
             elif not apply(work, m):
@@ -242,7 +264,7 @@ def write_results(path: Path, rows, label: str, replace_all: bool) -> None:
 
 def plot(path: Path) -> Path:
     """``mutation.png`` beside the CSV: per module and label, mutants killed (by two or more
-    tests hatched apart from one) out of the total."""
+    tests apart from one) out of those the run could apply."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -256,22 +278,29 @@ def plot(path: Path) -> Path:
     for k, lab in enumerate(labels):
         by = {r["module"]: r for r in rows if r["label"] == lab}
         y = [m + k * height for m in range(len(modules))]
-        total = [int(by[m]["mutants"]) if m in by else 0 for m in modules]
+        # mutants a run could not apply (stale snippet, no selected test in that tree) are not
+        # counted in its total: drawn hatched beyond it
+        stale = [int(by[m]["stale_or_no_tests"]) if m in by else 0 for m in modules]
+        total = [int(by[m]["mutants"]) - n if m in by else 0 for m, n in zip(modules, stale)]
         multi = [int(by[m]["killed_by_2_or_more"]) if m in by else 0 for m in modules]
         single = [int(by[m]["killed"]) - b if m in by else 0 for m, b in zip(modules, multi)]
         ax.barh(y, total, height, color="0.88", edgecolor="0.6")
+        ax.barh(y, stale, height, left=total, color="white", edgecolor="0.75", hatch="///",
+                label="not applicable in that tree" if k == 0 else None)
         ax.barh(y, multi, height, color=f"C{k}", label=f"{lab}: killed by 2+ tests")
         ax.barh(y, single, height, left=multi, color=f"C{k}", alpha=0.45, label=f"{lab}: killed by 1 test")
-        for yy, t, b, s in zip(y, total, multi, single):
-            if t:
-                ax.text(t + 0.1, yy, f"{b + s}/{t}", va="center", fontsize=8)
+        for yy, t, b, s, n in zip(y, total, multi, single, stale):
+            if t or n:
+                ax.text(t + n + 0.1, yy, f"{b + s}/{t}" + (f" (+{n} n/a)" if n else ""), va="center", fontsize=8)
     ax.set_xlim(0, 1.12 * max(int(r["mutants"]) for r in rows) + 0.5)
     ax.set_yticks([m + 0.4 - height / 2 for m in range(len(modules))], modules)
     ax.invert_yaxis()
     ax.set_xlabel("mutants (grey: total)")
     killed = {lab: (sum(int(r["killed"]) for r in rows if r["label"] == lab),
-                    sum(int(r["mutants"]) for r in rows if r["label"] == lab)) for lab in labels}
-    ax.set_title("Mutants killed by the tests: " + ", ".join(f"{lab} {a}/{b}" for lab, (a, b) in killed.items()))
+                    sum(int(r["mutants"]) - int(r["stale_or_no_tests"]) for r in rows if r["label"] == lab))
+              for lab in labels}
+    ax.set_title("Mutants killed by the tests (of those applicable): "
+                 + ", ".join(f"{lab} {a}/{b}" for lab, (a, b) in killed.items()))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     out = path.with_suffix(".png")
