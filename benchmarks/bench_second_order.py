@@ -263,9 +263,9 @@ def speed_case(case: str, model: str) -> dict:
             "rss_before_MB": round(before / 1024, 1)}
 
 
-def speed(model: str, out: Path) -> None:
+def speed(model: str, out: Path, cases=SPEED_CASES) -> None:
     rows = []
-    for case in SPEED_CASES:
+    for case in cases:
         r = subprocess.run([sys.executable, __file__, "--speed-case", case, "--model", model],
                            capture_output=True, text=True)
         if r.returncode != 0:
@@ -356,6 +356,8 @@ def main() -> None:
     p.add_argument("--compare", default=None, help="a second model file for phonons and relax")
     p.add_argument("--output-dir", default=str(RESULTS))
     p.add_argument("--speed-case", choices=SPEED_CASES, help=argparse.SUPPRESS)
+    p.add_argument("--speed-cases", nargs="+", choices=SPEED_CASES, default=list(SPEED_CASES),
+                   help="which speed cases to run (eqcalc_1000, the 1,000-atom Hessian, takes longest)")
     args = p.parse_args()
     if args.speed_case:
         print(json.dumps(speed_case(args.speed_case, args.model)))
@@ -369,7 +371,7 @@ def main() -> None:
     for what in args.what:
         t = time.perf_counter()
         {"phonons": lambda: phonons(models, out), "adsorbates": lambda: adsorbates(args.model, out),
-         "speed": lambda: speed(args.model, out), "fd": lambda: fd(args.model, out),
+         "speed": lambda: speed(args.model, out, args.speed_cases), "fd": lambda: fd(args.model, out),
          "relax": lambda: relax_sites(models, out)}[what]()
         print(f"{what}: {time.perf_counter() - t:.0f} s", flush=True)
     print(f"all: {time.perf_counter() - start:.0f} s")
