@@ -1,7 +1,8 @@
 """NequIP: E(3)-equivariant interatomic potentials (Batzner et al., Nat. Commun. 2022).
 
-Features ``h`` ``(n_atoms, (hidden_l+1)^2, channels)`` (natural parity, degrees 0..hidden_l)
-are refined by convolutions: a self-interaction (linear per degree), the tensor product of
+Features ``h`` ``(n_atoms, (hidden_l+1)^2, channels)`` (natural parity, degrees 0..hidden_l;
+with ``parity``, also the odd-parity blocks 0o, 1e, 2o, 3e that the couplings reach: one more
+block per degree, :func:`potentials.o3.reachable`) are refined by convolutions: a self-interaction (linear per degree), the tensor product of
 neighbor features with the spherical harmonics of the edge direction, weighted per path and
 channel by a radial MLP of a Bessel basis times a smooth polynomial cutoff, summed over
 neighbors, mixed linearly, plus a per-species self-connection; then a gated nonlinearity
@@ -26,6 +27,8 @@ from potentials.registry import register
 #: e3nn's second-moment normalisation of SiLU (Monte-Carlo, 1e6 samples, seed 0): what nequip's
 #: gates multiply SiLU by. Not the exact integral (1.67653): converted models need this number.
 NORMALIZED_SILU_GAIN = 1.6791767923989418
+#: The same for tanh (nequip's activation of odd scalars, 0o).
+NORMALIZED_TANH_GAIN = 1.5937334472592695
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +50,9 @@ class NequIPConfig(TensorProductConfig):
       scale/shift;
     * ``avg_num_neighbors_per_species``: per-species neighbor counts (nequip's per-type
       ``avg_num_neighbors``); a neighbor's features are divided by the square root of its
-      species' count before the sum (empty: ``avg_num_neighbors`` for every species).
+      species' count before the sum (empty: ``avg_num_neighbors`` for every species);
+    * ``parity``: hidden features of both parities per degree (nequip's ``parity: true``), odd
+      scalars through tanh (normalised with ``gate="normalized_silu"``).
     """
     num_interactions: int = 3
     radial_depth: int = 2
@@ -61,12 +66,13 @@ class NequIPConfig(TensorProductConfig):
     pair_repulsion: str = "none"
     pair_envelope_p: int = 6
     avg_num_neighbors_per_species: Tuple[float, ...] = ()
+    parity: bool = False
 
     FILE_DEFAULTS: ClassVar[Dict[str, Any]] = {
         **TensorProductConfig.FILE_DEFAULTS, "radial_depth": 2, "embedding_channels": 0, "residual": True,
         "first_self_connection": True, "last_scalars_only": False, "gate": "sigmoid",
         "readout": "two_layer", "readout_hidden": 16, "pair_repulsion": "none",
-        "pair_envelope_p": 6, "avg_num_neighbors_per_species": ()}
+        "pair_envelope_p": 6, "avg_num_neighbors_per_species": (), "parity": False}
 
     @property
     def features(self) -> int:  # width of the species embedding
@@ -81,6 +87,8 @@ class NequIPConfig(TensorProductConfig):
         check_int(self, "readout_hidden", 1)
         check_choice("pair_repulsion", self.pair_repulsion, ("none", "zbl_lammps"))
         check_int(self, "pair_envelope_p", 1)
+        if not isinstance(self.parity, bool):
+            raise InvalidOptionError(f"parity={self.parity!r} must be true or false")
         per_species = tuple(float(x) for x in self.avg_num_neighbors_per_species)
         if per_species and (len(per_species) != len(self.species) or min(per_species) <= 0):
             raise InvalidOptionError(
@@ -93,33 +101,36 @@ class NequIPConfig(TensorProductConfig):
 
 
 class Convolution(torch.nn.Module):
-    """One NequIP interaction: ``h (n, (l_in+1)^2, c_in)`` → ``(n, (l_out+1)^2, c)``."""
+    """One NequIP interaction: ``h (n, components of blocks_in, c_in)`` → ``(n, components of
+    blocks_out, c)`` (layouts of :mod:`potentials.o3`)."""
 
-    def __init__(self, config: NequIPConfig, l_in: int, l_out: int, c_in: int, self_connection: bool):
+    def __init__(self, config: NequIPConfig, blocks_in: List[o3.Irrep], blocks_out: List[o3.Irrep], c_in: int,
+                 self_connection: bool):
         super().__init__()
         c, n_species = config.channels, len(config.species)
-        self.linear_in = o3.Linear(l_in, c_in, c_in)
-        self.tp = o3.EdgeTensorProduct(l_in, config.max_ell, l_out)
+        self.linear_in = o3.Linear(blocks_in, c_in, c_in)
+        self.tp = o3.EdgeTensorProduct(blocks_in, config.max_ell, blocks_out)
         self.n_paths, self.channels = len(self.tp.paths), c_in
         self.radial = radial_mlp([config.num_radial] + [config.radial_mlp] * config.radial_depth
                                  + [self.n_paths * c_in])
-        # Scalars carry the features and one gate per channel for every degree l > 0.
-        widths = [c * (1 + l_out)] + [c] * l_out
+        # Even scalars carry the features and one gate per channel for every block of l > 0.
+        gated = sum(1 for l, _ in blocks_out if l > 0)
+        widths = [c * (1 + gated)] + [c] * (len(blocks_out) - 1)
         self.linear_out = o3.PathLinear(self.tp, c_in, widths)
-        self.self_connection = (o3.SpeciesLinear(l_in, n_species, c_in, widths) if self_connection
+        self.self_connection = (o3.SpeciesLinear(blocks_in, n_species, c_in, widths) if self_connection
                                 else NoSelfConnection())
         if config.gate == "normalized_silu":
             act = o3.ScaledSiLU(NORMALIZED_SILU_GAIN)
-            self.gate = o3.Gate(l_out, c, act, act)
+            self.gate = o3.Gate(blocks_out, c, act, act, o3.ScaledTanh(NORMALIZED_TANH_GAIN))
         else:
-            self.gate = o3.Gate(l_out, c)
+            self.gate = o3.Gate(blocks_out, c)
         # 1/sqrt(avg_num_neighbors) of each neighbor's species: the sum over neighbors is linear,
         # so scaling a neighbor's features before it is the same as scaling the sum after.
         counts = config.avg_num_neighbors_per_species or (config.avg_num_neighbors,) * n_species
         # float64 here: a float32 default would round it before a float64 model ever sees it.
         norm = torch.tensor([1.0 / math.sqrt(x) for x in counts], dtype=torch.float64).view(-1, 1, 1)
         self.register_buffer("norm", norm, persistent=False)
-        self.residual = config.residual and l_in == l_out and c_in == c
+        self.residual = config.residual and blocks_in == blocks_out and c_in == c
 
     def forward(self, h: Tensor, species: Tensor, Y: List[Tensor], edge_features: Tensor,
                 edge_index: Tensor) -> Tensor:
@@ -141,11 +152,10 @@ class NequIP(TensorProductPotential):
     def __init__(self, config: NequIPConfig):
         super().__init__(config)
         L, c = config.num_interactions, config.channels
-        l_in = [0] + [config.hidden_l] * (L - 1)
-        l_out = [config.hidden_l] * (L - 1) + [0 if config.last_scalars_only else config.hidden_l]
         c_in = [config.features] + [c] * (L - 1)
+        self.layouts = self.feature_layouts(config)
         self.convolutions = torch.nn.ModuleList(
-            [Convolution(config, l_in[k], l_out[k], c_in[k], k > 0 or config.first_self_connection)
+            [Convolution(config, self.layouts[k], self.layouts[k + 1], c_in[k], k > 0 or config.first_self_connection)
              for k in range(L)])
         if config.readout == "linear":  # nequip's ScalarMLP of depth 0
             self.readout = ScalarReadout(c)
@@ -156,6 +166,19 @@ class NequIP(TensorProductPotential):
         self.pair_repulsion = (short_range.LammpsZBL(self.species_z.tolist(), config.cutoff, config.pair_envelope_p)
                                if config.pair_repulsion == "zbl_lammps" else short_range.NoRepulsion())
         self.force_head = o3.Degree1ForceHead(c) if config.direct_forces else o3.NoForceHead()
+
+    @staticmethod
+    def feature_layouts(config: NequIPConfig) -> List[List[o3.Irrep]]:
+        """Layouts of the species embedding (0e) and of every layer's output: the blocks of
+        degree <= ``hidden_l`` (both parities with ``parity``) that the couplings reach; the
+        last layer's only 0e with ``last_scalars_only``."""
+        hidden = [(l, p) for l in range(config.hidden_l + 1)
+                  for p in ((1, -1) if config.parity else ((-1) ** l,))]
+        out = [[(0, 1)]]
+        for k in range(config.num_interactions):
+            last = k == config.num_interactions - 1 and config.last_scalars_only
+            out.append(o3.reachable(out[-1], config.max_ell, [(0, 1)] if last else hidden))
+        return out
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
         species, edge_index, Y, edge_features, h, lengths = self.inputs(data)
