@@ -40,7 +40,7 @@ from potentials import o3
 from potentials.convert import e3nn
 from potentials.convert.mace import sha256
 from potentials.convert.torch_pickle import Allow, Record, TorchArchive, require_filled, walk
-from potentials.nequip import NORMALIZED_SILU_GAIN
+from potentials.nequip import NORMALIZED_SILU_GAIN, NORMALIZED_TANH_GAIN
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ ALLOW = Allow(
 BUILDERS = ("nequip.model.NequIPGNNModel",)
 SUPPORTED: Dict[str, Any] = {
     "_target_": None, "seed": None, "model_dtype": ("float64", "float32"), "type_names": None, "r_max": None,
-    "num_layers": None, "l_max": (1, 2, 3), "parity": (False,), "num_features": None,
+    "num_layers": None, "l_max": (1, 2, 3), "parity": (False, True), "num_features": None,
     "type_embed_num_features": None, "radial_mlp_depth": None, "radial_mlp_width": None,
     "num_bessels": None, "bessel_trainable": (False,), "polynomial_cutoff_p": None,
     "avg_num_neighbors": None, "per_type_energy_scales": None, "per_type_energy_shifts": None,
@@ -156,8 +156,6 @@ class Reader:
         for key, allowed in SUPPORTED.items():
             if allowed is not None and key in opts and opts[key] not in allowed:
                 self.refuse(f"{key}={opts[key]!r}", f"supported values: {list(allowed)}")
-        if opts.get("parity", True) is not False:
-            self.refuse("parity=True (odd-parity features)", "convert a model trained with parity: false")
         l_max = int(opts.get("l_max", 1))
         features = opts.get("num_features", 32)
         features = [features] * (l_max + 1) if isinstance(features, int) else list(features)
@@ -197,6 +195,7 @@ class Reader:
             readout_hidden=int(opts.get("readout_mlp_hidden_layers_width") or features[0]),
             pair_repulsion="zbl_lammps" if pair else "none",
             pair_envelope_p=int(float(pair.get("polynomial_cutoff_p", 6))) if pair else 6,
+            parity=bool(opts.get("parity", True)),
         )
 
     # ---- weights --------------------------------------------------------------------------
@@ -204,29 +203,35 @@ class Reader:
         self.tensor(record, "weight")
         return e3nn.linear_blocks(record)
 
-    def per_degree(self, record: Record, c_in: int) -> np.ndarray:
-        """An e3nn Linear irreps → same irreps (one irrep per degree) as eqcalc's ``o3.Linear``
-        weight ``(lmax+1, c_in, c_in)``, zero-padded to ``c_in`` channels (eqcalc divides by
-        sqrt(c_in) in the forward)."""
-        irreps = e3nn.parse_irreps(record.attr("irreps_in"))
-        if [l for _, l, _ in irreps] != list(range(len(irreps))):
-            self.refuse(f"features of degrees {[l for _, l, _ in irreps]}")
+    def blocks_of(self, irreps, layout: List[o3.Irrep], what: str) -> List[int]:
+        """eqcalc block index of each irrep of nequip's ``irreps`` (one irrep per (l, parity))."""
+        irs = [(l, p) for _, l, p in irreps]
+        if sorted(irs) != sorted(layout):
+            self.refuse(f"{what} irreps {e3nn.irreps_str(irreps)} (eqcalc's NequIP builds {layout})")
+        return [layout.index(ir) for ir in irs]
+
+    def per_block(self, record: Record, layout: List[o3.Irrep], c_in: int) -> np.ndarray:
+        """An e3nn Linear irreps → same irreps (one irrep per (l, parity)) as eqcalc's
+        ``o3.Linear`` weight ``(blocks, c_in, c_in)`` in eqcalc's block order, zero-padded to
+        ``c_in`` channels (eqcalc divides by sqrt(c_in) in the forward)."""
+        where = self.blocks_of(e3nn.parse_irreps(record.attr("irreps_in")), layout, record.kind)
         blocks = self.linear(record)
-        if sorted((i, o) for i, o, _ in blocks) != [(l, l) for l in range(len(irreps))]:
-            self.refuse(f"{record.kind} mixing degrees {[(i, o) for i, o, _ in blocks]}")
-        out = np.zeros((len(irreps), c_in, c_in))
+        if sorted((i, o) for i, o, _ in blocks) != [(i, i) for i in range(len(where))]:
+            self.refuse(f"{record.kind} mixing irreps {[(i, o) for i, o, _ in blocks]}")
+        out = np.zeros((len(layout), c_in, c_in))
         for i, _, w in blocks:
-            out[i, :w.shape[0], :w.shape[1]] = w * np.sqrt(c_in)
+            out[where[i], :w.shape[0], :w.shape[1]] = w * np.sqrt(c_in)
         return out
 
-    @staticmethod
-    def output_columns(irreps_out, C: int) -> Dict[int, np.ndarray]:
-        """Degree → eqcalc column of each of nequip's output channels of that degree. Degree 0
-        holds the scalars and then one gate set per degree l > 0 (eqcalc: ``l * C`` onwards)."""
-        muls = {l: m for m, l, _ in irreps_out}
-        cols = {l: np.arange(m) for l, m in muls.items() if l > 0}
-        gates = [np.arange(muls[l]) + l * C for l in sorted(cols)]
-        scalars = muls[0] - sum(len(g) for g in gates)
+    def output_columns(self, irreps_out, gated, layout: List[o3.Irrep], C: int) -> Dict[int, np.ndarray]:
+        """eqcalc block → eqcalc column of each of nequip's output channels of that (l, parity).
+        nequip's 0e channels are the scalars, then one gate set per gated irrep in the order of
+        its Gate's ``irreps_gated``; eqcalc's gate sets follow its layout's l > 0 blocks."""
+        muls = {(l, p): m for m, l, p in irreps_out}
+        eq_gated = [b for b in layout if b[0] > 0]
+        cols = {layout.index(ir): np.arange(m) for ir, m in muls.items() if ir != (0, 1)}
+        gates = [np.arange(m) + (1 + eq_gated.index((l, p))) * C for m, l, p in gated]
+        scalars = muls[(0, 1)] - sum(len(g) for g in gates)
         cols[0] = np.concatenate([np.arange(scalars)] + gates)
         return cols
 
@@ -254,16 +259,21 @@ class Reader:
         ours = model.convolutions[k]
         p = f"convolutions.{k}."
         C_in, C = ours.channels, config["channels"]   # eqcalc's (padded) channel counts
-        put(p + "linear_in.weight", self.per_degree(conv.child("linear_1"), C_in))
-        # Tensor product: instructions (l1, l2, l3) in nequip's enumeration order.
+        lay_in, lay_out = model.layouts[k], model.layouts[k + 1]
+        put(p + "linear_in.weight", self.per_block(conv.child("linear_1"), lay_in, C_in))
+        # Tensor product: instructions (k1, l2, k3) (eqcalc's blocks) in nequip's enumeration order.
         tp = conv.child("tp_scatter").child("tp")
         irreps1 = e3nn.parse_irreps(tp.attr("irreps_in1"))
         irreps_mid = e3nn.parse_irreps(tp.attr("irreps_out"))
-        theirs = []   # ((l1, l2, l3), path weight, channels)
+        in_block = self.blocks_of(irreps1, lay_in, "layer input")
+        theirs = []   # ((k1, l2, k3), path weight, channels)
         for i1, i2, i_out, mode, has_weight, path_weight, _shape in e3nn.instructions(tp):
             if mode != "uvu" or not has_weight:
                 self.refuse(f"tensor-product instruction mode {mode!r}")
-            theirs.append(((irreps1[i1][1], int(i2), irreps_mid[i_out][1]), float(path_weight), irreps1[i1][0]))
+            _, l3, p3 = irreps_mid[i_out]
+            if (l3, p3) not in lay_out:
+                self.refuse(f"tensor-product output {l3}{'e' if p3 > 0 else 'o'} (eqcalc builds {lay_out})")
+            theirs.append(((in_block[i1], int(i2), lay_out.index((l3, p3))), float(path_weight), irreps1[i1][0]))
         if sorted(t for t, _, _ in theirs) != sorted(ours.tp.paths):
             self.refuse(f"tensor-product paths {[t for t, _, _ in theirs]} (eqcalc builds {ours.tp.paths})")
         slot = {t: n for n, (t, _, _) in enumerate(theirs)}
@@ -280,24 +290,29 @@ class Reader:
         weights[0] = weights[0] * (factor * r_max / np.pi / np.sqrt(2.0 / r_max))
         last = weights[-1]
         mapped = np.zeros((last.shape[0], len(ours.tp.paths), C_in))
-        for q, (l1, l2, l3) in enumerate(ours.tp.paths):
-            n = slot[(l1, l2, l3)]
+        for q, (k1, l2, k3) in enumerate(ours.tp.paths):
+            n = slot[(k1, l2, k3)]
             _, path_weight, mul = theirs[n]
-            sign = e3nn.coupling_sign(l1, l2, l3)
+            l1, l3 = lay_in[k1][0], lay_out[k3][0]
+            sign = e3nn.coupling_sign(l1, l2, l3, "0.5")   # odd l1+l2+l3 (parity) differ from 0.4.4
             mapped[:, q, :mul] = last[:, offsets[n]:offsets[n + 1]] * path_weight * sign / np.sqrt(2 * l3 + 1)
         weights[-1] = mapped.reshape(last.shape[0], -1)
         for j, w in enumerate(weights):
             put(p + f"radial.{2 * j}.weight", w.T)
-        # linear_2: its input per degree is that degree's paths, concatenated in nequip's order.
+        # linear_2: its input per (l, parity) is that irrep's paths, concatenated in nequip's order.
         linear_2 = conv.child("linear_2")
         self.tensor(linear_2, "weight")
         mid_in = e3nn.parse_irreps(linear_2.attr("irreps_in"))
         out_irreps = e3nn.parse_irreps(linear_2.attr("irreps_out"))
-        cols = self.output_columns(out_irreps, C)
+        gate = layer.child("equivariant_nonlin")
+        if gate.name != "Gate":
+            self.refuse(f"nonlinearity {gate.kind}", "gate nonlinearities are supported")
+        cols = self.output_columns(out_irreps, e3nn.parse_irreps(gate.attr("irreps_gated")), lay_out, C)
         lin_blocks = {(i_in, i_out): w for i_in, i_out, w in e3nn.linear_blocks(linear_2)}
-        for l, mix in enumerate(ours.linear_out.mixes):
-            i_in = next(i for i, (_, li, _) in enumerate(mid_in) if li == l)
-            i_out = next(i for i, (_, lo, _) in enumerate(out_irreps) if lo == l)
+        for l, mix in enumerate(ours.linear_out.mixes):   # l: eqcalc's output block
+            ir = lay_out[l]
+            i_in = next(i for i, (_, li, pi) in enumerate(mid_in) if (li, pi) == ir)
+            i_out = next(i for i, (_, lo, po) in enumerate(out_irreps) if (lo, po) == ir)
             w = lin_blocks[(i_in, i_out)]                      # (sum of path channels, out channels)
             order = [n for n, (t, _, _) in enumerate(theirs) if t[2] == l]
             start = {n: sum(theirs[m][2] for m in order[:order.index(n)]) for n in order}
@@ -314,34 +329,38 @@ class Reader:
             emb = _np(self.func.child("type_embed").child("embed_module").tensor("weight"))  # (types, e)
             irr_in = e3nn.parse_irreps(sc.attr("irreps_in1"))
             irr_out = e3nn.parse_irreps(sc.attr("irreps_out"))
-            sc_cols = self.output_columns(irr_out, C)
+            sc_cols = self.output_columns(irr_out, e3nn.parse_irreps(gate.attr("irreps_gated")), lay_out, C)
             start = 0
             for i1, i2, i_out, mode, has_weight, path_weight, shape in e3nn.instructions(sc):
                 n = int(np.prod(shape))
-                l = irr_in[i1][1]
+                _, l, p_in = irr_in[i1]
                 # e3nn's 3j symbol of l x 0 -> l is the identity / sqrt(2l+1)
                 w = flat[start:start + n].reshape(shape) * (float(path_weight) / np.sqrt(2 * l + 1))  # (u, v, w)
                 start += n
-                if irr_out[i_out][1] != l or mode != "uvw":
+                if tuple(irr_out[i_out][1:]) != (l, p_in) or mode != "uvw":
                     self.refuse(f"self-connection instruction {(i1, i2, i_out, mode)}")
-                mix = ours.self_connection.mixes[l]
+                block = lay_out.index((l, p_in))   # the same index in lay_in: the layouts share a prefix
+                mix = ours.self_connection.mixes[block]
                 per_species = np.einsum("uvw,sv->suw", w, emb)                # (species, u, w)
                 full = np.zeros((emb.shape[0], C_in, mix.weight.shape[1]))
-                full[:, :w.shape[0], sc_cols[l]] = per_species
-                put(p + f"self_connection.mixes.{l}.weight", full.reshape(-1, full.shape[2]))
+                full[:, :w.shape[0], sc_cols[block]] = per_species
+                put(p + f"self_connection.mixes.{block}.weight", full.reshape(-1, full.shape[2]))
         elif k > 0:
             self.refuse(f"layer {k} without a self-connection")
-        # Gate: e3nn's normalised SiLU on scalars and gates.
-        gate = layer.child("equivariant_nonlin")
-        if gate.name != "Gate":
-            self.refuse(f"nonlinearity {gate.kind}", "gate nonlinearities are supported")
+        # Gate: e3nn's normalised SiLU on even scalars and gates, normalised tanh on odd scalars.
+        expected = {1: ("torch.nn.functional.silu", NORMALIZED_SILU_GAIN), -1: ("torch.tanh", NORMALIZED_TANH_GAIN)}
         for part in ("act_scalars", "act_gates"):
-            for _, act in gate.child(part).child("acts").modules.items():
+            irreps = e3nn.parse_irreps(gate.child(part).attr("irreps_in"))
+            acts = gate.child(part).child("acts").modules
+            if len(acts) != len(irreps):
+                self.refuse(f"layer {k} {part} with {len(acts)} activations for {e3nn.irreps_str(irreps)}")
+            for (_, _, parity), (_, act) in zip(irreps, sorted(acts.items(), key=lambda kv: int(kv[0]))):
                 f = act.attr("f")
-                if getattr(f, "qualname", "") != "torch.nn.functional.silu" or \
-                        abs(e3nn.normalize2mom_constant(act) - NORMALIZED_SILU_GAIN) > 1e-12:
-                    self.refuse(f"layer {k} nonlinearity {getattr(f, 'qualname', f)!r} "
-                                f"(scale {act.attr('cst')})", "gates with SiLU are supported")
+                name, gain = expected[parity]
+                if getattr(f, "qualname", "") != name or abs(e3nn.normalize2mom_constant(act) - gain) > 1e-12:
+                    self.refuse(f"layer {k} nonlinearity {getattr(f, 'qualname', f)!r} (scale {act.attr('cst')}) "
+                                f"on {'even' if parity > 0 else 'odd'} scalars",
+                                "nequip's default gates (SiLU, tanh on odd scalars) are supported")
 
     def fill(self, model, config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -440,7 +459,7 @@ def read(path: str | Path, progress: bool = True):
         "conventions": {
             "edge_vector": "neighbour minus centre in both",
             "harmonics": "e3nn 'component' basis (y polar) rotated onto eqcalc's",
-            "wigner_3j": "e3nn >= 0.5 signs",
+            "wigner_3j": "e3nn >= 0.5 signs (Condon-Shortley)",
             "bessel": "nequip's sinc basis times 2 pi / r_max^2 folded into the first radial layer",
             "energy": "scale[type] * readout + shift[type]",
         },
