@@ -41,8 +41,9 @@ class NequIPConfig(TensorProductConfig):
     * ``residual``: add the input features to a layer's output where the shapes agree (nequip: no);
     * ``first_self_connection``: the first layer has a per-species self-connection (nequip: no);
     * ``last_scalars_only``: the last layer outputs scalars only (nequip: yes);
-    * ``gate``: ``"sigmoid"`` (SiLU scalars, sigmoid gates) or ``"normalized_silu"`` (nequip:
-      e3nn's normalised SiLU on both);
+    * ``gate``: ``"sigmoid"`` (SiLU scalars, sigmoid gates), ``"normalized_silu"`` (nequip:
+      e3nn's normalised SiLU on both) or ``"norm"`` (no gates: every block scaled by
+      ``SiLU(|x|)/|x|``, nequip's ``convnet_nonlinearity_type: norm``);
     * ``readout``: ``"two_layer"`` (two linear layers), ``"linear"`` (nequip's one layer) or
       ``"mlp"`` (Linear → SiLU → linear, ``readout_hidden`` wide: nequip's readout MLP);
     * ``pair_repulsion``: ``"none"`` or ``"zbl_lammps"`` (nequip's ZBL: LAMMPS constants,
@@ -51,6 +52,8 @@ class NequIPConfig(TensorProductConfig):
     * ``avg_num_neighbors_per_species``: per-species neighbor counts (nequip's per-type
       ``avg_num_neighbors``); a neighbor's features are divided by the square root of its
       species' count before the sum (empty: ``avg_num_neighbors`` for every species);
+    * ``edge_cutoffs``: per species-pair cutoffs ``[centre][neighbour]`` Å, each <= ``cutoff``
+      (nequip's ``per_edge_type_cutoff``; empty: ``cutoff`` for every pair);
     * ``parity``: hidden features of both parities per degree (nequip's ``parity: true``), odd
       scalars through tanh (normalised with ``gate="normalized_silu"``).
     """
@@ -67,12 +70,14 @@ class NequIPConfig(TensorProductConfig):
     pair_envelope_p: int = 6
     avg_num_neighbors_per_species: Tuple[float, ...] = ()
     parity: bool = False
+    edge_cutoffs: Tuple[Tuple[float, ...], ...] = ()
 
     FILE_DEFAULTS: ClassVar[Dict[str, Any]] = {
         **TensorProductConfig.FILE_DEFAULTS, "radial_depth": 2, "embedding_channels": 0, "residual": True,
         "first_self_connection": True, "last_scalars_only": False, "gate": "sigmoid",
         "readout": "two_layer", "readout_hidden": 16, "pair_repulsion": "none",
-        "pair_envelope_p": 6, "avg_num_neighbors_per_species": (), "parity": False}
+        "pair_envelope_p": 6, "avg_num_neighbors_per_species": (), "parity": False,
+        "edge_cutoffs": ()}
 
     @property
     def features(self) -> int:  # width of the species embedding
@@ -82,11 +87,18 @@ class NequIPConfig(TensorProductConfig):
         super().__post_init__()
         check_int(self, "radial_depth", 1)
         check_int(self, "embedding_channels", 0)
-        check_choice("gate", self.gate, ("sigmoid", "normalized_silu"))
+        check_choice("gate", self.gate, ("sigmoid", "normalized_silu", "norm"))
         check_choice("readout", self.readout, ("two_layer", "linear", "mlp"))
         check_int(self, "readout_hidden", 1)
         check_choice("pair_repulsion", self.pair_repulsion, ("none", "zbl_lammps"))
         check_int(self, "pair_envelope_p", 1)
+        pairs = tuple(tuple(float(x) for x in row) for row in self.edge_cutoffs)
+        n = len(self.species)
+        if pairs and (len(pairs) != n or any(len(r) != n for r in pairs)
+                      or not all(0 < x <= self.cutoff for r in pairs for x in r)):
+            raise InvalidOptionError(f"edge_cutoffs={pairs!r} needs {n}x{n} cutoffs in (0, cutoff={self.cutoff}], "
+                                     "or none")
+        object.__setattr__(self, "edge_cutoffs", pairs)
         if not isinstance(self.parity, bool):
             raise InvalidOptionError(f"parity={self.parity!r} must be true or false")
         per_species = tuple(float(x) for x in self.avg_num_neighbors_per_species)
@@ -114,12 +126,14 @@ class Convolution(torch.nn.Module):
         self.radial = radial_mlp([config.num_radial] + [config.radial_mlp] * config.radial_depth
                                  + [self.n_paths * c_in])
         # Even scalars carry the features and one gate per channel for every block of l > 0.
-        gated = sum(1 for l, _ in blocks_out if l > 0)
+        gated = sum(1 for l, _ in blocks_out if l > 0) if config.gate != "norm" else 0
         widths = [c * (1 + gated)] + [c] * (len(blocks_out) - 1)
         self.linear_out = o3.PathLinear(self.tp, c_in, widths)
         self.self_connection = (o3.SpeciesLinear(blocks_in, n_species, c_in, widths) if self_connection
                                 else NoSelfConnection())
-        if config.gate == "normalized_silu":
+        if config.gate == "norm":
+            self.gate = o3.NormActivation(o3.ScaledSiLU())
+        elif config.gate == "normalized_silu":
             act = o3.ScaledSiLU(NORMALIZED_SILU_GAIN)
             self.gate = o3.Gate(blocks_out, c, act, act, o3.ScaledTanh(NORMALIZED_TANH_GAIN))
         else:
@@ -165,6 +179,8 @@ class NequIP(TensorProductPotential):
             self.readout = torch.nn.Sequential(torch.nn.Linear(c, max(c // 2, 1)), ScalarReadout(max(c // 2, 1)))
         self.pair_repulsion = (short_range.LammpsZBL(self.species_z.tolist(), config.cutoff, config.pair_envelope_p)
                                if config.pair_repulsion == "zbl_lammps" else short_range.NoRepulsion())
+        if config.edge_cutoffs:
+            self.radial_lengths = short_range.PairCutoffs(config.edge_cutoffs, config.cutoff)
         self.force_head = o3.Degree1ForceHead(c) if config.direct_forces else o3.NoForceHead()
 
     @staticmethod

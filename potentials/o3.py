@@ -668,6 +668,24 @@ class Gate(torch.nn.Module):
         return torch.cat(out, dim=1)
 
 
+class NormActivation(torch.nn.Module):
+    """e3nn's norm nonlinearity (NequIP's ``norm`` option): every block's channel ``x`` ``(n,
+    2l+1)`` scaled by ``act(|x|) / |x|``, ``|x| = sqrt(max(sum_m x_m^2, eps^2))``; parity and
+    rotations are kept for any ``act``. Input per-block list, output ``(n, components, c)``."""
+
+    def __init__(self, act: torch.nn.Module, epsilon: float = 1e-8):
+        super().__init__()
+        self.act = act
+        self.eps2 = float(epsilon) ** 2
+
+    def forward(self, parts: List[Tensor]) -> Tensor:
+        out: List[Tensor] = []
+        for x in parts:
+            norm = (x * x).sum(1, keepdim=True).clamp_min(self.eps2).sqrt()
+            out.append(x * (self.act(norm) / norm))
+        return torch.cat(out, dim=1)
+
+
 # ---- direct force heads ---------------------------------------------------------------------
 class Degree1ForceHead(torch.nn.Module):
     """Direct forces ``(n_atoms, 3)`` eV/Å: a channel mix of the degree-1 block (Cartesian

@@ -64,9 +64,9 @@ SUPPORTED: Dict[str, Any] = {
     "num_bessels": None, "bessel_trainable": (False,), "polynomial_cutoff_p": None,
     "avg_num_neighbors": None, "per_type_energy_scales": None, "per_type_energy_shifts": None,
     "per_type_energy_scales_trainable": None, "per_type_energy_shifts_trainable": None,
-    "per_edge_type_cutoff": (None,), "pair_potential": None, "do_derivatives": (True,),
+    "per_edge_type_cutoff": None, "pair_potential": None, "do_derivatives": (True,),
     "readout_mlp_hidden_layers_depth": (0, 1), "readout_mlp_hidden_layers_width": None,
-    "readout_mlp_nonlinearity": None, "convnet_nonlinearity_type": ("gate",), "convnet_resnet": (False,),
+    "readout_mlp_nonlinearity": None, "convnet_nonlinearity_type": ("gate", "norm"), "convnet_resnet": (False,),
     "convnet_sc": (True,), "learnable_shift": (False,), "categorical_graph_field_embed": (None,),
     "compile_mode": None,
 }
@@ -177,6 +177,8 @@ class Reader:
         if readout_depth and opts.get("readout_mlp_nonlinearity", "silu") != "silu":
             self.refuse(f"readout_mlp_nonlinearity={opts['readout_mlp_nonlinearity']!r}", "silu is supported")
         pair = opts.get("pair_potential")
+        if pair is not None and opts.get("per_edge_type_cutoff") is not None:
+            self.refuse("a pair potential together with per_edge_type_cutoff")
         if pair is not None:
             if not isinstance(pair, dict) or pair.get("_target_") != "nequip.nn.pair_potential.ZBL" \
                     or pair.get("units") != "metal":
@@ -190,13 +192,27 @@ class Reader:
             radial_mlp=int(opts.get("radial_mlp_width", 128)), radial_depth=int(opts.get("radial_mlp_depth", 1)),
             avg_num_neighbors=float(avg), avg_num_neighbors_per_species=per_species,
             embedding_channels=int(opts.get("type_embed_num_features") or features[0]), residual=False,
-            first_self_connection=False, last_scalars_only=True, gate="normalized_silu",
+            first_self_connection=False, last_scalars_only=True,
             readout="mlp" if readout_depth else "linear",
             readout_hidden=int(opts.get("readout_mlp_hidden_layers_width") or features[0]),
             pair_repulsion="zbl_lammps" if pair else "none",
             pair_envelope_p=int(float(pair.get("polynomial_cutoff_p", 6))) if pair else 6,
             parity=bool(opts.get("parity", True)),
+            gate="norm" if opts.get("convnet_nonlinearity_type", "gate") == "norm" else "normalized_silu",
+            edge_cutoffs=self.edge_cutoffs(float(opts["r_max"]), len(types)),
         )
+
+    def edge_cutoffs(self, r_max: float, n_types: int) -> Tuple[Tuple[float, ...], ...]:
+        """Per type-pair cutoffs ``[centre][neighbour]`` from the model's own ``1/r_max`` table
+        (nequip resolves the config's partial dict into it); ``()`` for one global cutoff."""
+        recip = _np(self.tensor(self.func.child("edge_norm"), "_rmax_recip")).reshape(-1)
+        if recip.size == 1:
+            if abs(recip[0] * r_max - 1.0) > 1e-12:
+                raise ModelFileError(f"{self.path!r}: the model's cutoff differs from the config's r_max")
+            return ()
+        if recip.size != n_types * n_types:
+            raise ModelFileError(f"{self.path!r}: {recip.size} per-edge-type cutoffs for {n_types} types")
+        return tuple(tuple(float(1.0 / x) for x in row) for row in recip.reshape(n_types, n_types))
 
     # ---- weights --------------------------------------------------------------------------
     def linear(self, record: Record) -> List[Tuple[int, int, np.ndarray]]:
@@ -305,9 +321,8 @@ class Reader:
         mid_in = e3nn.parse_irreps(linear_2.attr("irreps_in"))
         out_irreps = e3nn.parse_irreps(linear_2.attr("irreps_out"))
         gate = layer.child("equivariant_nonlin")
-        if gate.name != "Gate":
-            self.refuse(f"nonlinearity {gate.kind}", "gate nonlinearities are supported")
-        cols = self.output_columns(out_irreps, e3nn.parse_irreps(gate.attr("irreps_gated")), lay_out, C)
+        gated = self.nonlinearity(k, gate, config)
+        cols = self.output_columns(out_irreps, gated, lay_out, C)
         lin_blocks = {(i_in, i_out): w for i_in, i_out, w in e3nn.linear_blocks(linear_2)}
         for l, mix in enumerate(ours.linear_out.mixes):   # l: eqcalc's output block
             ir = lay_out[l]
@@ -329,7 +344,7 @@ class Reader:
             emb = _np(self.func.child("type_embed").child("embed_module").tensor("weight"))  # (types, e)
             irr_in = e3nn.parse_irreps(sc.attr("irreps_in1"))
             irr_out = e3nn.parse_irreps(sc.attr("irreps_out"))
-            sc_cols = self.output_columns(irr_out, e3nn.parse_irreps(gate.attr("irreps_gated")), lay_out, C)
+            sc_cols = self.output_columns(irr_out, gated, lay_out, C)
             start = 0
             for i1, i2, i_out, mode, has_weight, path_weight, shape in e3nn.instructions(sc):
                 n = int(np.prod(shape))
@@ -347,7 +362,19 @@ class Reader:
                 put(p + f"self_connection.mixes.{block}.weight", full.reshape(-1, full.shape[2]))
         elif k > 0:
             self.refuse(f"layer {k} without a self-connection")
-        # Gate: e3nn's normalised SiLU on even scalars and gates, normalised tanh on odd scalars.
+    def nonlinearity(self, k: int, gate: Record, config: Dict[str, Any]) -> list:
+        """Checks layer ``k``'s nonlinearity against eqcalc's; the gated irreps in nequip's order
+        (``[]`` for the norm nonlinearity)."""
+        if config["gate"] == "norm":
+            f = gate.attr("scalar_nonlinearity")
+            if gate.name != "NormActivation" or getattr(f, "qualname", "") != "torch.nn.functional.silu" \
+                    or gate.attr("normalize") is not True or gate.attr("bias") or gate.attr("epsilon") != 1e-8:
+                self.refuse(f"layer {k} nonlinearity {gate.kind} ({getattr(f, 'qualname', f)!r}, "
+                            f"epsilon {gate.attr('epsilon')})", "nequip's norm nonlinearity with SiLU is supported")
+            return []
+        if gate.name != "Gate":
+            self.refuse(f"nonlinearity {gate.kind}", "gate and norm nonlinearities are supported")
+        # e3nn's normalised SiLU on even scalars and gates, normalised tanh on odd scalars.
         expected = {1: ("torch.nn.functional.silu", NORMALIZED_SILU_GAIN), -1: ("torch.tanh", NORMALIZED_TANH_GAIN)}
         for part in ("act_scalars", "act_gates"):
             irreps = e3nn.parse_irreps(gate.child(part).attr("irreps_in"))
@@ -361,6 +388,7 @@ class Reader:
                     self.refuse(f"layer {k} nonlinearity {getattr(f, 'qualname', f)!r} (scale {act.attr('cst')}) "
                                 f"on {'even' if parity > 0 else 'odd'} scalars",
                                 "nequip's default gates (SiLU, tanh on odd scalars) are supported")
+        return e3nn.parse_irreps(gate.attr("irreps_gated"))
 
     def fill(self, model, config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -379,9 +407,6 @@ class Reader:
             self.refuse("trained Bessel frequencies")
         if float(bessel.child("cutoff").attr("p")) != config["envelope_p"]:
             raise ModelFileError(f"{self.path!r}: cutoff p differs from the config's polynomial_cutoff_p")
-        recip = _np(self.tensor(f.child("edge_norm"), "_rmax_recip")).reshape(-1)
-        if recip.size != 1 or abs(recip[0] * config["cutoff"] - 1.0) > 1e-12:
-            self.refuse("per-edge-type cutoffs")
         for k in range(config["num_interactions"]):
             self.layer(k, model, config, put)
         readout = self.scalar_mlp(f.child("per_atom_energy_readout").child("mlp_module"))
@@ -434,8 +459,8 @@ def read(path: str | Path, progress: bool = True):
     package = Package(path)
     try:
         reader = Reader(package)
-        config = reader.config()
         reader.load()
+        config = reader.config()
         dtype = reader.package.model_options().get("model_dtype", "float32")
         model = potentials.build("nequip", dtype=dtype, **config)
         state = reader.fill(model, config)
