@@ -54,6 +54,9 @@ class NequIPConfig(TensorProductConfig):
       species' count before the sum (empty: ``avg_num_neighbors`` for every species);
     * ``edge_cutoffs``: per species-pair cutoffs ``[centre][neighbour]`` Å, each <= ``cutoff``
       (nequip's ``per_edge_type_cutoff``; empty: ``cutoff`` for every pair);
+    * ``channels_per_degree``: channels of each degree ``0..hidden_l`` (each <= ``channels``) that
+      the edge tensor products read (nequip's per-irrep ``num_features``: the edge work skips the
+      zero padding up to ``channels``; empty: all ``channels``);
     * ``parity``: hidden features of both parities per degree (nequip's ``parity: true``), odd
       scalars through tanh (normalised with ``gate="normalized_silu"``).
     """
@@ -71,13 +74,14 @@ class NequIPConfig(TensorProductConfig):
     avg_num_neighbors_per_species: Tuple[float, ...] = ()
     parity: bool = False
     edge_cutoffs: Tuple[Tuple[float, ...], ...] = ()
+    channels_per_degree: Tuple[int, ...] = ()
 
     FILE_DEFAULTS: ClassVar[Dict[str, Any]] = {
         **TensorProductConfig.FILE_DEFAULTS, "radial_depth": 2, "embedding_channels": 0, "residual": True,
         "first_self_connection": True, "last_scalars_only": False, "gate": "sigmoid",
         "readout": "two_layer", "readout_hidden": 16, "pair_repulsion": "none",
         "pair_envelope_p": 6, "avg_num_neighbors_per_species": (), "parity": False,
-        "edge_cutoffs": ()}
+        "edge_cutoffs": (), "channels_per_degree": ()}
 
     @property
     def features(self) -> int:  # width of the species embedding
@@ -99,6 +103,11 @@ class NequIPConfig(TensorProductConfig):
             raise InvalidOptionError(f"edge_cutoffs={pairs!r} needs {n}x{n} cutoffs in (0, cutoff={self.cutoff}], "
                                      "or none")
         object.__setattr__(self, "edge_cutoffs", pairs)
+        widths = tuple(int(w) for w in self.channels_per_degree)
+        if widths and (len(widths) != self.hidden_l + 1 or not all(1 <= w <= self.channels for w in widths)):
+            raise InvalidOptionError(f"channels_per_degree={widths!r} needs hidden_l + 1 = {self.hidden_l + 1} "
+                                     f"counts in 1..channels={self.channels}, or none")
+        object.__setattr__(self, "channels_per_degree", widths)
         if not isinstance(self.parity, bool):
             raise InvalidOptionError(f"parity={self.parity!r} must be true or false")
         per_species = tuple(float(x) for x in self.avg_num_neighbors_per_species)
@@ -121,10 +130,12 @@ class Convolution(torch.nn.Module):
         super().__init__()
         c, n_species = config.channels, len(config.species)
         self.linear_in = o3.Linear(blocks_in, c_in, c_in)
-        self.tp = o3.EdgeTensorProduct(blocks_in, config.max_ell, blocks_out)
-        self.n_paths, self.channels = len(self.tp.paths), c_in
+        widths = ([c_in] if blocks_in == [(0, 1)] else
+                  [config.channels_per_degree[l] if config.channels_per_degree else c_in for l, _ in blocks_in])
+        self.tp = o3.EdgeTensorProduct(blocks_in, config.max_ell, blocks_out, widths)
+        self.channels = c_in
         self.radial = radial_mlp([config.num_radial] + [config.radial_mlp] * config.radial_depth
-                                 + [self.n_paths * c_in])
+                                 + [sum(self.tp.path_widths)])
         # Even scalars carry the features and one gate per channel for every block of l > 0.
         gated = sum(1 for l, _ in blocks_out if l > 0) if config.gate != "norm" else 0
         widths = [c * (1 + gated)] + [c] * (len(blocks_out) - 1)
@@ -148,7 +159,7 @@ class Convolution(torch.nn.Module):
 
     def forward(self, h: Tensor, species: Tensor, Y: List[Tensor], edge_features: Tensor,
                 edge_index: Tensor) -> Tensor:
-        R = self.radial(edge_features).view(edge_features.shape[0], self.n_paths, self.channels)
+        R = self.radial(edge_features)   # (n_edges, sum of path widths), path-major
         x = self.linear_in(h) * self.norm.to(h.dtype).index_select(0, species)
         mixed = self.linear_out(self.tp(x, Y, R, edge_index))
         update = self.gate(o3.add_blocks(mixed, self.self_connection(h, species)))

@@ -423,24 +423,35 @@ class EdgeTensorProduct(torch.nn.Module):
 
     ``forward(h (n_atoms, components_in, c), Y [(n_edges, 2l+1) for l in 0..l_sh], R (n_edges,
     n_paths, c), edge_index (2, n_edges))`` → per path ``(n_atoms, 2l3+1, c)``, in ``paths`` order.
-    ``blocks_in``/``blocks_out``: layouts (an int ``L``: natural degrees ``0..L``).
+    ``blocks_in``/``blocks_out``: layouts (an int ``L``: natural degrees ``0..L``). With
+    ``widths`` (channels per input block, each <= c), a path reads only the first ``widths[k1]``
+    channels of its input block (NequIP's per-degree feature counts: the edge work skips the
+    padding), ``R`` is ``(n_edges, sum(path_widths))`` path-major and each path's output has its
+    own width.
     """
 
-    def __init__(self, blocks_in, l_sh: int, blocks_out):
+    def __init__(self, blocks_in, l_sh: int, blocks_out, widths: Sequence[int] = ()):
         super().__init__()
         self.blocks_in, self.blocks_out = layout(blocks_in), layout(blocks_out)
         self.paths: List[Tuple[int, int, int]] = [
             (k1, l2, k3) for k1, a in enumerate(self.blocks_in) for l2 in range(l_sh + 1)
             for k3, b in enumerate(self.blocks_out) if couples(a, l2, b)]
         self.sizes_in: List[int] = [2 * l + 1 for l, _ in self.blocks_in]
+        self.widths_in: List[int] = [int(w) for w in widths]
+        # channels of each path (empty: all of them, R's last dimension)
+        self.path_widths: List[int] = [self.widths_in[k1] for k1, _, _ in self.paths] if widths else []
         self.path_modules = torch.nn.ModuleList(
             [_Path(k, k1, self.blocks_in[k1][0], l2, self.blocks_out[k3][0]) for k, (k1, l2, k3) in enumerate(self.paths)])
 
     def forward(self, h: Tensor, Y: List[Tensor], R: Tensor, edge_index: Tensor) -> List[Tensor]:
         i, j = edge_index[0], edge_index[1]
         n_atoms = h.shape[0]
-        h_j = [x.index_select(0, j) for x in torch.split(h, self.sizes_in, dim=1)]
-        r = R.unbind(1)
+        blocks = torch.split(h, self.sizes_in, dim=1)
+        if len(self.widths_in) > 0:
+            blocks = [x[:, :, :w] for x, w in zip(blocks, self.widths_in)]
+        h_j = [x.index_select(0, j) for x in blocks]
+        widths = self.path_widths if len(self.path_widths) > 0 else [R.shape[-1]] * len(self.paths)
+        r = torch.split(R.reshape(R.shape[0], -1), widths, dim=1)
         return [path(h_j, Y, r, i, n_atoms) for path in self.path_modules]
 
 
@@ -456,8 +467,8 @@ class _DegreeMix(torch.nn.Module):
 
 class PathLinear(torch.nn.Module):
     """Mixes the per-path output of :class:`EdgeTensorProduct` ``[(n, 2l3+1, c_in)]`` into its
-    output blocks: for each block ``k`` one weight ``(n_paths_k * c_in, c_out[k])`` over all
-    paths that end in that block and all channels. ``c_out`` lists the channels per block
+    output blocks: for each block ``k`` one weight ``(n_paths_k * c_in, c_out[k])`` (rows: each
+    path's channels, ``tp.path_widths`` when set) over all paths that end in that block. ``c_out`` lists the channels per block
     (NequIP's gates add scalar channels). Returns ``[(n, 2l+1, c_out[k]) for k]``."""
 
     def __init__(self, tp: EdgeTensorProduct, c_in: int, c_out: Sequence[int]):
@@ -465,7 +476,8 @@ class PathLinear(torch.nn.Module):
         mixes = []
         for l in range(len(c_out)):
             mine = [k for k, p in enumerate(tp.paths) if p[2] == l]
-            mixes.append(_DegreeMix(mine, len(mine) * c_in, c_out[l]))
+            rows = sum(tp.path_widths[k] for k in mine) if tp.path_widths else len(mine) * c_in
+            mixes.append(_DegreeMix(mine, rows, c_out[l]))
         self.mixes = torch.nn.ModuleList(mixes)
 
     def forward(self, x: List[Tensor]) -> List[Tensor]:

@@ -198,6 +198,7 @@ class Reader:
             pair_repulsion="zbl_lammps" if pair else "none",
             pair_envelope_p=int(float(pair.get("polynomial_cutoff_p", 6))) if pair else 6,
             parity=bool(opts.get("parity", True)),
+            channels_per_degree=tuple(int(f) for f in features) if min(features) < c else (),
             gate="norm" if opts.get("convnet_nonlinearity_type", "gate") == "norm" else "normalized_silu",
             edge_cutoffs=self.edge_cutoffs(float(opts["r_max"]), len(types)),
         )
@@ -305,14 +306,16 @@ class Reader:
         # sqrt(2/r_max) sin(n pi r/r_max)/r.
         weights[0] = weights[0] * (factor * r_max / np.pi / np.sqrt(2.0 / r_max))
         last = weights[-1]
-        mapped = np.zeros((last.shape[0], len(ours.tp.paths), C_in))
+        widths = ours.tp.path_widths                       # channels of each of eqcalc's paths
+        at = np.cumsum([0] + widths)
+        mapped = np.zeros((last.shape[0], at[-1]))
         for q, (k1, l2, k3) in enumerate(ours.tp.paths):
             n = slot[(k1, l2, k3)]
             _, path_weight, mul = theirs[n]
             l1, l3 = lay_in[k1][0], lay_out[k3][0]
             sign = e3nn.coupling_sign(l1, l2, l3, "0.5")   # odd l1+l2+l3 (parity) differ from 0.4.4
-            mapped[:, q, :mul] = last[:, offsets[n]:offsets[n + 1]] * path_weight * sign / np.sqrt(2 * l3 + 1)
-        weights[-1] = mapped.reshape(last.shape[0], -1)
+            mapped[:, at[q]:at[q] + mul] = last[:, offsets[n]:offsets[n + 1]] * path_weight * sign / np.sqrt(2 * l3 + 1)
+        weights[-1] = mapped
         for j, w in enumerate(weights):
             put(p + f"radial.{2 * j}.weight", w.T)
         # linear_2: its input per (l, parity) is that irrep's paths, concatenated in nequip's order.
@@ -331,11 +334,12 @@ class Reader:
             w = lin_blocks[(i_in, i_out)]                      # (sum of path channels, out channels)
             order = [n for n, (t, _, _) in enumerate(theirs) if t[2] == l]
             start = {n: sum(theirs[m][2] for m in order[:order.index(n)]) for n in order}
-            rows = np.zeros((len(mix.paths) * C_in, mix.weight.shape[1]))
+            rows = np.zeros((sum(widths[q] for q in mix.paths), mix.weight.shape[1]))
+            row_at = np.cumsum([0] + [widths[q] for q in mix.paths])
             for r, q in enumerate(mix.paths):
                 n = slot[ours.tp.paths[q]]
                 mul = theirs[n][2]
-                rows[np.ix_(r * C_in + np.arange(mul), cols[l])] = w[start[n]:start[n] + mul]
+                rows[np.ix_(row_at[r] + np.arange(mul), cols[l])] = w[start[n]:start[n] + mul]
             put(p + f"linear_out.mixes.{l}.weight", rows)
         # Self-connection: features ⊗ type embedding (node_attrs) → one linear map per species.
         if isinstance(conv.modules.get("sc"), Record):
