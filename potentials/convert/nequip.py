@@ -17,6 +17,12 @@ NequIP (:mod:`potentials.nequip`) configured as nequip's ``NequIPGNNModel``:
   (:mod:`potentials.convert.e3nn`) and each path's stored weight are folded into the radial weights
   of that path; ``linear_2``'s input is the per-degree concatenation of the paths in nequip's
   enumeration order, remapped to eqcalc's path order;
+* irreps are matched by (degree, parity): with ``parity: true`` eqcalc's layouts hold the same
+  odd-parity blocks as nequip's layers (:func:`potentials.o3.reachable`), in eqcalc's block
+  order; couplings use e3nn >= 0.5's 3j signs (``coupling_sign(..., "0.5")``), which differ from
+  0.4.4's on some odd ``l1+l2+l3``; nequip's gate sets follow its Gate's ``irreps_gated`` order;
+* ``per_edge_type_cutoff``: the model's own ``1/r_max`` table becomes ``edge_cutoffs``; the norm
+  nonlinearity becomes ``gate="norm"``; per-irrep ``num_features`` become ``channels_per_degree``;
 * the self-connection is e3nn's tensor product of the features with the type *embedding*
   (``node_attrs``): contracted with each species' embedding row it is a per-species linear map;
 * ``E_i = scale[t_i] * readout(h_i) + shift[t_i]``.
