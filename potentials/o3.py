@@ -430,6 +430,9 @@ class EdgeTensorProduct(torch.nn.Module):
     own width.
     """
 
+    widths_in: List[int]     # may be empty: class-level types for TorchScript
+    path_widths: List[int]
+
     def __init__(self, blocks_in, l_sh: int, blocks_out, widths: Sequence[int] = ()):
         super().__init__()
         self.blocks_in, self.blocks_out = layout(blocks_in), layout(blocks_out)
@@ -451,7 +454,7 @@ class EdgeTensorProduct(torch.nn.Module):
             blocks = [x[:, :, :w] for x, w in zip(blocks, self.widths_in)]
         h_j = [x.index_select(0, j) for x in blocks]
         widths = self.path_widths if len(self.path_widths) > 0 else [R.shape[-1]] * len(self.paths)
-        r = torch.split(R.reshape(R.shape[0], -1), widths, dim=1)
+        r = torch.split(R.flatten(1), widths, dim=1)
         return [path(h_j, Y, r, i, n_atoms) for path in self.path_modules]
 
 
@@ -654,6 +657,8 @@ class Gate(torch.nn.Module):
     own gate scalars (default: SiLU, sigmoid). Input per-block list from :class:`PathLinear`
     whose 0e block holds ``c * (1 + number of l > 0 blocks)`` channels (features, then one gate
     set per l > 0 block in layout order); output ``(n, components, c)``."""
+
+    gates: List[int]
 
     def __init__(self, blocks, channels: int, scalar_act: torch.nn.Module = None,
                  gate_act: torch.nn.Module = None, odd_act: torch.nn.Module = None):
