@@ -1,13 +1,14 @@
 """NequIP: E(3)-equivariant interatomic potentials (Batzner et al., Nat. Commun. 2022).
 
 Features ``h`` ``(n_atoms, (hidden_l+1)^2, channels)`` (natural parity, degrees 0..hidden_l;
-with ``parity``, also the odd-parity blocks 0o, 1e, 2o, 3e that the couplings reach: one more
-block per degree, :func:`potentials.o3.reachable`) are refined by convolutions: a self-interaction (linear per degree), the tensor product of
-neighbor features with the spherical harmonics of the edge direction, weighted per path and
-channel by a radial MLP of a Bessel basis times a smooth polynomial cutoff, summed over
-neighbors, mixed linearly, plus a per-species self-connection; then a gated nonlinearity
-(SiLU on scalars, sigmoid gates on l > 0) and a residual update where the shapes agree. Two
-linear layers read out per-atom energies from the scalars.
+with ``parity``, also the odd-parity blocks 0o, 1e, 2o, 3e that the couplings reach,
+:func:`potentials.o3.reachable`) are refined by convolutions: a self-interaction (linear per
+block), the tensor product of neighbor features with the spherical harmonics of the edge
+direction, weighted per path and channel by a radial MLP of a Bessel basis times a smooth
+polynomial cutoff, summed over neighbors, mixed linearly, plus a per-species self-connection;
+then a gated nonlinearity (SiLU on scalars, sigmoid gates on l > 0; or the norm nonlinearity)
+and a residual update where the shapes agree. Two linear layers read out per-atom energies from
+the scalars.
 """
 import dataclasses
 import math
