@@ -296,8 +296,8 @@ def _coupling_chains(ls: Tuple[int, ...], L: int) -> List[np.ndarray]:
 # ---- equivariant layers ----------------------------------------------------------------------
 class Linear(torch.nn.Module):
     """Channel mixing per block: ``(n, (L+1)^2, c_in) → (n, (L+1)^2, c_out)``, one weight
-    ``(c_in, c_out)`` per block of the layout ``blocks`` (an int ``L``: degrees 0..L) (no bias: a bias would break equivariance for l > 0 and MACE
-    and NequIP use none inside layers). Weights are scaled by ``1/sqrt(c_in)`` in the forward
+    ``(c_in, c_out)`` per block of the layout ``blocks`` (an int ``L``: degrees 0..L); no bias
+    (a bias would break equivariance for l > 0 and MACE and NequIP use none inside layers). Weights are scaled by ``1/sqrt(c_in)`` in the forward
     (e3nn's convention), so they are initialised from N(0, 1)."""
 
     def __init__(self, blocks, c_in: int, c_out: int):
