@@ -297,8 +297,9 @@ def _coupling_chains(ls: Tuple[int, ...], L: int) -> List[np.ndarray]:
 class Linear(torch.nn.Module):
     """Channel mixing per block: ``(n, (L+1)^2, c_in) → (n, (L+1)^2, c_out)``, one weight
     ``(c_in, c_out)`` per block of the layout ``blocks`` (an int ``L``: degrees 0..L); no bias
-    (a bias would break equivariance for l > 0 and MACE and NequIP use none inside layers). Weights are scaled by ``1/sqrt(c_in)`` in the forward
-    (e3nn's convention), so they are initialised from N(0, 1)."""
+    (a bias would break equivariance for l > 0 and MACE and NequIP use none inside layers).
+    Weights are scaled by ``1/sqrt(c_in)`` in the forward (e3nn's convention), so they are
+    initialised from N(0, 1)."""
 
     def __init__(self, blocks, c_in: int, c_out: int):
         super().__init__()
@@ -413,8 +414,8 @@ class EdgeTensorProduct(torch.nn.Module):
 
     for every path ``(k1, l2, k3)`` from input block ``k1`` through harmonics of degree
     ``l2 <= l_sh`` into output block ``k3`` that :func:`couples` (natural layouts: block index =
-    degree, so paths are ``(l1, l2, l3)`` with ``l1 + l2 + l3`` even). No sparse CG einsum over edges: per path, the harmonics are folded
-    with the CG coefficients (``Y_l2 @ C``, shared by all channels) and the channel-wise product
+    degree, so paths are ``(l1, l2, l3)`` with ``l1 + l2 + l3`` even). No sparse CG einsum over
+    edges: per path, the harmonics are folded with the CG coefficients (``Y_l2 @ C``, shared by all channels) and the channel-wise product
     is one batched matmul over contiguous ``(n_edges, 2l+1, channels)`` tensors (degree-0
     inputs: a broadcast). Each per-edge tensor is made once and summed into its atom. Blocks
     are taken by ``split``/``unbind`` (whose backward is one concatenation), never by slicing,
@@ -427,7 +428,8 @@ class EdgeTensorProduct(torch.nn.Module):
     ``widths`` (channels per input block, each <= c), a path reads only the first ``widths[k1]``
     channels of its input block (NequIP's per-degree feature counts: the edge work skips the
     padding), ``R`` is ``(n_edges, sum(path_widths))`` path-major and each path's output has its
-    own width.
+    own width (the narrowing slices atoms' blocks, whose zero-filled backward is per atom, not
+    per edge).
     """
 
     widths_in: List[int]     # may be empty: class-level types for TorchScript
@@ -444,7 +446,8 @@ class EdgeTensorProduct(torch.nn.Module):
         # channels of each path (empty: all of them, R's last dimension)
         self.path_widths: List[int] = [self.widths_in[k1] for k1, _, _ in self.paths] if widths else []
         self.path_modules = torch.nn.ModuleList(
-            [_Path(k, k1, self.blocks_in[k1][0], l2, self.blocks_out[k3][0]) for k, (k1, l2, k3) in enumerate(self.paths)])
+            [_Path(k, k1, self.blocks_in[k1][0], l2, self.blocks_out[k3][0])
+             for k, (k1, l2, k3) in enumerate(self.paths)])
 
     def forward(self, h: Tensor, Y: List[Tensor], R: Tensor, edge_index: Tensor) -> List[Tensor]:
         i, j = edge_index[0], edge_index[1]
@@ -471,8 +474,8 @@ class _DegreeMix(torch.nn.Module):
 class PathLinear(torch.nn.Module):
     """Mixes the per-path output of :class:`EdgeTensorProduct` ``[(n, 2l3+1, c_in)]`` into its
     output blocks: for each block ``k`` one weight ``(n_paths_k * c_in, c_out[k])`` (rows: each
-    path's channels, ``tp.path_widths`` when set) over all paths that end in that block. ``c_out`` lists the channels per block
-    (NequIP's gates add scalar channels). Returns ``[(n, 2l+1, c_out[k]) for k]``."""
+    path's channels, ``tp.path_widths`` when set) over all paths that end in that block.
+    ``c_out`` lists the channels per block (NequIP's gates add scalar channels). Returns ``[(n, 2l+1, c_out[k]) for k]``."""
 
     def __init__(self, tp: EdgeTensorProduct, c_in: int, c_out: Sequence[int]):
         super().__init__()
