@@ -415,8 +415,8 @@ class EdgeTensorProduct(torch.nn.Module):
     for every path ``(k1, l2, k3)`` from input block ``k1`` through harmonics of degree
     ``l2 <= l_sh`` into output block ``k3`` that :func:`couples` (natural layouts: block index =
     degree, so paths are ``(l1, l2, l3)`` with ``l1 + l2 + l3`` even). No sparse CG einsum over
-    edges: per path, the harmonics are folded with the CG coefficients (``Y_l2 @ C``, shared by all channels) and the channel-wise product
-    is one batched matmul over contiguous ``(n_edges, 2l+1, channels)`` tensors (degree-0
+    edges: per path, the harmonics are folded with the CG coefficients (``Y_l2 @ C``, shared by
+    all channels) and the channel-wise product is one batched matmul over contiguous ``(n_edges, 2l+1, channels)`` tensors (degree-0
     inputs: a broadcast). Each per-edge tensor is made once and summed into its atom. Blocks
     are taken by ``split``/``unbind`` (whose backward is one concatenation), never by slicing,
     whose backward would zero-fill a full-size gradient per slice. (Measured alternative, 2.5x
@@ -475,7 +475,8 @@ class PathLinear(torch.nn.Module):
     """Mixes the per-path output of :class:`EdgeTensorProduct` ``[(n, 2l3+1, c_in)]`` into its
     output blocks: for each block ``k`` one weight ``(n_paths_k * c_in, c_out[k])`` (rows: each
     path's channels, ``tp.path_widths`` when set) over all paths that end in that block.
-    ``c_out`` lists the channels per block (NequIP's gates add scalar channels). Returns ``[(n, 2l+1, c_out[k]) for k]``."""
+    ``c_out`` lists the channels per block (NequIP's gates add scalar channels). Returns
+    ``[(n, 2l+1, c_out[k]) for k]``."""
 
     def __init__(self, tp: EdgeTensorProduct, c_in: int, c_out: Sequence[int]):
         super().__init__()
