@@ -412,15 +412,16 @@ class EdgeTensorProduct(torch.nn.Module):
 
     ``M_i[path][m3, c] = sum_j R_ij[path, c] sum_{m1 m2} C[m1, m2, m3] h_j[l1 m1, c] Y_ij[l2 m2]``
 
-    for every path ``(k1, l2, k3)`` from input block ``k1`` through harmonics of degree
-    ``l2 <= l_sh`` into output block ``k3`` that :func:`couples` (natural layouts: block index =
-    degree, so paths are ``(l1, l2, l3)`` with ``l1 + l2 + l3`` even). No sparse CG einsum over
-    edges: per path, the harmonics are folded with the CG coefficients (``Y_l2 @ C``, shared by
-    all channels) and the channel-wise product is one batched matmul over contiguous ``(n_edges, 2l+1, channels)`` tensors (degree-0
-    inputs: a broadcast). Each per-edge tensor is made once and summed into its atom. Blocks
-    are taken by ``split``/``unbind`` (whose backward is one concatenation), never by slicing,
-    whose backward would zero-fill a full-size gradient per slice. (Measured alternative, 2.5x
-    slower on CPU: one batched matmul for all paths, then the radial weights per output degree.)
+    for every path ``(k1, l2, k3)`` from input block ``k1`` through harmonics of degree ``l2 <=
+    l_sh`` into output block ``k3`` that :func:`couples` (natural layouts: block index = degree,
+    so paths are ``(l1, l2, l3)`` with ``l1 + l2 + l3`` even). No sparse CG einsum over edges:
+    per path, the harmonics are folded with the CG coefficients (``Y_l2 @ C``, shared by all
+    channels) and the channel-wise product is one batched matmul over contiguous ``(n_edges,
+    2l+1, channels)`` tensors (degree-0 inputs: a broadcast). Each per-edge tensor is made once
+    and summed into its atom. Blocks are taken by ``split``/``unbind`` (whose backward is one
+    concatenation), never by slicing, whose backward would zero-fill a full-size gradient per
+    slice. (Measured alternative, 2.5x slower on CPU: one batched matmul for all paths, then the
+    radial weights per output degree.)
 
     ``forward(h (n_atoms, components_in, c), Y [(n_edges, 2l+1) for l in 0..l_sh], R (n_edges,
     n_paths, c), edge_index (2, n_edges))`` → per path ``(n_atoms, 2l3+1, c)``, in ``paths`` order.
