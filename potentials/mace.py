@@ -265,7 +265,8 @@ class TensorProductPotential(Potential):
         lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
         radial = self.radial_lengths(lengths, species, edge_index)
         basis = self.radial.basis(self.distance_transform(radial, species, edge_index))
-        # The envelope sees the true length: exactly 0 at and beyond the cutoff.
+        # The envelope sees the true length (per-pair rescaled), not the distance transform:
+        # exactly 0 at and beyond the cutoff.
         edge_features = basis * self.radial.envelope(radial).unsqueeze(1)
         h = self.embedding(species).unsqueeze(1)       # (n_atoms, 1, channels): scalars
         return species, edge_index, self.sh(unit_vectors), edge_features, h, lengths

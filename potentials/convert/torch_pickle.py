@@ -14,6 +14,8 @@ imports and calls them, so loading can run anything. This reader:
   stores the arguments, "setting its state" stores the state dict, nothing of the original
   class is imported or called. Allowed functions that a pickle *calls* (tensor rebuilds,
   ``OrderedDict``, ``set``, ``_codecs.encode``) are replaced by small local implementations;
+  ``getattr`` only resolves ``torch._C._VariableFunctionsClass.<name>`` (how ``torch.tanh`` is
+  pickled) for allow-listed ``torch.<name>``, to an inert reference;
 * rebuilds tensors from the storage members itself (``torch.frombuffer`` + ``as_strided``,
   bounds checked), never through ``torch.load``.
 
@@ -261,7 +263,6 @@ class Allow:
             f"the file refers to the global {qualname}, which is not on the allow-list of this "
             "converter; it was not imported or run. If the file is genuine, its model type is not "
             "supported by this converter")
-
 
     def _torch_function(self, owner: Any, name: Any) -> "GlobalRef":
         """``getattr(torch._C._VariableFunctionsClass, "tanh")``: how pickle stores ``torch.tanh``
