@@ -120,6 +120,7 @@ def write(rows, sizes, n_params, out: Path):
     from bench_convert_mace import write_ratio_csv
 
     write_ratio_csv(rows, sizes, out.with_suffix(".csv"), "nequip", "package_MB")
+    reference = {(r["dtype"], r["atoms"]): r for r in rows if r["code"].startswith("nequip")}
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -255,15 +255,19 @@ class TensorProductPotential(Potential):
         super().__init__(config)
         self.sh = o3.SphericalHarmonics(config.max_ell)
         self.distance_transform: torch.nn.Module = short_range.NoTransform()
+        # lengths as the radial features see them (basis and envelope; NequIP's per-pair cutoffs)
+        self.radial_lengths: torch.nn.Module = short_range.NoTransform()
 
     def inputs(self, data: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor], Tensor, Tensor, Tensor]:
         """``(species, edge_index, Y, edge_features (n_edges, R), h (n_atoms, 1, channels),
         lengths (n_edges,) Å)``."""
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
         lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
-        basis = self.radial.basis(self.distance_transform(lengths, species, edge_index))
-        # The envelope sees the true length: exactly 0 at and beyond the cutoff.
-        edge_features = basis * self.radial.envelope(lengths).unsqueeze(1)
+        radial = self.radial_lengths(lengths, species, edge_index)
+        basis = self.radial.basis(self.distance_transform(radial, species, edge_index))
+        # The envelope sees the true length (per-pair rescaled), not the distance transform:
+        # exactly 0 at and beyond the cutoff.
+        edge_features = basis * self.radial.envelope(radial).unsqueeze(1)
         h = self.embedding(species).unsqueeze(1)       # (n_atoms, 1, channels): scalars
         return species, edge_index, self.sh(unit_vectors), edge_features, h, lengths
 

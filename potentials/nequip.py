@@ -1,12 +1,14 @@
 """NequIP: E(3)-equivariant interatomic potentials (Batzner et al., Nat. Commun. 2022).
 
-Features ``h`` ``(n_atoms, (hidden_l+1)^2, channels)`` (natural parity, degrees 0..hidden_l)
-are refined by convolutions: a self-interaction (linear per degree), the tensor product of
-neighbor features with the spherical harmonics of the edge direction, weighted per path and
-channel by a radial MLP of a Bessel basis times a smooth polynomial cutoff, summed over
-neighbors, mixed linearly, plus a per-species self-connection; then a gated nonlinearity
-(SiLU on scalars, sigmoid gates on l > 0) and a residual update where the shapes agree. Two
-linear layers read out per-atom energies from the scalars.
+Features ``h`` ``(n_atoms, (hidden_l+1)^2, channels)`` (natural parity, degrees 0..hidden_l;
+with ``parity``, also the odd-parity blocks 0o, 1e, 2o, 3e that the couplings reach,
+:func:`potentials.o3.reachable`) are refined by convolutions: a self-interaction (linear per
+block), the tensor product of neighbor features with the spherical harmonics of the edge
+direction, weighted per path and channel by a radial MLP of a Bessel basis times a smooth
+polynomial cutoff, summed over neighbors, mixed linearly, plus a per-species self-connection;
+then a gated nonlinearity (SiLU on scalars, sigmoid gates on l > 0; or the norm nonlinearity)
+and a residual update where the shapes agree. Two linear layers read out per-atom energies from
+the scalars.
 """
 import dataclasses
 import math
@@ -26,6 +28,8 @@ from potentials.registry import register
 #: e3nn's second-moment normalisation of SiLU (Monte-Carlo, 1e6 samples, seed 0): what nequip's
 #: gates multiply SiLU by. Not the exact integral (1.67653): converted models need this number.
 NORMALIZED_SILU_GAIN = 1.6791767923989418
+#: The same for tanh (nequip's activation of odd scalars, 0o).
+NORMALIZED_TANH_GAIN = 1.5937334472592695
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +42,9 @@ class NequIPConfig(TensorProductConfig):
     * ``residual``: add the input features to a layer's output where the shapes agree (nequip: no);
     * ``first_self_connection``: the first layer has a per-species self-connection (nequip: no);
     * ``last_scalars_only``: the last layer outputs scalars only (nequip: yes);
-    * ``gate``: ``"sigmoid"`` (SiLU scalars, sigmoid gates) or ``"normalized_silu"`` (nequip:
-      e3nn's normalised SiLU on both);
+    * ``gate``: ``"sigmoid"`` (SiLU scalars, sigmoid gates), ``"normalized_silu"`` (nequip:
+      e3nn's normalised SiLU on both) or ``"norm"`` (no gates: every block scaled by
+      ``SiLU(|x|)/|x|``, nequip's ``convnet_nonlinearity_type: norm``);
     * ``readout``: ``"two_layer"`` (two linear layers), ``"linear"`` (nequip's one layer) or
       ``"mlp"`` (Linear → SiLU → linear, ``readout_hidden`` wide: nequip's readout MLP);
     * ``pair_repulsion``: ``"none"`` or ``"zbl_lammps"`` (nequip's ZBL: LAMMPS constants,
@@ -47,7 +52,14 @@ class NequIPConfig(TensorProductConfig):
       scale/shift;
     * ``avg_num_neighbors_per_species``: per-species neighbor counts (nequip's per-type
       ``avg_num_neighbors``); a neighbor's features are divided by the square root of its
-      species' count before the sum (empty: ``avg_num_neighbors`` for every species).
+      species' count before the sum (empty: ``avg_num_neighbors`` for every species);
+    * ``edge_cutoffs``: per species-pair cutoffs ``[centre][neighbour]`` Å, each <= ``cutoff``
+      (nequip's ``per_edge_type_cutoff``; empty: ``cutoff`` for every pair);
+    * ``channels_per_degree``: channels of each degree ``0..hidden_l`` (each <= ``channels``) that
+      the edge tensor products read (nequip's per-irrep ``num_features``: the edge work skips the
+      zero padding up to ``channels``; empty: all ``channels``);
+    * ``parity``: hidden features of both parities per degree (nequip's ``parity: true``), odd
+      scalars through tanh (normalised with ``gate="normalized_silu"``).
     """
     num_interactions: int = 3
     radial_depth: int = 2
@@ -61,12 +73,16 @@ class NequIPConfig(TensorProductConfig):
     pair_repulsion: str = "none"
     pair_envelope_p: int = 6
     avg_num_neighbors_per_species: Tuple[float, ...] = ()
+    parity: bool = False
+    edge_cutoffs: Tuple[Tuple[float, ...], ...] = ()
+    channels_per_degree: Tuple[int, ...] = ()
 
     FILE_DEFAULTS: ClassVar[Dict[str, Any]] = {
         **TensorProductConfig.FILE_DEFAULTS, "radial_depth": 2, "embedding_channels": 0, "residual": True,
         "first_self_connection": True, "last_scalars_only": False, "gate": "sigmoid",
         "readout": "two_layer", "readout_hidden": 16, "pair_repulsion": "none",
-        "pair_envelope_p": 6, "avg_num_neighbors_per_species": ()}
+        "pair_envelope_p": 6, "avg_num_neighbors_per_species": (), "parity": False,
+        "edge_cutoffs": (), "channels_per_degree": ()}
 
     @property
     def features(self) -> int:  # width of the species embedding
@@ -76,11 +92,25 @@ class NequIPConfig(TensorProductConfig):
         super().__post_init__()
         check_int(self, "radial_depth", 1)
         check_int(self, "embedding_channels", 0)
-        check_choice("gate", self.gate, ("sigmoid", "normalized_silu"))
+        check_choice("gate", self.gate, ("sigmoid", "normalized_silu", "norm"))
         check_choice("readout", self.readout, ("two_layer", "linear", "mlp"))
         check_int(self, "readout_hidden", 1)
         check_choice("pair_repulsion", self.pair_repulsion, ("none", "zbl_lammps"))
         check_int(self, "pair_envelope_p", 1)
+        pairs = tuple(tuple(float(x) for x in row) for row in self.edge_cutoffs)
+        n = len(self.species)
+        if pairs and (len(pairs) != n or any(len(r) != n for r in pairs)
+                      or not all(0 < x <= self.cutoff for r in pairs for x in r)):
+            raise InvalidOptionError(f"edge_cutoffs={pairs!r} needs {n}x{n} cutoffs in (0, cutoff={self.cutoff}], "
+                                     "or none")
+        object.__setattr__(self, "edge_cutoffs", pairs)
+        widths = tuple(int(w) for w in self.channels_per_degree)
+        if widths and (len(widths) != self.hidden_l + 1 or not all(1 <= w <= self.channels for w in widths)):
+            raise InvalidOptionError(f"channels_per_degree={widths!r} needs hidden_l + 1 = {self.hidden_l + 1} "
+                                     f"counts in 1..channels={self.channels}, or none")
+        object.__setattr__(self, "channels_per_degree", widths)
+        if not isinstance(self.parity, bool):
+            raise InvalidOptionError(f"parity={self.parity!r} must be true or false")
         per_species = tuple(float(x) for x in self.avg_num_neighbors_per_species)
         if per_species and (len(per_species) != len(self.species) or min(per_species) <= 0):
             raise InvalidOptionError(
@@ -93,37 +123,44 @@ class NequIPConfig(TensorProductConfig):
 
 
 class Convolution(torch.nn.Module):
-    """One NequIP interaction: ``h (n, (l_in+1)^2, c_in)`` → ``(n, (l_out+1)^2, c)``."""
+    """One NequIP interaction: ``h (n, components of blocks_in, c_in)`` → ``(n, components of
+    blocks_out, c)`` (layouts of :mod:`potentials.o3`)."""
 
-    def __init__(self, config: NequIPConfig, l_in: int, l_out: int, c_in: int, self_connection: bool):
+    def __init__(self, config: NequIPConfig, blocks_in: List[o3.Irrep], blocks_out: List[o3.Irrep], c_in: int,
+                 self_connection: bool):
         super().__init__()
         c, n_species = config.channels, len(config.species)
-        self.linear_in = o3.Linear(l_in, c_in, c_in)
-        self.tp = o3.EdgeTensorProduct(l_in, config.max_ell, l_out)
-        self.n_paths, self.channels = len(self.tp.paths), c_in
+        self.linear_in = o3.Linear(blocks_in, c_in, c_in)
+        widths = ([c_in] if blocks_in == [(0, 1)] else
+                  [config.channels_per_degree[l] if config.channels_per_degree else c_in for l, _ in blocks_in])
+        self.tp = o3.EdgeTensorProduct(blocks_in, config.max_ell, blocks_out, widths)
+        self.channels = c_in
         self.radial = radial_mlp([config.num_radial] + [config.radial_mlp] * config.radial_depth
-                                 + [self.n_paths * c_in])
-        # Scalars carry the features and one gate per channel for every degree l > 0.
-        widths = [c * (1 + l_out)] + [c] * l_out
+                                 + [sum(self.tp.path_widths)])
+        # Even scalars carry the features and one gate per channel for every block of l > 0.
+        gated = sum(1 for l, _ in blocks_out if l > 0) if config.gate != "norm" else 0
+        widths = [c * (1 + gated)] + [c] * (len(blocks_out) - 1)
         self.linear_out = o3.PathLinear(self.tp, c_in, widths)
-        self.self_connection = (o3.SpeciesLinear(l_in, n_species, c_in, widths) if self_connection
+        self.self_connection = (o3.SpeciesLinear(blocks_in, n_species, c_in, widths) if self_connection
                                 else NoSelfConnection())
-        if config.gate == "normalized_silu":
+        if config.gate == "norm":
+            self.gate = o3.NormActivation(o3.ScaledSiLU())
+        elif config.gate == "normalized_silu":
             act = o3.ScaledSiLU(NORMALIZED_SILU_GAIN)
-            self.gate = o3.Gate(l_out, c, act, act)
+            self.gate = o3.Gate(blocks_out, c, act, act, o3.ScaledTanh(NORMALIZED_TANH_GAIN))
         else:
-            self.gate = o3.Gate(l_out, c)
+            self.gate = o3.Gate(blocks_out, c)
         # 1/sqrt(avg_num_neighbors) of each neighbor's species: the sum over neighbors is linear,
         # so scaling a neighbor's features before it is the same as scaling the sum after.
         counts = config.avg_num_neighbors_per_species or (config.avg_num_neighbors,) * n_species
         # float64 here: a float32 default would round it before a float64 model ever sees it.
         norm = torch.tensor([1.0 / math.sqrt(x) for x in counts], dtype=torch.float64).view(-1, 1, 1)
         self.register_buffer("norm", norm, persistent=False)
-        self.residual = config.residual and l_in == l_out and c_in == c
+        self.residual = config.residual and blocks_in == blocks_out and c_in == c
 
     def forward(self, h: Tensor, species: Tensor, Y: List[Tensor], edge_features: Tensor,
                 edge_index: Tensor) -> Tensor:
-        R = self.radial(edge_features).view(edge_features.shape[0], self.n_paths, self.channels)
+        R = self.radial(edge_features)   # (n_edges, sum of path widths), path-major
         x = self.linear_in(h) * self.norm.to(h.dtype).index_select(0, species)
         mixed = self.linear_out(self.tp(x, Y, R, edge_index))
         update = self.gate(o3.add_blocks(mixed, self.self_connection(h, species)))
@@ -141,11 +178,10 @@ class NequIP(TensorProductPotential):
     def __init__(self, config: NequIPConfig):
         super().__init__(config)
         L, c = config.num_interactions, config.channels
-        l_in = [0] + [config.hidden_l] * (L - 1)
-        l_out = [config.hidden_l] * (L - 1) + [0 if config.last_scalars_only else config.hidden_l]
         c_in = [config.features] + [c] * (L - 1)
+        self.layouts = self.feature_layouts(config)
         self.convolutions = torch.nn.ModuleList(
-            [Convolution(config, l_in[k], l_out[k], c_in[k], k > 0 or config.first_self_connection)
+            [Convolution(config, self.layouts[k], self.layouts[k + 1], c_in[k], k > 0 or config.first_self_connection)
              for k in range(L)])
         if config.readout == "linear":  # nequip's ScalarMLP of depth 0
             self.readout = ScalarReadout(c)
@@ -155,7 +191,22 @@ class NequIP(TensorProductPotential):
             self.readout = torch.nn.Sequential(torch.nn.Linear(c, max(c // 2, 1)), ScalarReadout(max(c // 2, 1)))
         self.pair_repulsion = (short_range.LammpsZBL(self.species_z.tolist(), config.cutoff, config.pair_envelope_p)
                                if config.pair_repulsion == "zbl_lammps" else short_range.NoRepulsion())
+        if config.edge_cutoffs:
+            self.radial_lengths = short_range.PairCutoffs(config.edge_cutoffs, config.cutoff)
         self.force_head = o3.Degree1ForceHead(c) if config.direct_forces else o3.NoForceHead()
+
+    @staticmethod
+    def feature_layouts(config: NequIPConfig) -> List[List[o3.Irrep]]:
+        """Layouts of the species embedding (0e) and of every layer's output: the blocks of
+        degree <= ``hidden_l`` (both parities with ``parity``) that the couplings reach; the
+        last layer's only 0e with ``last_scalars_only``."""
+        hidden = [(l, p) for l in range(config.hidden_l + 1)
+                  for p in ((1, -1) if config.parity else ((-1) ** l,))]
+        out = [[(0, 1)]]
+        for k in range(config.num_interactions):
+            last = k == config.num_interactions - 1 and config.last_scalars_only
+            out.append(o3.reachable(out[-1], config.max_ell, [(0, 1)] if last else hidden))
+        return out
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
         species, edge_index, Y, edge_features, h, lengths = self.inputs(data)

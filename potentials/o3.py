@@ -2,10 +2,16 @@
 
 Conventions
 -----------
-* Only *natural-parity* irreps are used: a feature of degree ``l`` has parity ``(-1)^l``
-  (0e, 1o, 2e, 3o), as the spherical harmonics of edge directions. A degree therefore names an
-  irrep, and a coupling ``l1 ⊗ l2 → l3`` is O(3)-equivariant exactly when ``l1 + l2 + l3`` is even
-  (the intermediate degrees of longer products may have any parity).
+* By default only *natural-parity* irreps are used: a feature of degree ``l`` has parity
+  ``(-1)^l`` (0e, 1o, 2e, 3o), as the spherical harmonics of edge directions. A degree then names
+  an irrep, and a coupling ``l1 ⊗ l2 → l3`` is O(3)-equivariant exactly when ``l1 + l2 + l3`` is
+  even (the intermediate degrees of longer products may have any parity).
+* A *layout* lists the irreps ``(l, parity ±1)`` of a feature's blocks in order. The layers that
+  take one (:class:`Linear`, :class:`SpeciesLinear`, :class:`EdgeTensorProduct`, :class:`Gate`)
+  also accept an int ``L``, the natural layout of degrees ``0..L`` (:func:`natural`). Odd-parity
+  blocks (0o, 1e, 2o, 3e: NequIP with ``parity``) rotate like the natural block of their degree,
+  so they use the same harmonics and coupling coefficients; only which couplings are allowed
+  differs (the parities multiply: ``p1 (-1)^l2 = p3``).
 * Real spherical harmonics, "component" normalization (``sum_m Y_lm(r̂)^2 = 2l + 1``), order ``m =
   -l..l``; ``Y_1 = sqrt(3) (x, y, z)``, so degree-1 features are Cartesian vectors.
 * Features of degrees ``0..L`` with ``c`` channels are one contiguous tensor ``(n, (L+1)^2, c)``:
@@ -40,6 +46,34 @@ def dim(lmax: int) -> int:
 def offset(l: int) -> int:
     """Index of the first component of degree ``l`` in a ``0..L`` layout: ``l^2``."""
     return l * l
+
+
+# ---- layouts ---------------------------------------------------------------------------------
+Irrep = Tuple[int, int]  # (degree l, parity +1 even / -1 odd)
+
+
+def natural(lmax: int) -> List[Irrep]:
+    """The natural-parity layout of degrees ``0..lmax``: 0e, 1o, 2e, 3o."""
+    return [(l, (-1) ** l) for l in range(lmax + 1)]
+
+
+def layout(blocks) -> List[Irrep]:
+    """A layout from a list of ``(l, parity)`` or an int ``L`` (:func:`natural`)."""
+    return natural(blocks) if isinstance(blocks, int) else [(int(l), int(p)) for l, p in blocks]
+
+
+def couples(a: Irrep, l_sh: int, b: Irrep) -> bool:
+    """Whether ``a ⊗ Y_l_sh → b`` is an O(3)-equivariant coupling (harmonics have natural parity)."""
+    return abs(a[0] - l_sh) <= b[0] <= a[0] + l_sh and a[1] * (-1) ** l_sh == b[1]
+
+
+def reachable(blocks_in: Sequence[Irrep], l_sh: int, targets: Sequence[Irrep]) -> List[Irrep]:
+    """The blocks of ``targets`` that a tensor product of ``blocks_in`` with harmonics of degrees
+    ``0..l_sh`` produces: those of ``blocks_in`` first, in their order (``Y_0`` keeps every
+    input block), then the new ones in ``targets`` order, so that a self-connection from the
+    input always lands on a prefix of the output."""
+    hit = [b for b in targets if any(couples(a, l2, b) for a in blocks_in for l2 in range(l_sh + 1))]
+    return [b for b in blocks_in if b in hit] + [b for b in hit if b not in blocks_in]
 
 
 # ---- spherical harmonics --------------------------------------------------------------------
@@ -261,24 +295,24 @@ def _coupling_chains(ls: Tuple[int, ...], L: int) -> List[np.ndarray]:
 
 # ---- equivariant layers ----------------------------------------------------------------------
 class Linear(torch.nn.Module):
-    """Channel mixing per degree: ``(n, (L+1)^2, c_in) → (n, (L+1)^2, c_out)``, one weight
-    ``(c_in, c_out)`` per degree (no bias: a bias would break equivariance for l > 0 and MACE
-    and NequIP use none inside layers). Weights are scaled by ``1/sqrt(c_in)`` in the forward
-    (e3nn's convention), so they are initialised from N(0, 1)."""
+    """Channel mixing per block: ``(n, (L+1)^2, c_in) → (n, (L+1)^2, c_out)``, one weight
+    ``(c_in, c_out)`` per block of the layout ``blocks`` (an int ``L``: degrees 0..L); no bias
+    (a bias would break equivariance for l > 0 and MACE and NequIP use none inside layers).
+    Weights are scaled by ``1/sqrt(c_in)`` in the forward (e3nn's convention), so they are
+    initialised from N(0, 1)."""
 
-    def __init__(self, lmax: int, c_in: int, c_out: int):
+    def __init__(self, blocks, c_in: int, c_out: int):
         super().__init__()
-        self.lmax = lmax
-        self.weight = torch.nn.Parameter(torch.randn(lmax + 1, c_in, c_out))
+        self.sizes: List[int] = [2 * l + 1 for l, _ in layout(blocks)]
+        self.weight = torch.nn.Parameter(torch.randn(len(self.sizes), c_in, c_out))
         self.norm = 1.0 / math.sqrt(c_in)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat(self.blocks(x), dim=1) if self.lmax > 0 else self.blocks(x)[0]
+        return torch.cat(self.blocks(x), dim=1) if len(self.sizes) > 1 else self.blocks(x)[0]
 
     def blocks(self, x: Tensor) -> List[Tensor]:
-        """Per degree: ``[(n, 2l+1, c_out) for l in 0..lmax]``."""
-        sizes = [2 * l + 1 for l in range(self.lmax + 1)]
-        return [torch.matmul(xl, self.weight[l]) * self.norm for l, xl in enumerate(torch.split(x, sizes, dim=1))]
+        """Per block: ``[(n, 2l+1, c_out) for (l, p) in blocks]``."""
+        return [torch.matmul(xl, self.weight[k]) * self.norm for k, xl in enumerate(torch.split(x, self.sizes, dim=1))]
 
 
 #: Up to this many species, per-species weights are applied to one-hot expanded features (one
@@ -288,16 +322,15 @@ SPECIES_EXPANSION_MAX = 8
 
 
 class _SpeciesMix(torch.nn.Module):
-    def __init__(self, l: int, n_species: int, c_in: int, c_out: int):
+    def __init__(self, start: int, stop: int, n_species: int, c_in: int, c_out: int):
         super().__init__()
-        self.l, self.n_species, self.c_in = l, n_species, c_in
+        self.start, self.stop, self.n_species, self.c_in = start, stop, n_species, c_in
         # Row species * c_in + channel (the one-hot expanded layout).
         self.weight = torch.nn.Parameter(torch.randn(n_species * c_in, c_out) / math.sqrt(c_in))
 
     def forward(self, xs: Tensor) -> Tensor:
-        """One-hot expanded features ``(n, components, n_species * c_in)`` → degree ``l``."""
-        l = self.l
-        return torch.matmul(xs[:, l * l:(l + 1) * (l + 1)], self.weight)
+        """One-hot expanded features ``(n, components, n_species * c_in)`` → its block."""
+        return torch.matmul(xs[:, self.start:self.stop], self.weight)
 
     def per_atom(self, x_l: Tensor, species: Tensor) -> Tensor:
         """Degree-``l`` block ``(n, 2l+1, c_in)`` times each atom's own species' weights."""
@@ -306,23 +339,28 @@ class _SpeciesMix(torch.nn.Module):
 
 
 class SpeciesLinear(torch.nn.Module):
-    """Per-species channel mixing per degree (MACE's and NequIP's self-connection: the e3nn
-    tensor product of the features with the one-hot species):
-    ``(n, (l_in+1)^2, c_in)`` and species ``(n,)`` → ``[(n, 2l+1, c_out[l]) for l in
-    0..min(l_in, l_out)]``; higher output degrees get no self-connection (see :func:`add_blocks`).
+    """Per-species channel mixing per block (MACE's and NequIP's self-connection: the e3nn
+    tensor product of the features with the one-hot species): features of layout ``blocks_in``
+    ``(n, components, c_in)`` and species ``(n,)`` → ``[(n, 2l+1, c_out[k]) for the first
+    min(len(blocks_in), len(c_out)) blocks]``; the output layout starts with the input's, and
+    later output blocks get no self-connection (see :func:`add_blocks`).
     Few species: one matmul on one-hot expanded features; many (> :data:`SPECIES_EXPANSION_MAX`):
     each atom's weights gathered (same parameters, same numbers)."""
 
-    def __init__(self, l_in: int, n_species: int, c_in: int, c_out: Sequence[int]):
+    def __init__(self, blocks_in, n_species: int, c_in: int, c_out: Sequence[int]):
         super().__init__()
-        self.lmax = min(l_in, len(c_out) - 1)
+        blocks = layout(blocks_in)[:len(c_out)]
+        self.lmax = len(blocks) - 1  # index of the last block mixed (its degree, natural layouts)
         self.n_species = n_species
         self.per_atom = n_species > SPECIES_EXPANSION_MAX
-        self.sizes: List[int] = [2 * l + 1 for l in range(self.lmax + 1)]
-        self.mixes = torch.nn.ModuleList([_SpeciesMix(l, n_species, c_in, c_out[l]) for l in range(self.lmax + 1)])
+        self.sizes: List[int] = [2 * l + 1 for l, _ in blocks]
+        self.dim = sum(self.sizes)
+        starts = np.cumsum([0] + self.sizes).tolist()
+        self.mixes = torch.nn.ModuleList([_SpeciesMix(starts[k], starts[k + 1], n_species, c_in, c_out[k])
+                                          for k in range(len(blocks))])
 
     def forward(self, x: Tensor, species: Tensor) -> List[Tensor]:
-        n, d, c = x.shape[0], dim(self.lmax), x.shape[2]
+        n, d, c = x.shape[0], self.dim, x.shape[2]
         if self.per_atom:
             blocks = torch.split(x[:, :d], self.sizes, dim=1)
             return [mix.per_atom(blocks[k], species) for k, mix in enumerate(self.mixes)]
@@ -332,7 +370,7 @@ class SpeciesLinear(torch.nn.Module):
 
 
 def add_blocks(a: List[Tensor], b: List[Tensor]) -> List[Tensor]:
-    """Per-degree sum of two block lists where ``b`` may stop at a lower degree."""
+    """Per-block sum of two block lists where ``b`` may stop earlier."""
     out: List[Tensor] = []
     for k in range(len(a)):
         out.append(a[k] + b[k] if k < len(b) else a[k])
@@ -340,11 +378,12 @@ def add_blocks(a: List[Tensor], b: List[Tensor]) -> List[Tensor]:
 
 
 class _Path(torch.nn.Module):
-    """One path ``l1 ⊗ l2 → l3`` of :class:`EdgeTensorProduct`, summed over neighbors."""
+    """One path ``l1 ⊗ l2 → l3`` of :class:`EdgeTensorProduct` from input block ``k1``,
+    summed over neighbors."""
 
-    def __init__(self, index: int, l1: int, l2: int, l3: int):
+    def __init__(self, index: int, k1: int, l1: int, l2: int, l3: int):
         super().__init__()
-        self.index, self.l1, self.l2, self.l3 = index, l1, l2, l3
+        self.index, self.k1, self.l1, self.l2, self.l3 = index, k1, l1, l2, l3
         c = clebsch_gordan(l1, l2, l3)  # (m1, m2, m3)
         # cmat[m2, (m3, m1)]: Y_l2 @ cmat is the (2l3+1, 2l1+1) matrix h_j's l1 block goes
         # through. sqrt(2 l3 + 1) keeps component normalization (unit inputs, unit outputs).
@@ -356,13 +395,13 @@ class _Path(torch.nn.Module):
         ``(n_edges, c)`` → ``(n_atoms, 2l3+1, c)``."""
         y, r = Y[self.l2], R[self.index]
         if self.l1 == 0 and self.l2 == 0:  # scalars: a broadcast
-            m = y.unsqueeze(2) * (h_j[0].squeeze(1) * r).unsqueeze(1)
+            m = y.unsqueeze(2) * (h_j[self.k1].squeeze(1) * r).unsqueeze(1)
         elif self.l1 == 0:  # a scalar times the harmonics: an outer product as a K=1 bmm, whose
             # backward needs no full-size temporaries (1.6x faster than a broadcast at 128 channels)
-            m = torch.bmm(y.unsqueeze(2), (h_j[0].squeeze(1) * r).unsqueeze(1))
+            m = torch.bmm(y.unsqueeze(2), (h_j[self.k1].squeeze(1) * r).unsqueeze(1))
         else:  # the radial weight goes on the small input side of the matmul
             fold = torch.matmul(y, self.cmat).view(-1, 2 * self.l3 + 1, 2 * self.l1 + 1)
-            m = torch.bmm(fold, h_j[self.l1] * r.unsqueeze(1))
+            m = torch.bmm(fold, h_j[self.k1] * r.unsqueeze(1))
         return torch.zeros(n_atoms, 2 * self.l3 + 1, m.shape[2], dtype=m.dtype,
                            device=m.device).index_add(0, i, m)
 
@@ -373,32 +412,53 @@ class EdgeTensorProduct(torch.nn.Module):
 
     ``M_i[path][m3, c] = sum_j R_ij[path, c] sum_{m1 m2} C[m1, m2, m3] h_j[l1 m1, c] Y_ij[l2 m2]``
 
-    for every path ``(l1, l2, l3)`` with ``l1 <= l_in``, ``l2 <= l_sh``, ``l3 <= l_out`` and
-    ``l1 + l2 + l3`` even. No sparse CG einsum over edges: per path, the harmonics are folded
-    with the CG coefficients (``Y_l2 @ C``, shared by all channels) and the channel-wise product
-    is one batched matmul over contiguous ``(n_edges, 2l+1, channels)`` tensors (degree-0
-    inputs: a broadcast). Each per-edge tensor is made once and summed into its atom. Blocks
-    are taken by ``split``/``unbind`` (whose backward is one concatenation), never by slicing,
-    whose backward would zero-fill a full-size gradient per slice. (Measured alternative, 2.5x
-    slower on CPU: one batched matmul for all paths, then the radial weights per output degree.)
+    for every path ``(k1, l2, k3)`` from input block ``k1`` through harmonics of degree ``l2 <=
+    l_sh`` into output block ``k3`` that :func:`couples` (natural layouts: block index = degree,
+    so paths are ``(l1, l2, l3)`` with ``l1 + l2 + l3`` even). No sparse CG einsum over edges:
+    per path, the harmonics are folded with the CG coefficients (``Y_l2 @ C``, shared by all
+    channels) and the channel-wise product is one batched matmul over contiguous ``(n_edges,
+    2l+1, channels)`` tensors (degree-0 inputs: a broadcast). Each per-edge tensor is made once
+    and summed into its atom. Blocks are taken by ``split``/``unbind`` (whose backward is one
+    concatenation), never by slicing, whose backward would zero-fill a full-size gradient per
+    slice. (Measured alternative, 2.5x slower on CPU: one batched matmul for all paths, then the
+    radial weights per output degree.)
 
-    ``forward(h (n_atoms, (l_in+1)^2, c), Y [(n_edges, 2l+1) for l in 0..l_sh], R (n_edges,
+    ``forward(h (n_atoms, components_in, c), Y [(n_edges, 2l+1) for l in 0..l_sh], R (n_edges,
     n_paths, c), edge_index (2, n_edges))`` → per path ``(n_atoms, 2l3+1, c)``, in ``paths`` order.
+    ``blocks_in``/``blocks_out``: layouts (an int ``L``: natural degrees ``0..L``). With
+    ``widths`` (channels per input block, each <= c), a path reads only the first ``widths[k1]``
+    channels of its input block (NequIP's per-degree feature counts: the edge work skips the
+    padding), ``R`` is ``(n_edges, sum(path_widths))`` path-major and each path's output has its
+    own width (the narrowing slices atoms' blocks, whose zero-filled backward is per atom, not
+    per edge).
     """
 
-    def __init__(self, l_in: int, l_sh: int, l_out: int):
+    widths_in: List[int]     # may be empty: class-level types for TorchScript
+    path_widths: List[int]
+
+    def __init__(self, blocks_in, l_sh: int, blocks_out, widths: Sequence[int] = ()):
         super().__init__()
+        self.blocks_in, self.blocks_out = layout(blocks_in), layout(blocks_out)
         self.paths: List[Tuple[int, int, int]] = [
-            (l1, l2, l3) for l1 in range(l_in + 1) for l2 in range(l_sh + 1)
-            for l3 in range(abs(l1 - l2), min(l1 + l2, l_out) + 1) if (l1 + l2 + l3) % 2 == 0]
-        self.sizes_in: List[int] = [2 * l + 1 for l in range(l_in + 1)]
-        self.path_modules = torch.nn.ModuleList([_Path(k, *p) for k, p in enumerate(self.paths)])
+            (k1, l2, k3) for k1, a in enumerate(self.blocks_in) for l2 in range(l_sh + 1)
+            for k3, b in enumerate(self.blocks_out) if couples(a, l2, b)]
+        self.sizes_in: List[int] = [2 * l + 1 for l, _ in self.blocks_in]
+        self.widths_in: List[int] = [int(w) for w in widths]
+        # channels of each path (empty: all of them, R's last dimension)
+        self.path_widths: List[int] = [self.widths_in[k1] for k1, _, _ in self.paths] if widths else []
+        self.path_modules = torch.nn.ModuleList(
+            [_Path(k, k1, self.blocks_in[k1][0], l2, self.blocks_out[k3][0])
+             for k, (k1, l2, k3) in enumerate(self.paths)])
 
     def forward(self, h: Tensor, Y: List[Tensor], R: Tensor, edge_index: Tensor) -> List[Tensor]:
         i, j = edge_index[0], edge_index[1]
         n_atoms = h.shape[0]
-        h_j = [x.index_select(0, j) for x in torch.split(h, self.sizes_in, dim=1)]
-        r = R.unbind(1)
+        blocks = torch.split(h, self.sizes_in, dim=1)
+        if len(self.widths_in) > 0:
+            blocks = [x[:, :, :w] for x, w in zip(blocks, self.widths_in)]
+        h_j = [x.index_select(0, j) for x in blocks]
+        widths = self.path_widths if len(self.path_widths) > 0 else [R.shape[-1]] * len(self.paths)
+        r = torch.split(R.flatten(1), widths, dim=1)
         return [path(h_j, Y, r, i, n_atoms) for path in self.path_modules]
 
 
@@ -413,17 +473,19 @@ class _DegreeMix(torch.nn.Module):
 
 
 class PathLinear(torch.nn.Module):
-    """Mixes the per-path output of :class:`EdgeTensorProduct` ``[(n, 2l3+1, c_in)]`` into
-    degrees ``0..l_out``: for each output degree one weight ``(n_paths_l * c_in, c_out[l])``
-    over all paths that end in that degree and all channels. ``c_out`` lists the channels per
-    degree (NequIP's gates add scalar channels). Returns ``[(n, 2l+1, c_out[l]) for l]``."""
+    """Mixes the per-path output of :class:`EdgeTensorProduct` ``[(n, 2l3+1, c_in)]`` into its
+    output blocks: for each block ``k`` one weight ``(n_paths_k * c_in, c_out[k])`` (rows: each
+    path's channels, ``tp.path_widths`` when set) over all paths that end in that block.
+    ``c_out`` lists the channels per block (NequIP's gates add scalar channels). Returns
+    ``[(n, 2l+1, c_out[k]) for k]``."""
 
     def __init__(self, tp: EdgeTensorProduct, c_in: int, c_out: Sequence[int]):
         super().__init__()
         mixes = []
         for l in range(len(c_out)):
             mine = [k for k, p in enumerate(tp.paths) if p[2] == l]
-            mixes.append(_DegreeMix(mine, len(mine) * c_in, c_out[l]))
+            rows = sum(tp.path_widths[k] for k in mine) if tp.path_widths else len(mine) * c_in
+            mixes.append(_DegreeMix(mine, rows, c_out[l]))
         self.mixes = torch.nn.ModuleList(mixes)
 
     def forward(self, x: List[Tensor]) -> List[Tensor]:
@@ -581,25 +643,68 @@ class ScaledSiLU(torch.nn.Module):
         return torch.nn.functional.silu(x) * self.gain if self.gain != 1.0 else torch.nn.functional.silu(x)
 
 
-class Gate(torch.nn.Module):
-    """NequIP's gated nonlinearity: ``scalar_act`` on the scalars; each degree-l>0 block
-    multiplied channel-wise by ``gate_act`` of its own gate scalars (default: SiLU and sigmoid).
-    Input per-degree list from :class:`PathLinear` with degree 0 holding ``c * (1 + l_max)``
-    channels (features, then one gate set per l > 0); output ``(n, (l_max+1)^2, c)``."""
+class ScaledTanh(torch.nn.Module):
+    """``gain * tanh(x)``: e3nn's second-moment-normalised tanh (``gain`` 1.5937334472592695,
+    NequIP's odd scalars) or the plain one."""
 
-    def __init__(self, lmax: int, channels: int, scalar_act: torch.nn.Module = None,
-                 gate_act: torch.nn.Module = None):
+    def __init__(self, gain: float = 1.0):
         super().__init__()
-        self.lmax, self.channels = lmax, channels
+        self.gain = float(gain)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x) * self.gain
+
+
+class Gate(torch.nn.Module):
+    """NequIP's gated nonlinearity on a layout ``blocks`` whose first block is 0e:
+    ``scalar_act`` on the even scalars, ``odd_act`` (an odd function, so parity is kept) on odd
+    scalars (0o), and every block of degree l > 0 multiplied channel-wise by ``gate_act`` of its
+    own gate scalars (default: SiLU, sigmoid). Input per-block list from :class:`PathLinear`
+    whose 0e block holds ``c * (1 + number of l > 0 blocks)`` channels (features, then one gate
+    set per l > 0 block in layout order); output ``(n, components, c)``."""
+
+    gates: List[int]
+
+    def __init__(self, blocks, channels: int, scalar_act: torch.nn.Module = None,
+                 gate_act: torch.nn.Module = None, odd_act: torch.nn.Module = None):
+        super().__init__()
+        blocks = layout(blocks)
+        assert blocks[0] == (0, 1), blocks
+        self.channels = channels
+        # per block after the first: gate set index (l > 0) or -1 (an odd scalar block)
+        gated = [k for k, (l, _) in enumerate(blocks) if l > 0]
+        self.gates: List[int] = [gated.index(k) + 1 if l > 0 else -1 for k, (l, _) in enumerate(blocks)][1:]
         self.scalar_act = scalar_act if scalar_act is not None else ScaledSiLU()
         self.gate_act = gate_act if gate_act is not None else torch.nn.Sigmoid()
+        self.odd_act = odd_act if odd_act is not None else ScaledTanh()
 
     def forward(self, parts: List[Tensor]) -> Tensor:
         c = self.channels
         scalars = parts[0]
         out = [self.scalar_act(scalars[:, :, :c])]
-        for l in range(1, self.lmax + 1):
-            out.append(parts[l] * self.gate_act(scalars[:, :, l * c:(l + 1) * c]))
+        for k, g in enumerate(self.gates):
+            if g < 0:
+                out.append(self.odd_act(parts[k + 1]))
+            else:
+                out.append(parts[k + 1] * self.gate_act(scalars[:, :, g * c:(g + 1) * c]))
+        return torch.cat(out, dim=1)
+
+
+class NormActivation(torch.nn.Module):
+    """e3nn's norm nonlinearity (NequIP's ``norm`` option): every block's channel ``x`` ``(n,
+    2l+1)`` scaled by ``act(|x|) / |x|``, ``|x| = sqrt(max(sum_m x_m^2, eps^2))``; parity and
+    rotations are kept for any ``act``. Input per-block list, output ``(n, components, c)``."""
+
+    def __init__(self, act: torch.nn.Module, epsilon: float = 1e-8):
+        super().__init__()
+        self.act = act
+        self.eps2 = float(epsilon) ** 2
+
+    def forward(self, parts: List[Tensor]) -> Tensor:
+        out: List[Tensor] = []
+        for x in parts:
+            norm = (x * x).sum(1, keepdim=True).clamp_min(self.eps2).sqrt()
+            out.append(x * (self.act(norm) / norm))
         return torch.cat(out, dim=1)
 
 

@@ -74,6 +74,22 @@ class SoftTransform(torch.nn.Module):
         return p0 + (lengths - p0) * s
 
 
+class PairCutoffs(torch.nn.Module):
+    """Per species-pair cutoffs (nequip's ``per_edge_type_cutoff``): edge lengths ``(n_edges,)``
+    Å rescaled by ``r_max / cutoffs[species of centre, species of neighbour]``, so that a radial
+    basis and envelope built for ``r_max`` vanish at each pair's own cutoff."""
+
+    def __init__(self, cutoffs: Sequence[Sequence[float]], r_max: float):
+        super().__init__()
+        c = torch.tensor(cutoffs, dtype=torch.float64)
+        self.n_species = c.shape[0]
+        self.register_buffer("scale", (r_max / c).reshape(-1), persistent=False)
+
+    def forward(self, lengths: Tensor, species: Tensor, edge_index: Tensor) -> Tensor:
+        pair = species.index_select(0, edge_index[0]) * self.n_species + species.index_select(0, edge_index[1])
+        return lengths * self.scale.to(lengths.dtype).index_select(0, pair)
+
+
 def make_transform(name: str, species_z: Sequence[int]) -> torch.nn.Module:
     check_choice("distance_transform", name, TRANSFORMS)
     return {"none": NoTransform, "agnesi": AgnesiTransform, "soft": SoftTransform}[name](

@@ -7,7 +7,8 @@ briefly with ``nequip-train`` (float64), packages the checkpoint with ``nequip-p
 calculator on the test structures. Both tools run through their console-script functions in
 this one process (one interpreter and one import of torch/lightning/nequip for all variants,
 instead of two processes per variant). Writes ``OUT/<variant>.nequip.zip``, ``OUT/<variant>.ckpt``
-and ``OUT/reference.json`` (structures, energies, forces, 3x3 stress).
+and ``OUT/reference.json`` (structures, energies, forces, 3x3 stress; e3nn's ``wigner_3j`` for
+degrees <= 3).
 
     build/nequip-env/bin/python tests/nequip_reference.py OUT [--variants a b ...]
 """
@@ -33,9 +34,22 @@ VARIANTS = {
     # l_max 3, ZBL pair potential, polynomial p = 5, readout MLP with a hidden layer
     "zbl_l3": dict(l_max=3, num_layers=3, num_features=[8, 4, 4, 2], polynomial_cutoff_p=5, zbl=True,
                    readout_mlp_hidden_layers_depth=1, readout_mlp_hidden_layers_width=6),
-    # not converted (refused by name): parity with 4 layers; per-edge-type cutoffs
-    "parity_4layers": dict(parity=True, num_layers=4),
+    # parity (odd-parity features 0o, 1e, 2o, 3e) with 4 layers so that they reach the energy:
+    # l_max 1; l_max 2 with per-irrep counts and per-type normalisation; l_max 3 (odd
+    # l1+l2+l3 couplings whose e3nn >= 0.5 signs differ from 0.4.4: (1,2,2), (1,3,3), (2,3,2)).
+    # Odd features are products of products of neighbour sums: with the data's ~18 neighbours as
+    # avg_num_neighbors they move forces by only ~1e-9 relative; small normalisations make them
+    # matter (~1e-5..1e-3), so that the 1e-10 comparison covers them.
+    "parity_4layers": dict(parity=True, num_layers=4, avg_num_neighbors=1.0),
+    "parity_l2": dict(parity=True, l_max=2, num_layers=4, num_features=[8, 6, 4], per_type=True,
+                      avg_num_neighbors={"Cu": 1.5, "Au": 2.0, "Ni": 0.75}),
+    "parity_l3": dict(parity=True, l_max=3, num_layers=4, num_features=[6, 4, 4, 2], avg_num_neighbors=1.0),
+    # the norm nonlinearity (with parity: odd scalars too)
+    "norm_parity": dict(parity=True, num_layers=4, convnet_nonlinearity_type="norm", avg_num_neighbors=1.0),
+    # per-edge-type cutoffs (asymmetric: Au-centred Cu edges 3.8, Cu-centred ones 3.6)
     "edge_cutoffs": dict(per_edge_type_cutoff={"Cu": 3.6, "Au": {"Cu": 3.8, "Au": 4.0, "Ni": 3.5}, "Ni": 3.9}),
+    # not converted (refused by name): residual updates
+    "resnet": dict(num_layers=3, convnet_resnet=True),
 }
 R_MAX = 4.0
 
@@ -102,8 +116,10 @@ def config(variant: str, opts: dict, data_file: Path) -> str:
         model["avg_num_neighbors"] = {"Cu": 7.5, "Au": 11.0, "Ni": 9.25}
         model["per_type_energy_scales"] = {"Cu": 0.7, "Au": 1.3, "Ni": 0.9}
         model["per_type_energy_shifts"] = {"Cu": -1.5, "Au": 0.25, "Ni": 2.0}
+    if opts.get("avg_num_neighbors") is not None:
+        model["avg_num_neighbors"] = opts["avg_num_neighbors"]
     for key in ("type_embed_num_features", "readout_mlp_hidden_layers_depth", "readout_mlp_hidden_layers_width",
-                "per_edge_type_cutoff", "convnet_nonlinearity_type"):
+                "per_edge_type_cutoff", "convnet_nonlinearity_type", "convnet_resnet"):
         if opts.get(key) is not None:
             model[key] = opts[key]
     if opts.get("zbl"):
@@ -190,7 +206,7 @@ def main():
     training_data(data)
     systems = structures()
     import nequip
-    import e3nn
+    import e3nn.o3
     import torch
     ref = dict(versions=dict(nequip=nequip.__version__, e3nn=e3nn.__version__, torch=torch.__version__),
                structures={k: dict(numbers=a.numbers.tolist(), positions=a.positions.tolist(),
@@ -213,6 +229,9 @@ def main():
                                         results=evaluate(package, systems))
         print(f"{variant}: train {trained - start:.1f} s, package {packaged - trained:.1f} s, "
               f"evaluate {time.time() - packaged:.1f} s", flush=True)
+    # e3nn's coupling coefficients (the convention converted weights are folded with)
+    ref["wigner_3j"] = {f"{l1},{l2},{l3}": e3nn.o3.wigner_3j(l1, l2, l3, dtype=torch.float64).tolist()
+                        for l1 in range(4) for l2 in range(4) for l3 in range(abs(l1 - l2), min(l1 + l2, 3) + 1)}
     (out / "reference.json").write_text(json.dumps(ref))
 
 

@@ -31,8 +31,9 @@ from tests.reference import run_reference as _run
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "nequip_reference.py"
 ENV = Path(os.environ.get("EQCALC_NEQUIP_ENV", ROOT / "build" / "nequip-env"))
-SUPPORTED = ["basic", "per_type_l2", "zbl_l3"]
-REFUSED = {"parity_4layers": "parity", "edge_cutoffs": "per_edge_type_cutoff"}
+SUPPORTED = ["basic", "per_type_l2", "zbl_l3", "parity_4layers", "parity_l2", "parity_l3", "norm_parity",
+             "edge_cutoffs"]
+REFUSED = {"resnet": "convnet_resnet"}
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +55,15 @@ def nequip_reference():
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out, json.loads((out / "reference.json").read_text())
+
+
+def rewritten(source: Path, out: Path, member: str, edit) -> Path:
+    """A copy of the package ``source`` whose member ending in ``member`` is ``edit(bytes)``."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(out, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            zout.writestr(item, edit(data) if item.filename.endswith(member) else data)
+    return out
 
 
 def atoms_of(s):
@@ -106,6 +116,49 @@ def test_converted_model_passes_the_physics_library(converted):
     assert max(worst.values()) <= tol["symmetry"], worst
 
 
+@pytest.mark.parametrize("variant", ["parity_4layers", "parity_l2", "parity_l3", "norm_parity"])
+def test_odd_parity_features_matter(nequip_reference, converted, variant):
+    """The parity comparisons above cover the odd-parity blocks (0o, 1e, 2o, 3e): silencing
+    them moves the forces on the triclinic bulk by far more than the 1e-10 comparison bound."""
+    import torch
+
+    _, ref = nequip_reference
+    calc = EquivariantCalculator(converted(variant), compile="eager", device="cpu")
+    bulk = atoms_of(ref["structures"]["triclinic_bulk"])
+    f0 = calc.get_forces(bulk.copy())
+    model = calc.model.wrapper.model                       # the eager NequIP the calculator runs
+    odd = [[k for k, (l, p) in enumerate(layout) if p != (-1) ** l] for layout in model.layouts[:-1]]
+    assert any(odd[2:]), model.layouts                     # layers 2, 3 read odd blocks
+    with torch.no_grad():
+        for conv, blocks in zip(model.convolutions, odd):
+            for k in blocks:
+                conv.linear_in.weight[k] = 0.0
+    calc.reset()
+    assert np.abs(calc.get_forces(bulk.copy()) - f0).max() > 1e-6 * np.abs(f0).max()
+
+
+def test_parity_model_is_o3_invariant(converted):
+    calc = EquivariantCalculator(converted("parity_l3"), compile="eager", device="cpu")
+    worst = T.check_symmetry(calc, T.structures(calc.metadata["species"])["slab"], n=4)
+    assert max(worst.values()) <= T.TOLERANCES["float64"]["symmetry"], worst
+
+
+def test_e3nn_coupling_conventions_match_e3nn(nequip_reference):
+    """eqcalc's statement of e3nn >= 0.5's Wigner 3j (Condon-Shortley) equals the installed
+    e3nn's for every coupling of degrees <= 3, and differs in sign from 0.4.4's (mace-torch)
+    exactly on some odd l1+l2+l3 couplings, the ones only parity models use."""
+    from potentials.convert import e3nn
+
+    _, ref = nequip_reference
+    flipped = []
+    for key, value in ref["wigner_3j"].items():
+        l1, l2, l3 = map(int, key.split(","))
+        np.testing.assert_allclose(e3nn.wigner_3j_cs(l1, l2, l3), np.array(value), rtol=0, atol=1e-14, err_msg=key)
+        if e3nn.coupling_sign(l1, l2, l3, "0.5") != e3nn.coupling_sign(l1, l2, l3, "0.4"):
+            flipped.append((l1, l2, l3))
+    assert flipped and all(sum(t) % 2 for t in flipped), flipped
+
+
 def test_converted_model_compiles_to_torchscript(converted):
     path = converted("zbl_l3")
     eager = EquivariantCalculator(path, compile="eager", device="cpu")
@@ -128,7 +181,7 @@ def test_metadata_records_the_source_and_the_cli_converts(nequip_reference, conv
     out = tmp_path / "cli.eqm"
     assert main(["convert", str(folder / "zbl_l3.nequip.zip"), str(out)]) == 0
     assert package.read(str(out)).metadata["config"]["pair_repulsion"] == "zbl_lammps"
-    assert main(["convert", str(folder / "parity_4layers.nequip.zip"), str(tmp_path / "p.eqm")]) != 0
+    assert main(["convert", str(folder / "resnet.nequip.zip"), str(tmp_path / "p.eqm")]) != 0
     assert not (tmp_path / "p.eqm").exists()
 
 
@@ -151,30 +204,48 @@ def test_package_with_an_unknown_global_is_refused_and_never_runs(nequip_referen
     """The eager model's pickle is rewritten to call os.system: refused by name, nothing runs."""
     folder, ref = nequip_reference
     source = folder / ref["variants"]["basic"]["file"]
-    bad = tmp_path / "bad.nequip.zip"
     marker = tmp_path / "ran"
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(bad, "w") as zout:
-        for item in zin.infolist():
-            data = zin.read(item)
-            if item.filename.endswith("model/eager_model.pkl"):
-                cmd = f"touch {marker}".encode()
-                data = (b"\x80\x02cos\nsystem\nq\x00X" + len(cmd).to_bytes(4, "little") + cmd
-                        + b"\x85R.")
-            zout.writestr(item, data)
+    cmd = f"touch {marker}".encode()
+    bad = rewritten(source, tmp_path / "bad.nequip.zip", "model/eager_model.pkl",
+                    lambda _: b"\x80\x02cos\nsystem\nq\x00X" + len(cmd).to_bytes(4, "little") + cmd + b"\x85R.")
     with pytest.raises(UnsafeModelError, match="os.system"):
         convert(bad, tmp_path / "m.eqm")
     assert not marker.exists()
 
 
+def test_getattr_is_resolved_only_for_allow_listed_torch_functions(nequip_reference, tmp_path):
+    """torch.tanh pickles as getattr(torch._C._VariableFunctionsClass, "tanh") (parity packages):
+    exactly that is read, as a reference. getattr for any other name, or calling the result, is
+    refused and nothing runs."""
+    folder, ref = nequip_reference
+    source = folder / ref["variants"]["basic"]["file"]
+
+    def pickled(name: bytes, call: bool) -> bytes:
+        return (b"\x80\x02cbuiltins\ngetattr\nctorch._C\n_VariableFunctionsClass\nX" + len(name).to_bytes(4, "little")
+                + name + b"\x86R" + (b"X\x04\x00\x00\x00/tmp\x85R" if call else b"") + b".")
+
+    for name, call, match in ((b"load", False, "getattr"), (b"tanh", True, "calls torch.tanh")):
+        bad = rewritten(source, tmp_path / f"{name.decode()}.nequip.zip", "model/eager_model.pkl",
+                        lambda _: pickled(name, call))
+        with pytest.raises(UnsafeModelError, match=match):
+            convert(bad, tmp_path / "m.eqm")
+        assert not (tmp_path / "m.eqm").exists()
+
+
+def test_pair_potential_with_edge_cutoffs_is_refused(nequip_reference, tmp_path):
+    folder, ref = nequip_reference
+    source = folder / ref["variants"]["edge_cutoffs"]["file"]
+    zbl = (b"pair_potential: {_target_: nequip.nn.pair_potential.ZBL, units: metal, chemical_species: [Cu, Au, Ni]}"
+           b"\n    per_edge_type_cutoff:")
+    bad = rewritten(source, tmp_path / "zbl_cutoffs.nequip.zip", "model/config.yaml",
+                    lambda data: data.replace(b"per_edge_type_cutoff:", zbl, 1))
+    with pytest.raises(UnsupportedModelError, match="per_edge_type_cutoff"):
+        convert(bad, tmp_path / "m.eqm")
+
+
 def test_damaged_config_is_a_model_file_error(nequip_reference, tmp_path):
     folder, ref = nequip_reference
     source = folder / ref["variants"]["basic"]["file"]
-    bad = tmp_path / "bad.nequip.zip"
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(bad, "w") as zout:
-        for item in zin.infolist():
-            data = zin.read(item)
-            if item.filename.endswith("model/config.yaml"):
-                data = b"training_module: [unclosed"
-            zout.writestr(item, data)
+    bad = rewritten(source, tmp_path / "bad.nequip.zip", "model/config.yaml", lambda _: b"training_module: [unclosed")
     with pytest.raises(ModelFileError):
         convert(bad, tmp_path / "m.eqm")

@@ -135,3 +135,44 @@ def test_mace_build_api_and_parameter_count():
                              correlation=3, num_interactions=2)
     n = sum(p.numel() for p in model.parameters())
     assert 0.9 * 72848 < n < 1.1 * 72848, n
+
+
+NEQUIP_OPTIONS = {
+    # odd-parity blocks (0o, 1e, 2o) through 4 layers, per-degree channel counts on the edges
+    "parity_gate": dict(parity=True, num_interactions=4, hidden_l=2, channels_per_degree=(4, 3, 2)),
+    # the norm nonlinearity on both parities and asymmetric per species-pair cutoffs
+    "parity_norm_pair_cutoffs": dict(parity=True, num_interactions=4, gate="norm",
+                                     edge_cutoffs=((3.0, 3.6), (3.3, 2.9))),
+}
+
+
+@pytest.mark.parametrize("options", sorted(NEQUIP_OPTIONS))
+def test_nequip_options_keep_o3_symmetry_and_matter(options):
+    """Parity, norm nonlinearity, pair cutoffs and per-degree widths: energies invariant and
+    direct forces equivariant under rotations and reflections; TorchScript gives the same numbers;
+    the odd-parity blocks (and the pair cutoffs) change the energy."""
+    kwargs = {**SMALL, "cutoff": 4.0, **NEQUIP_OPTIONS[options]}
+    model = potentials.build("nequip", ["Cu", "Pt"], dtype="float64", direct_forces=True, seed=3, **kwargs)
+    _, data = cu_graph(cutoff=4.0, rattle=0.3)  # far from mirror-symmetric: pseudo-scalars are not ~0
+    a = model(data)
+    rng = np.random.default_rng(1)
+    for reflect in (False, True):
+        q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+        q = torch.tensor(q * np.sign(np.diag(r)) * (-1 if reflect else 1))
+        b = model(dict(data, **{keys.EDGE_VECTORS: data[keys.EDGE_VECTORS] @ q.T}))
+        torch.testing.assert_close(b[keys.ENERGIES], a[keys.ENERGIES], rtol=0, atol=1e-12)
+        torch.testing.assert_close(b[keys.FORCES], a[keys.FORCES] @ q.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.jit.script(model)(data)[keys.ENERGIES], a[keys.ENERGIES], rtol=0, atol=1e-12)
+    odd = [[k for k, (l, p) in enumerate(layout) if p != (-1) ** l] for layout in model.layouts[:-1]]
+    assert any(odd), model.layouts
+    with torch.no_grad():
+        for conv, blocks in zip(model.convolutions, odd):
+            for k in blocks:
+                conv.linear_in.weight[k] = 0.0
+    # odd blocks are products of non-scalar ones: ~1e-7 eV at this random init, rounding ~1e-16
+    assert (model(data)[keys.ENERGIES] - a[keys.ENERGIES]).abs().max() > 1e-10
+    if model.config.edge_cutoffs:
+        plain = potentials.build("nequip", ["Cu", "Pt"], dtype="float64", direct_forces=True,
+                                 **{**kwargs, "edge_cutoffs": ()})
+        plain.load_state_dict(model.state_dict())
+        assert (plain(data)[keys.ENERGIES] - model(data)[keys.ENERGIES]).abs().max() > 1e-6

@@ -12,8 +12,11 @@ No e3nn code is imported or copied: its conventions are written down and derived
 * Wigner 3j symbols (e3nn 0.4.4, the version mace-torch pins): unit Frobenius norm; for sorted
   ``l1 <= l2 <= l3`` the sign makes the entry ``[l1, l2, l3]`` (the m = 0 components) positive,
   or where that is zero the first non-zero entry; other orders are transposes of the sorted one
-  times ``(-1)^(l1+l2+l3)``, the last matching case of e3nn's chain winning. Odd ``l1+l2+l3``
-  differ in sign from e3nn >= 0.5 (NequIP's).
+  times ``(-1)^(l1+l2+l3)``, the last matching case of e3nn's chain winning.
+* Wigner 3j symbols (e3nn >= 0.5, NequIP's): the Condon-Shortley complex Clebsch-Gordan
+  coefficients taken to e3nn's real basis by Wikipedia's real form times ``(-i)^l``, unit norm.
+  Same as 0.4.4 for even ``l1+l2+l3``; for odd sums (only met with odd-parity features) some
+  signs differ: (1,2,2), (1,3,3), (2,3,2) for l <= 3 (measured against e3nn 0.6.0).
 * Irreps ``"8x0e+8x1o"``: (multiplicity, degree, parity) triples; features are laid out
   ``mul_ir``: per irrep, channel-major then component.
 * ``o3.Linear``: one weight block ``(mul_in, mul_out)`` per instruction, in instruction order,
@@ -22,6 +25,7 @@ No e3nn code is imported or copied: its conventions are written down and derived
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Any, List, Sequence, Tuple
 
@@ -120,10 +124,57 @@ def wigner_3j(l1: int, l2: int, l3: int) -> np.ndarray:
     return out
 
 
-def coupling_sign(l1: int, l2: int, l3: int) -> float:
-    """±1: e3nn's 3j symbol of ``l1 ⊗ l2 → l3`` expressed in eqcalc's basis, relative to
-    :func:`potentials.o3.clebsch_gordan` (both are the unique invariant up to sign)."""
-    overlap = float(np.sum(to_eqcalc(wigner_3j(l1, l2, l3), [[l1], [l2], [l3]]) * o3.clebsch_gordan(l1, l2, l3)))
+def _condon_shortley(l1: int, m1: int, l2: int, m2: int, l3: int, m3: int) -> float:
+    """Complex Clebsch-Gordan coefficient ``<l1 m1 l2 m2 | l3 m3>`` (Racah's formula)."""
+    if m3 != m1 + m2 or not abs(l1 - l2) <= l3 <= l1 + l2 or max(abs(m1) - l1, abs(m2) - l2, abs(m3) - l3) > 0:
+        return 0.0
+    f = math.factorial
+    pre = math.sqrt((2 * l3 + 1) * f(l3 + l1 - l2) * f(l3 - l1 + l2) * f(l1 + l2 - l3) / f(l1 + l2 + l3 + 1)
+                    * f(l3 + m3) * f(l3 - m3) * f(l1 - m1) * f(l1 + m1) * f(l2 - m2) * f(l2 + m2))
+    total = 0.0
+    for k in range(0, l1 + l2 - l3 + 1):
+        parts = (l1 + l2 - l3 - k, l1 - m1 - k, l2 + m2 - k, l3 - l2 + m1 + k, l3 - l1 - m2 + k)
+        if min(parts) >= 0:
+            total += (-1) ** k / (f(k) * np.prod([f(x) for x in parts]))
+    return pre * total
+
+
+def _real_to_complex(l: int) -> np.ndarray:
+    """``(2l+1, 2l+1)`` complex: row complex ``m``, column e3nn's real component (Wikipedia's
+    real form, times ``(-i)^l`` so that the real-basis couplings come out real)."""
+    q = np.zeros((2 * l + 1, 2 * l + 1), dtype=np.complex128)
+    r = 1 / math.sqrt(2.0)
+    for m in range(1, l + 1):
+        q[l - m, l + m], q[l - m, l - m] = r, -1j * r
+        q[l + m, l + m], q[l + m, l - m] = (-1) ** m * r, 1j * (-1) ** m * r
+    q[l, l] = 1.0
+    return (-1j) ** l * q
+
+
+@functools.lru_cache(maxsize=None)
+def wigner_3j_cs(l1: int, l2: int, l3: int) -> np.ndarray:
+    """e3nn >= 0.5's ``wigner_3j(l1, l2, l3)`` ``(2l1+1, 2l2+1, 2l3+1)`` in e3nn's basis."""
+    cg = np.zeros((2 * l1 + 1, 2 * l2 + 1, 2 * l3 + 1))
+    for m1 in range(-l1, l1 + 1):
+        for m2 in range(-l2, l2 + 1):
+            if abs(m1 + m2) <= l3:
+                cg[l1 + m1, l2 + m2, l3 + m1 + m2] = _condon_shortley(l1, m1, l2, m2, l3, m1 + m2)
+    c = np.einsum("ij,kl,nm,ikn->jlm", _real_to_complex(l1), _real_to_complex(l2),
+                  _real_to_complex(l3).conj(), cg)
+    assert np.abs(c.imag).max() < 1e-10, (l1, l2, l3)
+    return c.real / np.linalg.norm(c.real)
+
+
+#: e3nn's 3j convention by version: ``"0.4"`` (mace-torch's pin) or ``"0.5"`` (e3nn >= 0.5, NequIP).
+WIGNER_3J = {"0.4": wigner_3j, "0.5": wigner_3j_cs}
+
+
+def coupling_sign(l1: int, l2: int, l3: int, convention: str = "0.4") -> float:
+    """±1: e3nn's 3j symbol of ``l1 ⊗ l2 → l3`` (``convention``: see :data:`WIGNER_3J`)
+    expressed in eqcalc's basis, relative to :func:`potentials.o3.clebsch_gordan` (both are the
+    unique invariant up to sign)."""
+    w3j = WIGNER_3J[convention](l1, l2, l3)
+    overlap = float(np.sum(to_eqcalc(w3j, [[l1], [l2], [l3]]) * o3.clebsch_gordan(l1, l2, l3)))
     assert abs(abs(overlap) - 1.0) < 1e-9, (l1, l2, l3, overlap)
     return 1.0 if overlap > 0 else -1.0
 

@@ -17,6 +17,12 @@ NequIP (:mod:`potentials.nequip`) configured as nequip's ``NequIPGNNModel``:
   (:mod:`potentials.convert.e3nn`) and each path's stored weight are folded into the radial weights
   of that path; ``linear_2``'s input is the per-degree concatenation of the paths in nequip's
   enumeration order, remapped to eqcalc's path order;
+* irreps are matched by (degree, parity): with ``parity: true`` eqcalc's layouts hold the same
+  odd-parity blocks as nequip's layers (:func:`potentials.o3.reachable`), in eqcalc's block
+  order; couplings use e3nn >= 0.5's 3j signs (``coupling_sign(..., "0.5")``), which differ from
+  0.4.4's on some odd ``l1+l2+l3``; nequip's gate sets follow its Gate's ``irreps_gated`` order;
+* ``per_edge_type_cutoff``: the model's own ``1/r_max`` table becomes ``edge_cutoffs``; the norm
+  nonlinearity becomes ``gate="norm"``; per-irrep ``num_features`` become ``channels_per_degree``;
 * the self-connection is e3nn's tensor product of the features with the type *embedding*
   (``node_attrs``): contracted with each species' embedding row it is a per-species linear map;
 * ``E_i = scale[t_i] * readout(h_i) + shift[t_i]``.
@@ -40,7 +46,7 @@ from potentials import o3
 from potentials.convert import e3nn
 from potentials.convert.mace import sha256
 from potentials.convert.torch_pickle import Allow, Record, TorchArchive, require_filled, walk
-from potentials.nequip import NORMALIZED_SILU_GAIN
+from potentials.nequip import NORMALIZED_SILU_GAIN, NORMALIZED_TANH_GAIN
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +65,14 @@ ALLOW = Allow(
 BUILDERS = ("nequip.model.NequIPGNNModel",)
 SUPPORTED: Dict[str, Any] = {
     "_target_": None, "seed": None, "model_dtype": ("float64", "float32"), "type_names": None, "r_max": None,
-    "num_layers": None, "l_max": (1, 2, 3), "parity": (False,), "num_features": None,
+    "num_layers": None, "l_max": (1, 2, 3), "parity": (False, True), "num_features": None,
     "type_embed_num_features": None, "radial_mlp_depth": None, "radial_mlp_width": None,
     "num_bessels": None, "bessel_trainable": (False,), "polynomial_cutoff_p": None,
     "avg_num_neighbors": None, "per_type_energy_scales": None, "per_type_energy_shifts": None,
     "per_type_energy_scales_trainable": None, "per_type_energy_shifts_trainable": None,
-    "per_edge_type_cutoff": (None,), "pair_potential": None, "do_derivatives": (True,),
+    "per_edge_type_cutoff": None, "pair_potential": None, "do_derivatives": (True,),
     "readout_mlp_hidden_layers_depth": (0, 1), "readout_mlp_hidden_layers_width": None,
-    "readout_mlp_nonlinearity": None, "convnet_nonlinearity_type": ("gate",), "convnet_resnet": (False,),
+    "readout_mlp_nonlinearity": None, "convnet_nonlinearity_type": ("gate", "norm"), "convnet_resnet": (False,),
     "convnet_sc": (True,), "learnable_shift": (False,), "categorical_graph_field_embed": (None,),
     "compile_mode": None,
 }
@@ -156,8 +162,6 @@ class Reader:
         for key, allowed in SUPPORTED.items():
             if allowed is not None and key in opts and opts[key] not in allowed:
                 self.refuse(f"{key}={opts[key]!r}", f"supported values: {list(allowed)}")
-        if opts.get("parity", True) is not False:
-            self.refuse("parity=True (odd-parity features)", "convert a model trained with parity: false")
         l_max = int(opts.get("l_max", 1))
         features = opts.get("num_features", 32)
         features = [features] * (l_max + 1) if isinstance(features, int) else list(features)
@@ -179,6 +183,8 @@ class Reader:
         if readout_depth and opts.get("readout_mlp_nonlinearity", "silu") != "silu":
             self.refuse(f"readout_mlp_nonlinearity={opts['readout_mlp_nonlinearity']!r}", "silu is supported")
         pair = opts.get("pair_potential")
+        if pair is not None and opts.get("per_edge_type_cutoff") is not None:
+            self.refuse("a pair potential together with per_edge_type_cutoff")
         if pair is not None:
             if not isinstance(pair, dict) or pair.get("_target_") != "nequip.nn.pair_potential.ZBL" \
                     or pair.get("units") != "metal":
@@ -192,41 +198,63 @@ class Reader:
             radial_mlp=int(opts.get("radial_mlp_width", 128)), radial_depth=int(opts.get("radial_mlp_depth", 1)),
             avg_num_neighbors=float(avg), avg_num_neighbors_per_species=per_species,
             embedding_channels=int(opts.get("type_embed_num_features") or features[0]), residual=False,
-            first_self_connection=False, last_scalars_only=True, gate="normalized_silu",
+            first_self_connection=False, last_scalars_only=True,
             readout="mlp" if readout_depth else "linear",
             readout_hidden=int(opts.get("readout_mlp_hidden_layers_width") or features[0]),
             pair_repulsion="zbl_lammps" if pair else "none",
             pair_envelope_p=int(float(pair.get("polynomial_cutoff_p", 6))) if pair else 6,
+            parity=bool(opts.get("parity", True)),
+            channels_per_degree=tuple(int(f) for f in features) if min(features) < c else (),
+            gate="norm" if opts.get("convnet_nonlinearity_type", "gate") == "norm" else "normalized_silu",
+            edge_cutoffs=self.edge_cutoffs(float(opts["r_max"]), len(types)),
         )
+
+    def edge_cutoffs(self, r_max: float, n_types: int) -> Tuple[Tuple[float, ...], ...]:
+        """Per type-pair cutoffs ``[centre][neighbour]`` from the model's own ``1/r_max`` table
+        (nequip resolves the config's partial dict into it); ``()`` for one global cutoff."""
+        recip = _np(self.tensor(self.func.child("edge_norm"), "_rmax_recip")).reshape(-1)
+        if recip.size == 1:
+            if abs(recip[0] * r_max - 1.0) > 1e-12:
+                raise ModelFileError(f"{self.path!r}: the model's cutoff differs from the config's r_max")
+            return ()
+        if recip.size != n_types * n_types:
+            raise ModelFileError(f"{self.path!r}: {recip.size} per-edge-type cutoffs for {n_types} types")
+        return tuple(tuple(float(1.0 / x) for x in row) for row in recip.reshape(n_types, n_types))
 
     # ---- weights --------------------------------------------------------------------------
     def linear(self, record: Record) -> List[Tuple[int, int, np.ndarray]]:
         self.tensor(record, "weight")
         return e3nn.linear_blocks(record)
 
-    def per_degree(self, record: Record, c_in: int) -> np.ndarray:
-        """An e3nn Linear irreps → same irreps (one irrep per degree) as eqcalc's ``o3.Linear``
-        weight ``(lmax+1, c_in, c_in)``, zero-padded to ``c_in`` channels (eqcalc divides by
-        sqrt(c_in) in the forward)."""
-        irreps = e3nn.parse_irreps(record.attr("irreps_in"))
-        if [l for _, l, _ in irreps] != list(range(len(irreps))):
-            self.refuse(f"features of degrees {[l for _, l, _ in irreps]}")
+    def blocks_of(self, irreps, layout: List[o3.Irrep], what: str) -> List[int]:
+        """eqcalc block index of each irrep of nequip's ``irreps`` (one irrep per (l, parity))."""
+        irs = [(l, p) for _, l, p in irreps]
+        if sorted(irs) != sorted(layout):
+            self.refuse(f"{what} irreps {e3nn.irreps_str(irreps)} (eqcalc's NequIP builds {layout})")
+        return [layout.index(ir) for ir in irs]
+
+    def per_block(self, record: Record, layout: List[o3.Irrep], c_in: int) -> np.ndarray:
+        """An e3nn Linear irreps → same irreps (one irrep per (l, parity)) as eqcalc's
+        ``o3.Linear`` weight ``(blocks, c_in, c_in)`` in eqcalc's block order, zero-padded to
+        ``c_in`` channels (eqcalc divides by sqrt(c_in) in the forward)."""
+        where = self.blocks_of(e3nn.parse_irreps(record.attr("irreps_in")), layout, record.kind)
         blocks = self.linear(record)
-        if sorted((i, o) for i, o, _ in blocks) != [(l, l) for l in range(len(irreps))]:
-            self.refuse(f"{record.kind} mixing degrees {[(i, o) for i, o, _ in blocks]}")
-        out = np.zeros((len(irreps), c_in, c_in))
+        if sorted((i, o) for i, o, _ in blocks) != [(i, i) for i in range(len(where))]:
+            self.refuse(f"{record.kind} mixing irreps {[(i, o) for i, o, _ in blocks]}")
+        out = np.zeros((len(layout), c_in, c_in))
         for i, _, w in blocks:
-            out[i, :w.shape[0], :w.shape[1]] = w * np.sqrt(c_in)
+            out[where[i], :w.shape[0], :w.shape[1]] = w * np.sqrt(c_in)
         return out
 
-    @staticmethod
-    def output_columns(irreps_out, C: int) -> Dict[int, np.ndarray]:
-        """Degree → eqcalc column of each of nequip's output channels of that degree. Degree 0
-        holds the scalars and then one gate set per degree l > 0 (eqcalc: ``l * C`` onwards)."""
-        muls = {l: m for m, l, _ in irreps_out}
-        cols = {l: np.arange(m) for l, m in muls.items() if l > 0}
-        gates = [np.arange(muls[l]) + l * C for l in sorted(cols)]
-        scalars = muls[0] - sum(len(g) for g in gates)
+    def output_columns(self, irreps_out, gated, layout: List[o3.Irrep], C: int) -> Dict[int, np.ndarray]:
+        """eqcalc block → eqcalc column of each of nequip's output channels of that (l, parity).
+        nequip's 0e channels are the scalars, then one gate set per gated irrep in the order of
+        its Gate's ``irreps_gated``; eqcalc's gate sets follow its layout's l > 0 blocks."""
+        muls = {(l, p): m for m, l, p in irreps_out}
+        eq_gated = [b for b in layout if b[0] > 0]
+        cols = {layout.index(ir): np.arange(m) for ir, m in muls.items() if ir != (0, 1)}
+        gates = [np.arange(m) + (1 + eq_gated.index((l, p))) * C for m, l, p in gated]
+        scalars = muls[(0, 1)] - sum(len(g) for g in gates)
         cols[0] = np.concatenate([np.arange(scalars)] + gates)
         return cols
 
@@ -254,16 +282,21 @@ class Reader:
         ours = model.convolutions[k]
         p = f"convolutions.{k}."
         C_in, C = ours.channels, config["channels"]   # eqcalc's (padded) channel counts
-        put(p + "linear_in.weight", self.per_degree(conv.child("linear_1"), C_in))
-        # Tensor product: instructions (l1, l2, l3) in nequip's enumeration order.
+        lay_in, lay_out = model.layouts[k], model.layouts[k + 1]
+        put(p + "linear_in.weight", self.per_block(conv.child("linear_1"), lay_in, C_in))
+        # Tensor product: instructions (k1, l2, k3) (eqcalc's blocks) in nequip's enumeration order.
         tp = conv.child("tp_scatter").child("tp")
         irreps1 = e3nn.parse_irreps(tp.attr("irreps_in1"))
         irreps_mid = e3nn.parse_irreps(tp.attr("irreps_out"))
-        theirs = []   # ((l1, l2, l3), path weight, channels)
+        in_block = self.blocks_of(irreps1, lay_in, "layer input")
+        theirs = []   # ((k1, l2, k3), path weight, channels)
         for i1, i2, i_out, mode, has_weight, path_weight, _shape in e3nn.instructions(tp):
             if mode != "uvu" or not has_weight:
                 self.refuse(f"tensor-product instruction mode {mode!r}")
-            theirs.append(((irreps1[i1][1], int(i2), irreps_mid[i_out][1]), float(path_weight), irreps1[i1][0]))
+            _, l3, p3 = irreps_mid[i_out]
+            if (l3, p3) not in lay_out:
+                self.refuse(f"tensor-product output {l3}{'e' if p3 > 0 else 'o'} (eqcalc builds {lay_out})")
+            theirs.append(((in_block[i1], int(i2), lay_out.index((l3, p3))), float(path_weight), irreps1[i1][0]))
         if sorted(t for t, _, _ in theirs) != sorted(ours.tp.paths):
             self.refuse(f"tensor-product paths {[t for t, _, _ in theirs]} (eqcalc builds {ours.tp.paths})")
         slot = {t: n for n, (t, _, _) in enumerate(theirs)}
@@ -279,33 +312,40 @@ class Reader:
         # sqrt(2/r_max) sin(n pi r/r_max)/r.
         weights[0] = weights[0] * (factor * r_max / np.pi / np.sqrt(2.0 / r_max))
         last = weights[-1]
-        mapped = np.zeros((last.shape[0], len(ours.tp.paths), C_in))
-        for q, (l1, l2, l3) in enumerate(ours.tp.paths):
-            n = slot[(l1, l2, l3)]
+        widths = ours.tp.path_widths                       # channels of each of eqcalc's paths
+        at = np.cumsum([0] + widths)
+        mapped = np.zeros((last.shape[0], at[-1]))
+        for q, (k1, l2, k3) in enumerate(ours.tp.paths):
+            n = slot[(k1, l2, k3)]
             _, path_weight, mul = theirs[n]
-            sign = e3nn.coupling_sign(l1, l2, l3)
-            mapped[:, q, :mul] = last[:, offsets[n]:offsets[n + 1]] * path_weight * sign / np.sqrt(2 * l3 + 1)
-        weights[-1] = mapped.reshape(last.shape[0], -1)
+            l1, l3 = lay_in[k1][0], lay_out[k3][0]
+            sign = e3nn.coupling_sign(l1, l2, l3, "0.5")   # odd l1+l2+l3 (parity) differ from 0.4.4
+            mapped[:, at[q]:at[q] + mul] = last[:, offsets[n]:offsets[n + 1]] * path_weight * sign / np.sqrt(2 * l3 + 1)
+        weights[-1] = mapped
         for j, w in enumerate(weights):
             put(p + f"radial.{2 * j}.weight", w.T)
-        # linear_2: its input per degree is that degree's paths, concatenated in nequip's order.
+        # linear_2: its input per (l, parity) is that irrep's paths, concatenated in nequip's order.
         linear_2 = conv.child("linear_2")
         self.tensor(linear_2, "weight")
         mid_in = e3nn.parse_irreps(linear_2.attr("irreps_in"))
         out_irreps = e3nn.parse_irreps(linear_2.attr("irreps_out"))
-        cols = self.output_columns(out_irreps, C)
+        gate = layer.child("equivariant_nonlin")
+        gated = self.nonlinearity(k, gate, config)
+        cols = self.output_columns(out_irreps, gated, lay_out, C)
         lin_blocks = {(i_in, i_out): w for i_in, i_out, w in e3nn.linear_blocks(linear_2)}
-        for l, mix in enumerate(ours.linear_out.mixes):
-            i_in = next(i for i, (_, li, _) in enumerate(mid_in) if li == l)
-            i_out = next(i for i, (_, lo, _) in enumerate(out_irreps) if lo == l)
+        for l, mix in enumerate(ours.linear_out.mixes):   # l: eqcalc's output block
+            ir = lay_out[l]
+            i_in = next(i for i, (_, li, pi) in enumerate(mid_in) if (li, pi) == ir)
+            i_out = next(i for i, (_, lo, po) in enumerate(out_irreps) if (lo, po) == ir)
             w = lin_blocks[(i_in, i_out)]                      # (sum of path channels, out channels)
             order = [n for n, (t, _, _) in enumerate(theirs) if t[2] == l]
             start = {n: sum(theirs[m][2] for m in order[:order.index(n)]) for n in order}
-            rows = np.zeros((len(mix.paths) * C_in, mix.weight.shape[1]))
+            rows = np.zeros((sum(widths[q] for q in mix.paths), mix.weight.shape[1]))
+            row_at = np.cumsum([0] + [widths[q] for q in mix.paths])
             for r, q in enumerate(mix.paths):
                 n = slot[ours.tp.paths[q]]
                 mul = theirs[n][2]
-                rows[np.ix_(r * C_in + np.arange(mul), cols[l])] = w[start[n]:start[n] + mul]
+                rows[np.ix_(row_at[r] + np.arange(mul), cols[l])] = w[start[n]:start[n] + mul]
             put(p + f"linear_out.mixes.{l}.weight", rows)
         # Self-connection: features ⊗ type embedding (node_attrs) → one linear map per species.
         if isinstance(conv.modules.get("sc"), Record):
@@ -314,34 +354,51 @@ class Reader:
             emb = _np(self.func.child("type_embed").child("embed_module").tensor("weight"))  # (types, e)
             irr_in = e3nn.parse_irreps(sc.attr("irreps_in1"))
             irr_out = e3nn.parse_irreps(sc.attr("irreps_out"))
-            sc_cols = self.output_columns(irr_out, C)
+            sc_cols = self.output_columns(irr_out, gated, lay_out, C)
             start = 0
             for i1, i2, i_out, mode, has_weight, path_weight, shape in e3nn.instructions(sc):
                 n = int(np.prod(shape))
-                l = irr_in[i1][1]
+                _, l, p_in = irr_in[i1]
                 # e3nn's 3j symbol of l x 0 -> l is the identity / sqrt(2l+1)
                 w = flat[start:start + n].reshape(shape) * (float(path_weight) / np.sqrt(2 * l + 1))  # (u, v, w)
                 start += n
-                if irr_out[i_out][1] != l or mode != "uvw":
+                if tuple(irr_out[i_out][1:]) != (l, p_in) or mode != "uvw":
                     self.refuse(f"self-connection instruction {(i1, i2, i_out, mode)}")
-                mix = ours.self_connection.mixes[l]
+                block = lay_out.index((l, p_in))   # the same index in lay_in: the layouts share a prefix
+                mix = ours.self_connection.mixes[block]
                 per_species = np.einsum("uvw,sv->suw", w, emb)                # (species, u, w)
                 full = np.zeros((emb.shape[0], C_in, mix.weight.shape[1]))
-                full[:, :w.shape[0], sc_cols[l]] = per_species
-                put(p + f"self_connection.mixes.{l}.weight", full.reshape(-1, full.shape[2]))
+                full[:, :w.shape[0], sc_cols[block]] = per_species
+                put(p + f"self_connection.mixes.{block}.weight", full.reshape(-1, full.shape[2]))
         elif k > 0:
             self.refuse(f"layer {k} without a self-connection")
-        # Gate: e3nn's normalised SiLU on scalars and gates.
-        gate = layer.child("equivariant_nonlin")
+    def nonlinearity(self, k: int, gate: Record, config: Dict[str, Any]) -> list:
+        """Checks layer ``k``'s nonlinearity against eqcalc's; the gated irreps in nequip's order
+        (``[]`` for the norm nonlinearity)."""
+        if config["gate"] == "norm":
+            f = gate.attr("scalar_nonlinearity")
+            if gate.name != "NormActivation" or getattr(f, "qualname", "") != "torch.nn.functional.silu" \
+                    or gate.attr("normalize") is not True or gate.attr("bias") or gate.attr("epsilon") != 1e-8:
+                self.refuse(f"layer {k} nonlinearity {gate.kind} ({getattr(f, 'qualname', f)!r}, "
+                            f"epsilon {gate.attr('epsilon')})", "nequip's norm nonlinearity with SiLU is supported")
+            return []
         if gate.name != "Gate":
-            self.refuse(f"nonlinearity {gate.kind}", "gate nonlinearities are supported")
+            self.refuse(f"nonlinearity {gate.kind}", "gate and norm nonlinearities are supported")
+        # e3nn's normalised SiLU on even scalars and gates, normalised tanh on odd scalars.
+        expected = {1: ("torch.nn.functional.silu", NORMALIZED_SILU_GAIN), -1: ("torch.tanh", NORMALIZED_TANH_GAIN)}
         for part in ("act_scalars", "act_gates"):
-            for _, act in gate.child(part).child("acts").modules.items():
+            irreps = e3nn.parse_irreps(gate.child(part).attr("irreps_in"))
+            acts = gate.child(part).child("acts").modules
+            if len(acts) != len(irreps):
+                self.refuse(f"layer {k} {part} with {len(acts)} activations for {e3nn.irreps_str(irreps)}")
+            for (_, _, parity), (_, act) in zip(irreps, sorted(acts.items(), key=lambda kv: int(kv[0]))):
                 f = act.attr("f")
-                if getattr(f, "qualname", "") != "torch.nn.functional.silu" or \
-                        abs(e3nn.normalize2mom_constant(act) - NORMALIZED_SILU_GAIN) > 1e-12:
-                    self.refuse(f"layer {k} nonlinearity {getattr(f, 'qualname', f)!r} "
-                                f"(scale {act.attr('cst')})", "gates with SiLU are supported")
+                name, gain = expected[parity]
+                if getattr(f, "qualname", "") != name or abs(e3nn.normalize2mom_constant(act) - gain) > 1e-12:
+                    self.refuse(f"layer {k} nonlinearity {getattr(f, 'qualname', f)!r} (scale {act.attr('cst')}) "
+                                f"on {'even' if parity > 0 else 'odd'} scalars",
+                                "nequip's default gates (SiLU, tanh on odd scalars) are supported")
+        return e3nn.parse_irreps(gate.attr("irreps_gated"))
 
     def fill(self, model, config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -360,9 +417,6 @@ class Reader:
             self.refuse("trained Bessel frequencies")
         if float(bessel.child("cutoff").attr("p")) != config["envelope_p"]:
             raise ModelFileError(f"{self.path!r}: cutoff p differs from the config's polynomial_cutoff_p")
-        recip = _np(self.tensor(f.child("edge_norm"), "_rmax_recip")).reshape(-1)
-        if recip.size != 1 or abs(recip[0] * config["cutoff"] - 1.0) > 1e-12:
-            self.refuse("per-edge-type cutoffs")
         for k in range(config["num_interactions"]):
             self.layer(k, model, config, put)
         readout = self.scalar_mlp(f.child("per_atom_energy_readout").child("mlp_module"))
@@ -415,8 +469,8 @@ def read(path: str | Path, progress: bool = True):
     package = Package(path)
     try:
         reader = Reader(package)
-        config = reader.config()
         reader.load()
+        config = reader.config()
         dtype = reader.package.model_options().get("model_dtype", "float32")
         model = potentials.build("nequip", dtype=dtype, **config)
         state = reader.fill(model, config)
@@ -440,7 +494,7 @@ def read(path: str | Path, progress: bool = True):
         "conventions": {
             "edge_vector": "neighbour minus centre in both",
             "harmonics": "e3nn 'component' basis (y polar) rotated onto eqcalc's",
-            "wigner_3j": "e3nn >= 0.5 signs",
+            "wigner_3j": "e3nn >= 0.5 signs (Condon-Shortley)",
             "bessel": "nequip's sinc basis times 2 pi / r_max^2 folded into the first radial layer",
             "energy": "scale[type] * readout + shift[type]",
         },

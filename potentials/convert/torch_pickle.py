@@ -14,6 +14,8 @@ imports and calls them, so loading can run anything. This reader:
   stores the arguments, "setting its state" stores the state dict, nothing of the original
   class is imported or called. Allowed functions that a pickle *calls* (tensor rebuilds,
   ``OrderedDict``, ``set``, ``_codecs.encode``) are replaced by small local implementations;
+  ``getattr`` only resolves ``torch._C._VariableFunctionsClass.<name>`` (how ``torch.tanh`` is
+  pickled) for allow-listed ``torch.<name>``, to an inert reference;
 * rebuilds tensors from the storage members itself (``torch.frombuffer`` + ``as_strided``,
   bounds checked), never through ``torch.load``.
 
@@ -218,6 +220,11 @@ CALLABLES: Dict[Tuple[str, str], Callable] = {
 }
 
 
+#: The class whose attributes are torch's builtin functions: pickle stores ``torch.tanh`` as
+#: ``getattr(torch._C._VariableFunctionsClass, "tanh")``.
+TORCH_FUNCTIONS = "torch._C._VariableFunctionsClass"
+
+
 class Allow:
     """The globals a converter accepts: ``records`` (classes → inert :class:`Record` types),
     ``functions`` (referred to, never called: :class:`GlobalRef`), ``prefixes`` of module names
@@ -237,6 +244,10 @@ class Allow:
         qualname = f"{module}.{name}"
         if (module, name) in CALLABLES:
             return CALLABLES[(module, name)]
+        if qualname == "builtins.getattr":
+            return self._torch_function
+        if qualname == TORCH_FUNCTIONS:
+            return GlobalRef(module, name)
         if module == "torch" and name in STORAGE_DTYPES:
             return STORAGE_DTYPES[name]
         if qualname in self.functions:
@@ -252,6 +263,16 @@ class Allow:
             f"the file refers to the global {qualname}, which is not on the allow-list of this "
             "converter; it was not imported or run. If the file is genuine, its model type is not "
             "supported by this converter")
+
+    def _torch_function(self, owner: Any, name: Any) -> "GlobalRef":
+        """``getattr(torch._C._VariableFunctionsClass, "tanh")``: how pickle stores ``torch.tanh``
+        (a builtin without a module path). Only that owner and only allow-listed ``torch.<name>``
+        functions; the result is a reference, never called. Any other ``getattr`` is refused."""
+        if isinstance(owner, GlobalRef) and owner.qualname == TORCH_FUNCTIONS and isinstance(name, str) \
+                and f"torch.{name}" in self.functions:
+            return GlobalRef("torch", name)
+        raise UnsafeModelError(f"the file calls builtins.getattr({owner!r}, {str(name)[:40]!r}), which is not "
+                               "on the allow-list of this converter; nothing was imported or run")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
