@@ -332,8 +332,7 @@ _HOP_HEIGHT = {"H": 1.0, "C": 1.1, "N": 1.1, "O": 1.2}   # Å above the surface,
 
 def _hop_endpoints(process: str, metal: str, mover: str, rng: np.random.Generator):
     """Unrelaxed end points of one elementary hop (same atoms, same order)."""
-    from ase.build import add_adsorbate, bulk, fcc100, fcc111
-    from ase.constraints import FixAtoms
+    from ase.build import bulk, fcc100, fcc111
 
     if process == "vacancy":
         base = bulk(metal, "fcc", cubic=True).repeat((2, 2, 2))
@@ -348,8 +347,20 @@ def _hop_endpoints(process: str, metal: str, mover: str, rng: np.random.Generato
     build, sites = (fcc111, ("fcc", "hcp")) if process == "hop-111" else (fcc100, ("hollow", "hollow"))
     size = [(3, 3, 3), (2, 3, 3), (3, 3, 4)][rng.integers(3)]
     height = 1.8 if mover in METALS else _HOP_HEIGHT[mover] - (0.2 if process == "hop-100" else 0.0)
+    return hop_end_points(build, metal, size, mover, height, sites,
+                          ((0, 0), (1, 0) if process == "hop-100" else (0, 0)))
+
+
+def hop_end_points(build, metal: str, size, mover: str, height: float, sites, offsets):
+    """Unrelaxed end points of ``mover`` (an adsorbate or a metal atom) hopping between two
+    sites of a slab: ``build`` is ASE's ``fcc111``/``fcc100``, ``size`` its repeats (6 Å vacuum),
+    ``sites`` two site names and ``offsets`` two ``add_adsorbate`` offsets (in surface cells);
+    ``height`` Å above the top layer; bottom layer fixed."""
+    from ase.build import add_adsorbate
+    from ase.constraints import FixAtoms
+
     pair = []
-    for site, offset in zip(sites, ((0, 0), (1, 0) if process == "hop-100" else (0, 0))):
+    for site, offset in zip(sites, offsets):
         s = build(metal, size, vacuum=6.0)
         add_adsorbate(s, mover, height, site, offset=offset)
         s.info.pop("adsorbate_info", None)

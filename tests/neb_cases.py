@@ -4,19 +4,14 @@ Each builder returns ``(initial, final)`` ASE Atoms with the same atoms in the s
 unrelaxed; all elements are EMT's (and the shipped ``default`` model's).
 """
 import numpy as np
-from ase.build import add_adsorbate, bulk, fcc100, fcc111
-from ase.constraints import FixAtoms
+from ase.build import bulk, fcc100, fcc111
+
+from potentials.data import hop_end_points
 
 
 def _slab(surface, metal, size, ads, height, site_a, site_b, **offsets):
-    pair = []
-    for site, offset in ((site_a, offsets.get("offset_a", (0, 0))), (site_b, offsets.get("offset_b", (0, 0)))):
-        s = surface(metal, size, vacuum=6.0)
-        add_adsorbate(s, ads, height, site, offset=offset)
-        s.info.pop("adsorbate_info", None)
-        s.set_constraint(FixAtoms(mask=s.get_tags() == size[2]))
-        pair.append(s)
-    return tuple(pair)
+    return hop_end_points(surface, metal, size, ads, height, (site_a, site_b),
+                          (offsets.get("offset_a", (0, 0)), offsets.get("offset_b", (0, 0))))
 
 
 def o_pt111():
