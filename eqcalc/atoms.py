@@ -97,6 +97,21 @@ class SystemTensors:
     system: torch.Tensor     # (n_atoms,) int64
 
 
+def consecutive_ranges(costs: Sequence[float], budget: float) -> list[tuple[int, int]]:
+    """Consecutive system ranges ``[(first, stop), ...]`` covering ``costs`` (one per system),
+    each adding up to at most ``budget`` unless a single system exceeds it on its own: how a
+    batch is cut into pieces that fit (triplet memory, Hessian graphs that stay in cache)."""
+    pieces: list[tuple[int, int]] = []
+    first, used = 0, 0.0
+    for s, cost in enumerate(costs):
+        if s > first and used + cost > budget:
+            pieces.append((first, s))
+            first, used = s, 0.0
+        used += cost
+    pieces.append((first, len(costs)))
+    return pieces
+
+
 def to_tensors(structures: Sequence[Atoms], device: torch.device | str = "cpu") -> SystemTensors:
     """Stack ``structures`` (already validated) into one batch on ``device``."""
     positions = np.concatenate([a.positions for a in structures])

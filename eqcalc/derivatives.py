@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from eqcalc import keys
+from eqcalc.atoms import consecutive_ranges
 
 FORCE_MODES = ("conservative", "direct")
 
@@ -152,9 +153,10 @@ def hessian(model: torch.nn.Module, positions: Tensor, cell: Tensor, species: Te
     n_atoms, n_systems = positions.shape[0], cell.shape[0]
     rows = rows.to(positions.device)
     if max_batch is None and positions.device.type == "cpu" and n_systems > 1:
-        groups = _groups_of_systems(edge_index, system, n_systems, HESSIAN_CPU_EDGES)
-        if int(groups.max()) > 0:
-            return _hessian_by_groups(model, groups, positions, cell, species, edge_index, shifts,
+        edges = torch.bincount(system[edge_index[0]], minlength=n_systems).tolist()
+        pieces = consecutive_ranges(edges, HESSIAN_CPU_EDGES)
+        if len(pieces) > 1:
+            return _hessian_in_pieces(model, pieces, positions, cell, species, edge_index, shifts,
                                       system, rows)
     row_system = system[rows // 3]
     rank = _rank_within(row_system)
@@ -189,41 +191,25 @@ def hessian(model: torch.nn.Module, positions: Tensor, cell: Tensor, species: Te
     return out
 
 
-def _groups_of_systems(edge_index: Tensor, system: Tensor, n_systems: int, max_edges: int) -> Tensor:
-    """Group ``(n_systems,)`` of each system: consecutive systems share a group while their edges
-    add up to at most ``max_edges`` (a larger system is a group of its own)."""
-    edges = torch.bincount(system[edge_index[0]], minlength=n_systems).tolist()
-    group, total, out = 0, 0, []
-    for n in edges:
-        if total > 0 and total + n > max_edges:
-            group, total = group + 1, 0
-        total += n
-        out.append(group)
-    return torch.tensor(out, device=system.device)
-
-
-def _hessian_by_groups(model: torch.nn.Module, groups: Tensor, positions: Tensor, cell: Tensor,
+def _hessian_in_pieces(model: torch.nn.Module, pieces, positions: Tensor, cell: Tensor,
                        species: Tensor, edge_index: Tensor, shifts: Tensor, system: Tensor,
                        rows: Tensor) -> Tensor:
-    """:func:`hessian` of a batch as independent sub-batches, one per group of systems (systems
-    do not interact, so each row's nonzero columns lie within its own group)."""
+    """:func:`hessian` of a batch as independent sub-batches, one per system range ``(first,
+    stop)`` of ``pieces`` (systems do not interact, so each row's nonzero columns lie within its
+    own piece)."""
     n_atoms = positions.shape[0]
     out = torch.zeros(rows.shape[0], 3 * n_atoms, dtype=torch.float64, device=positions.device)
-    atom_group = groups[system]
-    for g in range(int(groups.max()) + 1):
-        atoms = torch.nonzero(atom_group == g).squeeze(1)
-        picked = torch.nonzero(atom_group[rows // 3] == g).squeeze(1)
+    for first, stop in pieces:
+        inside = (system >= first) & (system < stop)
+        picked = torch.nonzero(inside[rows // 3]).squeeze(1)
         if picked.numel() == 0:
             continue
-        new_index = torch.full((n_atoms,), -1, dtype=torch.long, device=positions.device)
-        new_index[atoms] = torch.arange(atoms.numel(), device=positions.device)
-        systems = torch.nonzero(groups == g).squeeze(1)
-        new_system = torch.full_like(groups, -1)
-        new_system[systems] = torch.arange(systems.numel(), device=groups.device)
-        edges = atom_group[edge_index[0]] == g
+        atoms = torch.nonzero(inside).squeeze(1)
+        new_index = torch.cumsum(inside.long(), 0) - 1   # the piece's own atom numbering
+        edges = inside[edge_index[0]]
         sub_rows = 3 * new_index[rows[picked] // 3] + rows[picked] % 3
-        block = hessian(model, positions[atoms], cell[systems], species[atoms], new_index[edge_index[:, edges]],
-                        shifts[edges], new_system[system[atoms]], sub_rows, max_batch=1)
+        block = hessian(model, positions[atoms], cell[first:stop], species[atoms], new_index[edge_index[:, edges]],
+                        shifts[edges], system[atoms] - first, sub_rows, max_batch=1)
         columns = (3 * atoms.unsqueeze(1) + torch.arange(3, device=atoms.device)).reshape(-1)
         out[picked.unsqueeze(1), columns.unsqueeze(0)] = block
     return out

@@ -22,6 +22,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
+from eqcalc.atoms import consecutive_ranges
 from eqcalc.errors import SystemTooLargeError
 
 
@@ -99,19 +100,12 @@ def plan(edge_index: Tensor, system: Tensor, n_systems: int, bytes_per_triplet: 
         0, system[edge_index[0]], per_edge).tolist()
     have = available_memory(device)
     budget = have / 2 if device.type == "cuda" else min(have / 2, CPU_PIECE_BYTES)
-    pieces: List[Tuple[int, int]] = []
-    first, used = 0, 0.0
-    for s, n in enumerate(per_system):
-        need = n * float(bytes_per_triplet)
+    needs = [n * float(bytes_per_triplet) for n in per_system]
+    for s, (n, need) in enumerate(zip(per_system, needs)):
         if need > have:
             atoms = int((system == s).sum())
             raise SystemTooLargeError(
                 f"system {s} ({atoms:,} atoms) has {int(n):,} triplets (angle terms); the model "
                 f"needs about {need / 2**30:.1f} GiB for them but {have / 2**30:.1f} GiB are available "
                 f"on {device}. Use a smaller system, or a model without angle terms (e.g. 'painn', 'mace')")
-        if s > first and used + need > budget:
-            pieces.append((first, s))
-            first, used = s, 0.0
-        used += need
-    pieces.append((first, n_systems))
-    return pieces
+    return consecutive_ranges(needs, budget)
