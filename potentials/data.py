@@ -337,18 +337,23 @@ def _hop_endpoints(process: str, metal: str, mover: str, rng: np.random.Generato
     if process == "vacancy":
         base = bulk(metal, "fcc", cubic=True).repeat((2, 2, 2))
         base.set_cell(base.cell.array * rng.uniform(0.99, 1.01), scale_atoms=True)
-        vacancy = int(rng.integers(len(base)))
-        neighbour = int(np.argsort(base.get_distances(vacancy, range(len(base)), mic=True))[1])
-        initial = base.copy()
-        del initial[vacancy]
-        final = initial.copy()
-        final.positions[neighbour - (neighbour > vacancy)] = base.positions[vacancy]
-        return initial, final
+        return vacancy_end_points(base, int(rng.integers(len(base))))
     build, sites = (fcc111, ("fcc", "hcp")) if process == "hop-111" else (fcc100, ("hollow", "hollow"))
     size = [(3, 3, 3), (2, 3, 3), (3, 3, 4)][rng.integers(3)]
     height = 1.8 if mover in METALS else _HOP_HEIGHT[mover] - (0.2 if process == "hop-100" else 0.0)
     return hop_end_points(build, metal, size, mover, height, sites,
                           ((0, 0), (1, 0) if process == "hop-100" else (0, 0)))
+
+
+def vacancy_end_points(crystal, vacancy: int):
+    """End points of a vacancy hop in ``crystal``: atom ``vacancy`` removed, then its nearest
+    neighbour (minimum image) moved onto the empty site."""
+    neighbour = int(np.argsort(crystal.get_distances(vacancy, range(len(crystal)), mic=True))[1])
+    initial = crystal.copy()
+    del initial[vacancy]
+    final = initial.copy()
+    final.positions[neighbour - (neighbour > vacancy)] = crystal.positions[vacancy]
+    return initial, final
 
 
 def hop_end_points(build, metal: str, size, mover: str, height: float, sites, offsets):

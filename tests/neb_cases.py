@@ -3,10 +3,9 @@
 Each builder returns ``(initial, final)`` ASE Atoms with the same atoms in the same order,
 unrelaxed; all elements are EMT's (and the shipped ``default`` model's).
 """
-import numpy as np
 from ase.build import bulk, fcc100, fcc111
 
-from potentials.data import hop_end_points
+from potentials.data import hop_end_points, vacancy_end_points
 
 
 def _slab(surface, metal, size, ads, height, site_a, site_b, **offsets):
@@ -31,15 +30,7 @@ def au_al100():
 
 def cu_vacancy():
     """A Cu atom hops into a nearest-neighbour vacancy in fcc Cu 2x2x2 (31 atoms, fully periodic)."""
-    base = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
-    vacancy = 0
-    neighbour = int(np.argsort(base.get_distances(vacancy, range(len(base)), mic=True))[1])
-    initial = base.copy()
-    del initial[vacancy]
-    final = initial.copy()
-    moved = neighbour - 1  # index after the deletion
-    final.positions[moved] = base.positions[vacancy]
-    return initial, final
+    return vacancy_end_points(bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2)), 0)
 
 
 def n_pd111_across_boundary():
