@@ -222,6 +222,23 @@ def test_an_input_that_kills_every_worker_is_isolated_and_recorded(client, ref, 
     assert [r.status for r in rows(tmp_path / "crash.db")] == ["done", "failed"]
 
 
+def test_inputs_that_waited_on_a_crashing_worker_are_not_blamed(ref, potential, tmp_path):
+    # one worker that takes every task at once: the inputs waiting behind the crashing one are on
+    # the worker it kills, twice, and the scheduler counts both deaths against them too
+    structures = small_structures(4)
+    structures[0].info["crash"] = True
+    jobs = [dist.Job(name=f"w{k}", item=a) for k, a in enumerate(structures)]
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1,
+                          "distributed.scheduler.worker-saturation": "inf"}):
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                          silence_logs=50) as cluster, Client(cluster) as one:
+            report = dist.screen(one, CrashingRelax(**RELAX), jobs, ref, db=str(tmp_path / "wait.db"),
+                                 batch_atoms=1, progress=False)
+    assert [o.status for o in report.outcomes] == ["failed", "done", "done", "done"]
+    local = relax(structures[1:], potential, **RELAX)
+    np.testing.assert_allclose([o.energy for o in report.outcomes[1:]], local.energy, atol=1e-8)
+
+
 def test_adsorption_on_the_cluster_equals_the_single_machine_table(client, ref, potential, tmp_path):
     pt = fcc111("Pt", (2, 2, 3), vacuum=6.0)
     cu = fcc100("Cu", (2, 2, 3), vacuum=6.0)

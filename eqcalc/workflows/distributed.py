@@ -16,7 +16,9 @@ an ASE database.
   retries the failed ones, overwriting their rows.
 * A worker that dies takes no result with it: the scheduler runs its batch elsewhere (up to
   ``distributed.scheduler.allowed-failures`` times, 3 by default); a batch that keeps killing
-  workers is split in halves until the input that does it stands alone and is recorded as failed.
+  workers is split in halves until the input that does it stands alone; run again at the end with
+  nothing else in flight (a death also counts against innocent inputs waiting on the same worker),
+  an input whose workers still die is recorded as failed.
 * An input that raises is recorded with its error and stops nothing else: each input is checked
   alone before its batch runs, and a batch that fails as a whole (a system that explodes, a device
   out of memory) is split in halves on the worker until the failing input is isolated.
@@ -499,15 +501,26 @@ def _in_process(kind, ref: ModelRef, batches) -> Iterator[Tuple[List[Outcome], D
 
 def _on_cluster(client, kind, ref: ModelRef, batches) -> Iterator[Tuple[List[Outcome], Dict]]:
     """Batches through the client's workers, results as they finish. A batch whose workers kept
-    dying (``KilledWorker``) is split in halves; a single input that does it is recorded failed."""
+    dying (``KilledWorker``) is split in halves. A single input that gets ``KilledWorker`` is only
+    a suspect: the scheduler also counts a death against every task waiting on the dead worker, so
+    an innocent input that shared a worker with a crashing one can be blamed too. Suspects run again
+    at the end, one at a time with nothing else in flight; one whose workers still die is recorded
+    failed."""
     from distributed import KilledWorker, as_completed
 
     pending = {}
+    suspects = []
 
     def submit(batch):
         future = client.submit(run_batch, kind, ref, batch, pure=False)
         pending[future] = batch
         return future
+
+    def killed(batch):
+        key, item = batch[0]
+        return ([_failed(key, item, "KilledWorker: every worker that ran this input alone died "
+                                    "(it crashes the process or exhausts its memory)")],
+                {"worker": "", "seconds": 0.0, "atom_steps": 0})
 
     queue = as_completed([submit(b) for b in batches])
     try:
@@ -519,12 +532,20 @@ def _on_cluster(client, kind, ref: ModelRef, batches) -> Iterator[Tuple[List[Out
                 if len(batch) > 1:
                     half = len(batch) // 2
                     queue.update([submit(batch[:half]), submit(batch[half:])])
-                    continue
-                key, item = batch[0]
-                result = ([_failed(key, item, "KilledWorker: every worker that ran this input alone died "
-                                              "(it crashes the process or exhausts its memory)")],
-                          {"worker": "", "seconds": 0.0, "atom_steps": 0})
+                else:
+                    suspects.append(batch)
+                continue
             finally:
+                future.release()
+            yield result
+        for batch in suspects:
+            future = submit(batch)
+            try:
+                result = future.result()
+            except KilledWorker:
+                result = killed(batch)
+            finally:
+                pending.pop(future, None)
                 future.release()
             yield result
     finally:
