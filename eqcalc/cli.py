@@ -141,7 +141,7 @@ def _convert(args) -> int:
     from potentials.convert import convert
 
     start = time.perf_counter()
-    out = convert(args.source, args.output, head=args.head)
+    out = convert(args.source, args.output, head=args.head, nequip_python=args.nequip_python)
     meta = package.read(str(out)).metadata
     src = meta["source"]
     if "nequip_version" in src:
@@ -207,6 +207,7 @@ EPILOGS = {
     "convert": "example:\n  eqcalc convert 2023-12-03-mace-128-L1_epoch-199.model mace-mp0-medium.eqm\n"
                "  eqcalc convert multihead.model omat.eqm --head omat_pbe\n"
                "  eqcalc convert my_model.nequip.zip my_model.eqm\n"
+               "  eqcalc convert outputs/last.ckpt my_model.eqm --nequip-python ~/nequip-env/bin/python\n"
                "nothing in the source file is run: it is read by a restricted reader that refuses "
                "anything but model data",
     "bench": "example:\n  eqcalc bench --what neighbors\n  eqcalc bench --what model --model painn.eqm --atoms 864",
@@ -271,13 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--forces", choices=["auto", "conservative", "direct"], default="auto")
     c.set_defaults(func=_export)
 
-    c = command("convert", "convert a mace-torch .model file or a nequip .nequip.zip package into an "
-                           "eqcalc .eqm package (same numbers, no mace/nequip/e3nn needed to run it)")
-    c.add_argument("source", help="mace-torch .model file (torch.save of the model) or nequip package "
-                                  "(.nequip.zip from nequip-package build)")
+    c = command("convert", "convert a mace-torch .model file, a nequip .nequip.zip package or a nequip "
+                           ".ckpt checkpoint into an eqcalc .eqm package (same numbers, no mace/nequip/e3nn "
+                           "needed to run it)")
+    c.add_argument("source", help="mace-torch .model file (torch.save of the model), nequip package "
+                                  "(.nequip.zip from nequip-package build) or nequip training checkpoint (.ckpt)")
     c.add_argument("output", help="the .eqm package to write")
     c.add_argument("--head", default=None,
                    help="multi-head mace files: the head to keep (default: the only head, or 'default')")
+    c.add_argument("--nequip-python", default=None,
+                   help="checkpoints: python of an environment with nequip, which packages the checkpoint "
+                        "first (default: $EQCALC_NEQUIP_PYTHON, else nequip-package on PATH)")
     c.set_defaults(func=_convert)
 
     c = command("bench", "time neighbor lists against vesin/matscipy/ASE, or a model's step in each compiled form")

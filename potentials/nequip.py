@@ -48,8 +48,8 @@ class NequIPConfig(TensorProductConfig):
     * ``readout``: ``"two_layer"`` (two linear layers), ``"linear"`` (nequip's one layer) or
       ``"mlp"`` (Linear → SiLU → linear, ``readout_hidden`` wide: nequip's readout MLP);
     * ``pair_repulsion``: ``"none"`` or ``"zbl_lammps"`` (nequip's ZBL: LAMMPS constants,
-      polynomial envelope of order ``pair_envelope_p`` in ``d / cutoff``), added after the
-      scale/shift;
+      polynomial envelope of order ``pair_envelope_p`` in ``d / cutoff``, or in ``d`` over the
+      pair's own cutoff with ``edge_cutoffs``), added after the scale/shift;
     * ``avg_num_neighbors_per_species``: per-species neighbor counts (nequip's per-type
       ``avg_num_neighbors``); a neighbor's features are divided by the square root of its
       species' count before the sum (empty: ``avg_num_neighbors`` for every species);
@@ -189,7 +189,8 @@ class NequIP(TensorProductPotential):
             self.readout = MLPReadout(c, config.readout_hidden)
         else:  # two linear layers (the original NequIP's conv_to_output_hidden, output_hidden_to_scalar)
             self.readout = torch.nn.Sequential(torch.nn.Linear(c, max(c // 2, 1)), ScalarReadout(max(c // 2, 1)))
-        self.pair_repulsion = (short_range.LammpsZBL(self.species_z.tolist(), config.cutoff, config.pair_envelope_p)
+        self.pair_repulsion = (short_range.LammpsZBL(self.species_z.tolist(), config.cutoff, config.pair_envelope_p,
+                                                     config.edge_cutoffs)
                                if config.pair_repulsion == "zbl_lammps" else short_range.NoRepulsion())
         if config.edge_cutoffs:
             self.radial_lengths = short_range.PairCutoffs(config.edge_cutoffs, config.cutoff)

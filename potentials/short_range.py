@@ -137,17 +137,21 @@ class ZBL(torch.nn.Module):
 class LammpsZBL(torch.nn.Module):
     """ZBL with LAMMPS' constants (``pair_zbl``; nequip's ``ZBL`` pair potential), per atom:
 
-    ``E_i = 1/2 sum_j q Z_i Z_j / d phi(d (Z_i^0.23 + Z_j^0.23) / 0.4685) f_p(d / cutoff)`` eV,
+    ``E_i = 1/2 sum_j q Z_i Z_j / d phi(d (Z_i^0.23 + Z_j^0.23) / 0.4685) f_p(d / r_ij)`` eV,
     ``q = 14.399645`` eV Å (LAMMPS metal units' e²/(4 pi eps0)), ``phi(x) = sum_k c_k exp(d_k x)``,
-    ``f_p`` the polynomial envelope of order ``p`` of the model's own cutoff (not covalent radii).
+    ``f_p`` the polynomial envelope of order ``p`` of the model's own cutoff ``r_ij`` (not covalent
+    radii): ``cutoff``, or with ``edge_cutoffs`` (``[centre][neighbour]`` Å) each pair's own, as
+    nequip's envelope sees its per-edge-type normalised length.
     ``forward(lengths (n_edges,) Å, species (n_atoms,), edge_index (2, n_edges))`` → ``(n_atoms,)``.
     """
 
-    def __init__(self, species_z: Sequence[int], cutoff: float, p: int = 6):
+    def __init__(self, species_z: Sequence[int], cutoff: float, p: int = 6,
+                 edge_cutoffs: Sequence[Sequence[float]] = ()):
         super().__init__()
         self.p, self.cutoff = float(p), float(cutoff)
         self.register_buffer("z", torch.tensor([float(z) for z in species_z], dtype=torch.float64))
         self.qqr2e = 14.399645
+        self.envelope_lengths = PairCutoffs(edge_cutoffs, cutoff) if edge_cutoffs else NoTransform()
 
     def forward(self, lengths: Tensor, species: Tensor, edge_index: Tensor) -> Tensor:
         zi, zj = _pair(self.z, species, edge_index)
@@ -155,8 +159,9 @@ class LammpsZBL(torch.nn.Module):
         phi = 0.02817 * torch.exp(-0.20162 * x) + 0.28022 * torch.exp(-0.40290 * x) \
             + 0.50986 * torch.exp(-0.94229 * x) + 0.18175 * torch.exp(-3.19980 * x)
         pair = (self.qqr2e * 0.5) * (zi * zj / lengths) * phi
-        pair = pair * polynomial_envelope(lengths / self.cutoff, self.p)
-        return torch.zeros(species.shape[0], dtype=pair.dtype, device=pair.device).index_add(0, edge_index[0], pair)
+        envelope = polynomial_envelope(self.envelope_lengths(lengths, species, edge_index) / self.cutoff, self.p)
+        return torch.zeros(species.shape[0], dtype=pair.dtype, device=pair.device).index_add(0, edge_index[0],
+                                                                                            pair * envelope)
 
 
 def make_repulsion(name: str, species_z: Sequence[int], p: int) -> torch.nn.Module:

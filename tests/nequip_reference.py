@@ -46,8 +46,10 @@ VARIANTS = {
     "parity_l3": dict(parity=True, l_max=3, num_layers=4, num_features=[6, 4, 4, 2], avg_num_neighbors=1.0),
     # the norm nonlinearity (with parity: odd scalars too)
     "norm_parity": dict(parity=True, num_layers=4, convnet_nonlinearity_type="norm", avg_num_neighbors=1.0),
-    # per-edge-type cutoffs (asymmetric: Au-centred Cu edges 3.8, Cu-centred ones 3.6)
-    "edge_cutoffs": dict(per_edge_type_cutoff={"Cu": 3.6, "Au": {"Cu": 3.8, "Au": 4.0, "Ni": 3.5}, "Ni": 3.9}),
+    # per-edge-type cutoffs (asymmetric: Au-centred Cu edges 3.8, Cu-centred ones 3.6) with the
+    # ZBL pair potential, whose envelope then ends at each edge type's own cutoff
+    "edge_cutoffs": dict(per_edge_type_cutoff={"Cu": 3.6, "Au": {"Cu": 3.8, "Au": 4.0, "Ni": 3.5}, "Ni": 3.9},
+                         zbl=True),
     # not converted (refused by name): residual updates
     "resnet": dict(num_layers=3, convnet_resnet=True),
 }

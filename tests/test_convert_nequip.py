@@ -232,20 +232,91 @@ def test_getattr_is_resolved_only_for_allow_listed_torch_functions(nequip_refere
         assert not (tmp_path / "m.eqm").exists()
 
 
-def test_pair_potential_with_edge_cutoffs_is_refused(nequip_reference, tmp_path):
-    folder, ref = nequip_reference
-    source = folder / ref["variants"]["edge_cutoffs"]["file"]
-    zbl = (b"pair_potential: {_target_: nequip.nn.pair_potential.ZBL, units: metal, chemical_species: [Cu, Au, Ni]}"
-           b"\n    per_edge_type_cutoff:")
-    bad = rewritten(source, tmp_path / "zbl_cutoffs.nequip.zip", "model/config.yaml",
-                    lambda data: data.replace(b"per_edge_type_cutoff:", zbl, 1))
-    with pytest.raises(UnsupportedModelError, match="per_edge_type_cutoff"):
-        convert(bad, tmp_path / "m.eqm")
-
-
 def test_damaged_config_is_a_model_file_error(nequip_reference, tmp_path):
     folder, ref = nequip_reference
     source = folder / ref["variants"]["basic"]["file"]
     bad = rewritten(source, tmp_path / "bad.nequip.zip", "model/config.yaml", lambda _: b"training_module: [unclosed")
     with pytest.raises(ModelFileError):
         convert(bad, tmp_path / "m.eqm")
+
+
+# ---- checkpoints: packaged by nequip (its own interpreter) from a plain-data copy, then converted ----
+
+def fake_nequip(tmp_path) -> tuple:
+    """An 'interpreter' that only records that it was started: proves nequip never ran."""
+    marker = tmp_path / "nequip-ran"
+    script = tmp_path / "fake-python"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    script.chmod(0o755)
+    return str(script), marker
+
+
+def checkpoint_with(source: Path, out: Path, edit) -> Path:
+    """A copy of the checkpoint ``source`` (read with the restricted reader) after ``edit(dict)``."""
+    import torch
+    from potentials.convert.torch_pickle import Allow, TorchArchive
+
+    with TorchArchive(source) as archive:
+        ckpt = archive.load(Allow())
+    edit(ckpt)
+    torch.save(ckpt, str(out))
+    return out
+
+
+def test_checkpoint_converts_to_the_numbers_of_nequip(nequip_reference, tmp_path):
+    # the run's training data is gone (the reference was built in a folder since renamed): the
+    # route packages without it
+    folder, ref = nequip_reference
+    v = ref["variants"]["edge_cutoffs"]
+    out = convert(folder / v["checkpoint"], tmp_path / "ckpt.eqm", nequip_python=str(ENV / "bin" / "python"))
+    source = package.read(str(out)).metadata["source"]
+    assert "checkpoint" in source["format"] and source["file"] == v["checkpoint"]
+    calc = EquivariantCalculator(str(out), dtype="float64", compile="eager", device="cpu")
+    for name, want in v["results"].items():
+        atoms = atoms_of(ref["structures"][name])
+        atoms.calc = calc
+        np.testing.assert_allclose(atoms.get_potential_energy(), want["energy"], rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(atoms.get_forces(), want["forces"], rtol=1e-10, atol=1e-10)
+
+
+def test_checkpoint_route_refuses_before_nequip_runs(nequip_reference, tmp_path):
+    folder, ref = nequip_reference
+    python, marker = fake_nequip(tmp_path)
+    basic = folder / ref["variants"]["basic"]["checkpoint"]
+
+    def target(name):
+        def edit(ckpt):
+            ckpt["hyper_parameters"]["info_dict"]["training_module"]["_target_"] = name
+        return edit
+
+    # hydra would call these: a function, and an attribute of an allowed module that is a module
+    for name in ("builtins.exec", "nequip.train.os"):
+        bad = checkpoint_with(basic, tmp_path / "target.ckpt", target(name))
+        with pytest.raises(UnsafeModelError, match=name.replace(".", r"\.")):
+            convert(bad, tmp_path / "m.eqm", nequip_python=python)
+    # a pickle that asks for a global
+    bad = tmp_path / "global.ckpt"
+    with zipfile.ZipFile(basic) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            zout.writestr(item, b"\x80\x02cposix\nsystem\nX\x04\x00\x00\x00true\x85R." if item.filename.endswith("data.pkl") else data)
+    with pytest.raises(UnsafeModelError, match="posix"):
+        convert(bad, tmp_path / "m.eqm", nequip_python=python)
+    # an option eqcalc does not reproduce
+    with pytest.raises(UnsupportedModelError, match="convnet_resnet"):
+        convert(folder / ref["variants"]["resnet"]["checkpoint"], tmp_path / "m.eqm", nequip_python=python)
+    assert not marker.exists() and not (tmp_path / "m.eqm").exists()
+    # a good checkpoint does reach the (fake) packager, whose failure is reported with its exit code
+    with pytest.raises(ModelFileError, match="exit code 1"):
+        convert(basic, tmp_path / "m.eqm", nequip_python=python)
+    assert marker.exists()
+
+
+def test_checkpoint_without_nequip_says_how_to_get_it(nequip_reference, tmp_path, monkeypatch):
+    from eqcalc.errors import MissingDependencyError
+
+    folder, ref = nequip_reference
+    monkeypatch.delenv("EQCALC_NEQUIP_PYTHON", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MissingDependencyError, match="--nequip-python"):
+        convert(folder / ref["variants"]["basic"]["checkpoint"], tmp_path / "m.eqm")

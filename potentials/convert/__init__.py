@@ -3,7 +3,9 @@
 ``potentials.convert("model.model", "model.eqm")`` reads a mace-torch file with the restricted
 reader (:mod:`potentials.convert.torch_pickle`), maps it onto eqcalc's own architecture
 (:mod:`potentials.convert.mace`) and writes an ordinary package whose metadata records the
-source (file sha256, package version, conventions, head).
+source (file sha256, package version, conventions, head). nequip ``.nequip.zip`` packages go the
+same way (:mod:`potentials.convert.nequip`); nequip ``.ckpt`` checkpoints are packaged by nequip
+itself first, where it is installed (:mod:`potentials.convert.nequip_checkpoint`).
 """
 from __future__ import annotations
 
@@ -17,16 +19,20 @@ from typing import Optional
 from eqcalc.errors import ModelFileError, UnsupportedModelError
 
 
-def convert(source: str | os.PathLike, output: str | os.PathLike, head: Optional[str] = None) -> Path:
-    """Convert ``source`` (a mace-torch ``.model`` or a nequip ``.nequip.zip``) to the eqcalc package ``output`` (``.eqm``).
+def convert(source: str | os.PathLike, output: str | os.PathLike, head: Optional[str] = None,
+            nequip_python: Optional[str] = None) -> Path:
+    """Convert ``source`` (a mace-torch ``.model``, a nequip ``.nequip.zip`` or a nequip training
+    checkpoint ``.ckpt``) to the eqcalc package ``output`` (``.eqm``).
 
     ``head``: for multi-head files, the head to keep (default: the only head, or the one named
-    "default"). Raises :class:`~eqcalc.errors.UnsafeModelError` for files that ask for anything
+    "default"). ``nequip_python``: for checkpoints, the interpreter of an environment with nequip
+    (:mod:`potentials.convert.nequip_checkpoint`; default ``$EQCALC_NEQUIP_PYTHON`` or
+    ``nequip-package`` on ``PATH``). Raises :class:`~eqcalc.errors.UnsafeModelError` for files that ask for anything
     beyond plain model data, :class:`~eqcalc.errors.UnsupportedModelError` for blocks eqcalc
     cannot reproduce exactly. Returns the path written.
     """
     import potentials
-    from potentials.convert import mace, nequip
+    from potentials.convert import mace, nequip, nequip_checkpoint
 
     source = str(source)
     if not os.path.isfile(source):
@@ -41,11 +47,14 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, head: Optional
     if not magic.startswith(b"PK"):
         raise ModelFileError(
             f"{source!r} is not a zip archive; eqcalc converts mace-torch .model files written by "
-            "torch.save and nequip .nequip.zip packages; legacy (pre-1.6) torch pickles are not read")
+            "torch.save, nequip .nequip.zip packages and nequip .ckpt checkpoints; legacy (pre-1.6) torch pickles are not read")
     start = time.perf_counter()
-    if _is_nequip_package(source):
-        if head is not None:
-            raise UnsupportedModelError(f"{source!r}: nequip packages have no heads; drop head={head!r}")
+    nequip_file = _is_nequip_package(source) or source.endswith(".ckpt")
+    if nequip_file and head is not None:
+        raise UnsupportedModelError(f"{source!r}: nequip models have no heads; drop head={head!r}")
+    if source.endswith(".ckpt"):
+        model, info = nequip_checkpoint.read_checkpoint(source, nequip_python)
+    elif nequip_file:
         model, info = nequip.read(source)
     else:
         model, info = mace.read(source, head=head)
@@ -67,8 +76,8 @@ def _is_nequip_package(path: str) -> bool:
 class _CallableModule(types.ModuleType):
     """``potentials.convert`` is both this package and the function :func:`convert`."""
 
-    def __call__(self, source, output, head=None) -> Path:
-        return convert(source, output, head=head)
+    def __call__(self, source, output, head=None, nequip_python=None) -> Path:
+        return convert(source, output, head=head, nequip_python=nequip_python)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -91,6 +91,34 @@ def _yaml(text: str) -> Dict[str, Any]:
         raise ModelFileError(f"model/config.yaml of the package is not valid YAML ({e})") from e
 
 
+def unsupported(path: str, what: str, fix: str = "") -> None:
+    raise UnsupportedModelError(f"{path!r}: {what} is not supported by eqcalc's NequIP converter"
+                                + (f"; {fix}" if fix else ""))
+
+
+def check_options(path: str, opts: Dict[str, Any]) -> None:
+    """:class:`UnsupportedModelError` naming the first of the model options ``opts`` (nequip's
+    ``training_module.model`` mapping) that eqcalc does not reproduce."""
+    target = opts.get("_target_")
+    if target not in BUILDERS:
+        unsupported(path, f"model builder {target!r}", f"supported: {', '.join(BUILDERS)}")
+    unknown = sorted(k for k in opts if k not in SUPPORTED)
+    if unknown:
+        unsupported(path, f"model option(s) {unknown}")
+    for key, allowed in SUPPORTED.items():
+        if allowed is not None and key in opts and opts[key] not in allowed:
+            unsupported(path, f"{key}={opts[key]!r}", f"supported values: {list(allowed)}")
+    if int(opts.get("readout_mlp_hidden_layers_depth", 0)) and opts.get("readout_mlp_nonlinearity", "silu") != "silu":
+        unsupported(path, f"readout_mlp_nonlinearity={opts['readout_mlp_nonlinearity']!r}", "silu is supported")
+    pair = opts.get("pair_potential")
+    if pair is not None:
+        if not isinstance(pair, dict) or pair.get("_target_") != "nequip.nn.pair_potential.ZBL" \
+                or pair.get("units") != "metal":
+            unsupported(path, f"pair_potential={pair!r}", "the ZBL pair potential in metal units is supported")
+        if [str(x) for x in pair.get("chemical_species", [])] != [str(t) for t in opts.get("type_names", [])]:
+            unsupported(path, "ZBL chemical_species that differ from type_names")
+
+
 class Package:
     """An opened ``.nequip.zip``: its config, metadata and the eager model's record tree."""
 
@@ -142,8 +170,7 @@ class Reader:
                                  "(sole_model.model.func)") from e
 
     def refuse(self, what: str, fix: str = "") -> None:
-        raise UnsupportedModelError(f"{self.path!r}: {what} is not supported by eqcalc's NequIP converter"
-                                    + (f"; {fix}" if fix else ""))
+        unsupported(self.path, what, fix)
 
     def tensor(self, module: Record, key: str) -> torch.Tensor:
         t = module.tensor(key)
@@ -153,15 +180,7 @@ class Reader:
     # ---- hyperparameters ------------------------------------------------------------------
     def config(self) -> Dict[str, Any]:
         opts = self.package.model_options()
-        target = opts.get("_target_")
-        if target not in BUILDERS:
-            self.refuse(f"model builder {target!r}", f"supported: {', '.join(BUILDERS)}")
-        unknown = sorted(k for k in opts if k not in SUPPORTED)
-        if unknown:
-            self.refuse(f"model option(s) {unknown}")
-        for key, allowed in SUPPORTED.items():
-            if allowed is not None and key in opts and opts[key] not in allowed:
-                self.refuse(f"{key}={opts[key]!r}", f"supported values: {list(allowed)}")
+        check_options(self.path, opts)
         l_max = int(opts.get("l_max", 1))
         features = opts.get("num_features", 32)
         features = [features] * (l_max + 1) if isinstance(features, int) else list(features)
@@ -180,17 +199,7 @@ class Reader:
             avg = float(np.mean(per_species))
         num_layers = int(opts.get("num_layers", 4))
         readout_depth = int(opts.get("readout_mlp_hidden_layers_depth", 0))
-        if readout_depth and opts.get("readout_mlp_nonlinearity", "silu") != "silu":
-            self.refuse(f"readout_mlp_nonlinearity={opts['readout_mlp_nonlinearity']!r}", "silu is supported")
         pair = opts.get("pair_potential")
-        if pair is not None and opts.get("per_edge_type_cutoff") is not None:
-            self.refuse("a pair potential together with per_edge_type_cutoff")
-        if pair is not None:
-            if not isinstance(pair, dict) or pair.get("_target_") != "nequip.nn.pair_potential.ZBL" \
-                    or pair.get("units") != "metal":
-                self.refuse(f"pair_potential={pair!r}", "the ZBL pair potential in metal units is supported")
-            if [str(x) for x in pair.get("chemical_species", [])] != types:
-                self.refuse("ZBL chemical_species that differ from type_names")
         return dict(
             species=types, cutoff=float(opts["r_max"]), channels=c, max_ell=l_max, hidden_l=l_max,
             num_interactions=num_layers, num_radial=int(opts.get("num_bessels", 8)), radial_basis="bessel",
