@@ -204,20 +204,27 @@ def main():
 
 def write_ratio_csv(rows, sizes, path: Path, peer: str, source_column: str) -> None:
     """Step times with their ratios to the peer code (rows whose ``code`` starts with ``peer``,
-    same dtype and atoms; column suffix ``peer`` with "-" as "_"), then one conversion row per
-    source file (its size under ``source_column``)."""
+    same dtype and atoms; column suffix ``peer`` with "-" as "_"; against the peer's eager form,
+    and against each of its other forms in a column suffixed with the form), then one conversion
+    row per source file (its size under ``source_column``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    reference = {(r["dtype"], r["atoms"]): r for r in rows if r["code"].startswith(peer)}
-    ratio, cpu_ratio = f"ratio_to_{peer.replace('-', '_')}", f"cpu_ratio_to_{peer.replace('-', '_')}"
-    fields = ["code", "kind", "dtype", "atoms", "threads", "best_s", "median_s", "cpu_s", ratio, cpu_ratio]
+    reference = {(r["dtype"], r["atoms"], r["kind"]): r for r in rows if r["code"].startswith(peer)}
+    base = f"ratio_to_{peer.replace('-', '_')}"
+    kinds = ["eager"] + sorted({k for _, _, k in reference} - {"eager"})
+    columns = {k: (base if k == "eager" else f"{base}_{k}", "cpu_" + (base if k == "eager" else f"{base}_{k}"))
+               for k in kinds}
+    fields = ["code", "kind", "dtype", "atoms", "threads", "best_s", "median_s", "cpu_s"] + \
+        [c for pair in columns.values() for c in pair]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields + ["conversion_s", source_column, "eqm_MB"])
         w.writeheader()
         for r in rows:
-            ref = reference.get((r["dtype"], r["atoms"]))
-            w.writerow({**{k: r.get(k, "") for k in fields},
-                        ratio: round(r["best_s"] / ref["best_s"], 3) if ref else "",
-                        cpu_ratio: round(r["cpu_s"] / ref["cpu_s"], 3) if ref else ""})
+            row = {k: r.get(k, "") for k in fields}
+            for kind, (ratio, cpu_ratio) in columns.items():
+                ref = reference.get((r["dtype"], r["atoms"], kind))
+                row[ratio] = round(r["best_s"] / ref["best_s"], 3) if ref else ""
+                row[cpu_ratio] = round(r["cpu_s"] / ref["cpu_s"], 3) if ref else ""
+            w.writerow(row)
         for s in sizes:
             w.writerow({"code": "potentials.convert", "kind": "conversion", "dtype": s["dtype"],
                         "conversion_s": round(s["conversion_s"], 2), source_column: round(s["model_MB"], 2),

@@ -8,9 +8,11 @@ r_max 6 Å, trained for one epoch on a few EMT frames with ``nequip-train`` and 
 float64 builds. Then:
 
 * step time (energy + forces + stress, neighbor list included on both sides; ours with skin 0,
-  rebuilt every step like nequip's) of nequip's ``NequIPCalculator`` (eager package model) and
-  of eqcalc's ``EquivariantCalculator`` on the converted ``.eqm``, on rattled fcc Cu/Pd/Ag/Pt/Au
-  alloys of 108 and 864 atoms (a = 3.9 Å), each step after a ~1e-3 Å move;
+  rebuilt every step like nequip's) of nequip's ``NequIPCalculator`` (the eager package model,
+  and with ``--nequip-kinds aoti`` the ``.nequip.pt2`` file ``nequip-compile --mode
+  aotinductor --target ase`` makes of it on this CPU) and of eqcalc's ``EquivariantCalculator`` on
+  the converted ``.eqm`` (``--kinds``: eager, aoti), on rattled fcc Cu/Pd/Ag/Pt/Au alloys of
+  108 and 864 atoms (a = 3.9 Å), each step after a ~1e-3 Å move;
 * conversion time (``potentials.convert``) and file sizes (.eqm vs .nequip.zip).
 
 The nequip side runs in a worker process that stays up and answers one timing at a time, so the
@@ -18,7 +20,8 @@ two codes alternate (nequip, eqcalc, nequip, eqcalc per size) and a change of th
 hits both. Each row keeps the best wall time and the best process CPU time.
 
     nice -n 15 .venv/bin/python benchmarks/bench_convert_nequip.py [--atoms 108 864]
-        [--dtypes float32 float64] [--kinds eager] [--steps 2] [--rounds 2] [--threads 2]
+        [--dtypes float32 float64] [--kinds eager aoti] [--nequip-kinds eager aoti]
+        [--steps 2] [--rounds 2] [--threads 2]
 """
 import argparse
 import contextlib
@@ -41,8 +44,9 @@ R_MAX = 6.0
 
 
 def worker(args):
-    """In the nequip venv: train + package the model per dtype, then answer timing requests
-    ``DTYPE ATOMS STEPS`` (one per stdin line) with JSON lines."""
+    """In the nequip venv: train + package the model per dtype (and compile it with nequip-compile
+    for the aotinductor kind), then answer timing requests ``DTYPE ATOMS STEPS`` (one per stdin
+    line) with one JSON line per nequip kind."""
     import shutil
 
     import nequip
@@ -60,19 +64,32 @@ def worker(args):
         folder.mkdir()
         opts = {**ref.BASE, **PRESET_S}
         (folder / "config.yaml").write_text(ref.config("S", opts, data).replace("float64", dtype))
+        package = out / f"nequip_s.{dtype}.nequip.zip"
         with contextlib.redirect_stdout(sys.stderr):  # hydra logs to stdout; stdout is the JSON channel
-            ref.nequip_package(ref.nequip_train(folder), out / f"nequip_s.{dtype}.nequip.zip")
+            ref.nequip_package(ref.nequip_train(folder), package)
+            if "aoti" in args.nequip_kinds:
+                from nequip.scripts import compile as nequip_compile
+
+                start = time.perf_counter()
+                nequip_compile.main([str(package), str(out / f"nequip_s.{dtype}.nequip.pt2"), "--mode", "aotinductor",
+                                     "--device", "cpu", "--target", "ase"])
+                print(f"nequip-compile aotinductor {dtype}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
         shutil.rmtree(folder)
     print(json.dumps({"nequip_version": nequip.__version__}), flush=True)
     calcs = {}
     for line in sys.stdin:
         dtype, n, steps = line.split()
         if dtype not in calcs:
-            calcs[dtype] = NequIPCalculator._from_saved_model(str(out / f"nequip_s.{dtype}.nequip.zip"), device="cpu",
-                                                              chemical_species_to_atom_type_map=True)
+            calcs[dtype] = {"eager": NequIPCalculator._from_saved_model(
+                str(out / f"nequip_s.{dtype}.nequip.zip"), device="cpu", chemical_species_to_atom_type_map=True)}
+            if "aoti" in args.nequip_kinds:
+                calcs[dtype]["aoti"] = NequIPCalculator.from_compiled_model(
+                    str(out / f"nequip_s.{dtype}.nequip.pt2"), device="cpu", chemical_species_to_atom_type_map=True)
         atoms = alloys([int(n)])[int(n)]
-        print(json.dumps({"code": f"nequip {nequip.__version__}", "kind": "eager", "dtype": dtype, "atoms": int(n),
-                          "threads": args.threads, **time_steps(calcs[dtype], atoms, int(steps))}), flush=True)
+        for kind in args.nequip_kinds:
+            print(json.dumps({"code": f"nequip {nequip.__version__}", "kind": kind, "dtype": dtype, "atoms": int(n),
+                              "threads": args.threads, **time_steps(calcs[dtype][kind], atoms, int(steps))}),
+                  flush=True)
 
 
 def run(args, worker_process, workdir: Path):
@@ -101,7 +118,7 @@ def run(args, worker_process, workdir: Path):
             for _ in range(args.rounds):
                 worker_process.stdin.write(f"{dtype} {n} {args.steps}\n")
                 worker_process.stdin.flush()
-                results = [json_line(worker_process)]
+                results = [json_line(worker_process) for _ in args.nequip_kinds]
                 for kind, calc in calcs.items():
                     results.append({"code": "eqcalc (converted)", "kind": kind, "dtype": dtype, "atoms": n,
                                     "threads": args.threads, **time_steps(calc, atoms, args.steps)})
@@ -120,7 +137,7 @@ def write(rows, sizes, n_params, out: Path):
     from bench_convert_mace import write_ratio_csv
 
     write_ratio_csv(rows, sizes, out.with_suffix(".csv"), "nequip", "package_MB")
-    reference = {(r["dtype"], r["atoms"]): r for r in rows if r["code"].startswith("nequip")}
+    reference = {(r["dtype"], r["atoms"]): r for r in rows if r["code"].startswith("nequip") and r["kind"] == "eager"}
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,7 +171,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--atoms", type=int, nargs="+", default=[108, 864])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
-    parser.add_argument("--kinds", nargs="+", default=["eager"])
+    parser.add_argument("--kinds", nargs="+", default=["eager", "aoti"], help="eqcalc's compile forms")
+    parser.add_argument("--nequip-kinds", nargs="+", default=["eager", "aoti"], choices=["eager", "aoti"],
+                        help="nequip's forms: the package (eager) and its nequip-compile AOTInductor file")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternations nequip / eqcalc per size")
     parser.add_argument("--threads", type=int, default=2)
@@ -169,7 +188,7 @@ def main():
         raise SystemExit(f"no nequip venv at {args.nequip_python}; run: bash benchmarks/nequip_env.sh")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [args.nequip_python, __file__, "--worker", "--workdir", tmp, "--threads", str(args.threads),
-               "--dtypes", *args.dtypes]
+               "--dtypes", *args.dtypes, "--nequip-kinds", *args.nequip_kinds]
         process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                    env=dict(os.environ, PYTHONPATH=""))
         try:
