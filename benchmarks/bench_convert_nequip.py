@@ -15,13 +15,17 @@ float64 builds. Then:
   108 and 864 atoms (a = 3.9 Å), each step after a ~1e-3 Å move;
 * conversion time (``potentials.convert``) and file sizes (.eqm vs .nequip.zip).
 
+``--reuse-freed-memory`` applies :func:`eqcalc.memory.reuse_freed_memory` (what the ``eqcalc``
+command does) in both processes, nequip's and eqcalc's; without it both run with glibc's default
+(every large step temporary mapped and page-faulted anew).
+
 The nequip side runs in a worker process that stays up and answers one timing at a time, so the
 two codes alternate (nequip, eqcalc, nequip, eqcalc per size) and a change of the machine's load
 hits both. Each row keeps the best wall time and the best process CPU time.
 
     nice -n 15 .venv/bin/python benchmarks/bench_convert_nequip.py [--atoms 108 864]
         [--dtypes float32 float64] [--kinds eager aoti] [--nequip-kinds eager aoti]
-        [--steps 2] [--rounds 2] [--threads 2]
+        [--steps 2] [--rounds 2] [--threads 2] [--reuse-freed-memory]
 """
 import argparse
 import contextlib
@@ -43,6 +47,14 @@ PRESET_S = dict(l_max=1, parity=False, num_layers=2, num_features=[128, 64], typ
 R_MAX = 6.0
 
 
+def reuse_memory(args):
+    if args.reuse_freed_memory:
+        sys.path.insert(0, str(ROOT))  # eqcalc.memory is plain ctypes: importable from nequip's venv too
+        from eqcalc.memory import reuse_freed_memory
+
+        assert reuse_freed_memory(), "no glibc mallopt here"
+
+
 def worker(args):
     """In the nequip venv: train + package the model per dtype (and compile it with nequip-compile
     for the aotinductor kind), then answer timing requests ``DTYPE ATOMS STEPS`` (one per stdin
@@ -55,6 +67,7 @@ def worker(args):
     from nequip.integrations.ase import NequIPCalculator
 
     torch.set_num_threads(args.threads)
+    reuse_memory(args)
     ref.SPECIES, ref.R_MAX = list(ELEMENTS), R_MAX
     out = Path(args.workdir)
     data = out / "train.xyz"
@@ -100,6 +113,7 @@ def run(args, worker_process, workdir: Path):
     from potentials.convert import convert
 
     torch.set_num_threads(args.threads)
+    reuse_memory(args)
     os.environ.setdefault("EQCALC_CACHE", str(ROOT / "build" / "nequip-bench-cache"))
     sizes, rows = [], []
     n_params = None
@@ -178,6 +192,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="alternations nequip / eqcalc per size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nequip-python", default=str(ROOT / "build" / "nequip-env" / "bin" / "python"))
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="both processes keep freed memory for reuse (eqcalc.memory), as the eqcalc command does")
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--workdir")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert_nequip"))
@@ -188,7 +204,8 @@ def main():
         raise SystemExit(f"no nequip venv at {args.nequip_python}; run: bash benchmarks/nequip_env.sh")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [args.nequip_python, __file__, "--worker", "--workdir", tmp, "--threads", str(args.threads),
-               "--dtypes", *args.dtypes, "--nequip-kinds", *args.nequip_kinds]
+               "--dtypes", *args.dtypes, "--nequip-kinds", *args.nequip_kinds] + \
+            (["--reuse-freed-memory"] if args.reuse_freed_memory else [])
         process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                    env=dict(os.environ, PYTHONPATH=""))
         try:

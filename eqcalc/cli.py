@@ -355,7 +355,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from eqcalc.errors import EqcalcError
+    from eqcalc.memory import reuse_freed_memory
 
+    reuse_freed_memory()  # this process is a simulation: large step temporaries reuse the heap
     start = time.perf_counter()
     try:
         code = args.func(args)
