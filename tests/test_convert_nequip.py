@@ -268,7 +268,9 @@ def test_checkpoint_converts_to_the_numbers_of_nequip(nequip_reference, tmp_path
     # route packages without it
     folder, ref = nequip_reference
     v = ref["variants"]["edge_cutoffs"]
-    out = convert(folder / v["checkpoint"], tmp_path / "ckpt.eqm", nequip_python=str(ENV / "bin" / "python"))
+    # a relative interpreter path, as users type it (the packager runs in a temporary folder)
+    python = os.path.relpath(ENV / "bin" / "python")
+    out = convert(folder / v["checkpoint"], tmp_path / "ckpt.eqm", nequip_python=python)
     source = package.read(str(out)).metadata["source"]
     assert "checkpoint" in source["format"] and source["file"] == v["checkpoint"]
     calc = EquivariantCalculator(str(out), dtype="float64", compile="eager", device="cpu")

@@ -79,7 +79,7 @@ def nequip_command(nequip_python: Optional[str] = None) -> List[str]:
     else ``$EQCALC_NEQUIP_PYTHON``'s, else ``nequip-package`` on ``PATH``."""
     python = nequip_python or os.environ.get("EQCALC_NEQUIP_PYTHON")
     if python:
-        python = os.path.expanduser(python)
+        python = os.path.abspath(os.path.expanduser(python))  # the packager runs in a temporary folder
         if not (os.path.isfile(python) and os.access(python, os.X_OK)):
             raise MissingDependencyError(f"nequip_python={python!r} is not an executable interpreter; pass the "
                                          "python of the environment where nequip is installed")
@@ -151,6 +151,8 @@ def read_checkpoint(path: str | Path, nequip_python: Optional[str] = None):
                                   text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as e:
             raise ModelFileError(f"{path!r}: nequip-package build ran past {TIMEOUT_S} s") from e
+        except OSError as e:
+            raise MissingDependencyError(f"cannot start nequip's packager ({' '.join(command)}): {e}") from e
         if done.returncode != 0 or not package.exists():
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
             raise ModelFileError(f"{path!r}: nequip-package build ({' '.join(command)}) failed with exit code "
