@@ -94,9 +94,11 @@ def export_aoti(wrapper: torch.nn.Module, example: Inputs, path: Path) -> Path:
                     graph.register_buffer(node.target, value.detach().clone())
         program = torch.export.export(graph, example, dynamic_shapes=_dynamic_shapes(), strict=False)
         tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.pt2")
-        # torch 2.13's Inductor CPU code at AVX-512 width (16 lanes) corrupts the heap for MACE
-        # with >= 16 channels (crash on first call, bisected to the vector width); 8 lanes (AVX2)
-        # runs correctly. CPU code only; a context patch leaves Inductor's global config alone.
+        # Scalar CPU loops: Inductor's simdlen is a width in bits and 8 matches no ISA. torch
+        # 2.13's vectorized CPU code is wrong for MACE with >= 16 channels: AVX-512 corrupts the
+        # heap (crash on first call), AVX2 (simdlen 256) gives float64 energies off by 1.2
+        # relative (caught by the probe check). For NequIP it is no faster (matmuls dominate).
+        # CPU code only; a context patch leaves Inductor's global config alone.
         with torch._inductor.config.patch({"cpp.simdlen": 8}):
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
     try:
