@@ -173,7 +173,7 @@ def aoti(wrapper: torch.nn.Module, example: Inputs, key: str) -> Runner:
     path = aoti_path(key)
     if verified(path):
         try:
-            return torch._inductor.aoti_load_package(str(path))
+            return _load_package(path)
         except Exception as e:  # a damaged entry can fail inside the loader with many types
             log.warning("compiled-form cache entry %s does not load (%s: %s); rebuilding it",
                         path, type(e).__name__, str(e)[:200])
@@ -187,7 +187,25 @@ def aoti(wrapper: torch.nn.Module, example: Inputs, key: str) -> Runner:
             f"AOTInductor compilation failed ({type(e).__name__}: {str(e)[:300]}); "
             "use compile='torchscript' or compile='eager'") from e
     log.info("AOTInductor compile took %.1f s -> %s", time.perf_counter() - start, path)
-    return torch._inductor.aoti_load_package(str(path))
+    return _load_package(path)
+
+
+class _ScalarISANotice(logging.Filter):
+    """Drops torch's "Device information mismatch for AOTI_CPU_ISA: ... vs INVALID_VEC_ISA" at
+    load: the packages are built with scalar loops on purpose (see :func:`export_aoti`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("AOTI_CPU_ISA" in str(record.args) and "INVALID_VEC_ISA" in str(record.args))
+
+
+def _load_package(path: Path) -> Runner:
+    loader_log = logging.getLogger("torch.export.pt2_archive._package")
+    notice = _ScalarISANotice()
+    loader_log.addFilter(notice)
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    finally:
+        loader_log.removeFilter(notice)
 
 
 def _write_json(path: Path, data: Dict) -> None:
