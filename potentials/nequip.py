@@ -189,11 +189,12 @@ class NequIP(TensorProductPotential):
             self.readout = MLPReadout(c, config.readout_hidden)
         else:  # two linear layers (the original NequIP's conv_to_output_hidden, output_hidden_to_scalar)
             self.readout = torch.nn.Sequential(torch.nn.Linear(c, max(c // 2, 1)), ScalarReadout(max(c // 2, 1)))
-        self.pair_repulsion = (short_range.LammpsZBL(self.species_z.tolist(), config.cutoff, config.pair_envelope_p,
-                                                     config.edge_cutoffs)
-                               if config.pair_repulsion == "zbl_lammps" else short_range.NoRepulsion())
         if config.edge_cutoffs:
             self.radial_lengths = short_range.PairCutoffs(config.edge_cutoffs, config.cutoff)
+        # nequip's ZBL envelope sees the same per-edge-type lengths as the radial features
+        self.pair_repulsion = (short_range.LammpsZBL(self.species_z.tolist(), config.cutoff, config.pair_envelope_p,
+                                                     self.radial_lengths)
+                               if config.pair_repulsion == "zbl_lammps" else short_range.NoRepulsion())
         self.force_head = o3.Degree1ForceHead(c) if config.direct_forces else o3.NoForceHead()
 
     @staticmethod

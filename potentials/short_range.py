@@ -6,7 +6,7 @@ number, covalent radius from :data:`ase.data.covalent_radii`) are buffers: a con
 carries the values of its source file. Pair quantities only depend on the two species and the
 length, so the edge direction convention does not matter here.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -140,18 +140,19 @@ class LammpsZBL(torch.nn.Module):
     ``E_i = 1/2 sum_j q Z_i Z_j / d phi(d (Z_i^0.23 + Z_j^0.23) / 0.4685) f_p(d / r_ij)`` eV,
     ``q = 14.399645`` eV Å (LAMMPS metal units' e²/(4 pi eps0)), ``phi(x) = sum_k c_k exp(d_k x)``,
     ``f_p`` the polynomial envelope of order ``p`` of the model's own cutoff ``r_ij`` (not covalent
-    radii): ``cutoff``, or with ``edge_cutoffs`` (``[centre][neighbour]`` Å) each pair's own, as
-    nequip's envelope sees its per-edge-type normalised length.
+    radii): ``cutoff``, or each pair's own when ``envelope_lengths`` is the model's
+    :class:`PairCutoffs` (the lengths its radial features see), as nequip's envelope sees its
+    per-edge-type normalised length.
     ``forward(lengths (n_edges,) Å, species (n_atoms,), edge_index (2, n_edges))`` → ``(n_atoms,)``.
     """
 
     def __init__(self, species_z: Sequence[int], cutoff: float, p: int = 6,
-                 edge_cutoffs: Sequence[Sequence[float]] = ()):
+                 envelope_lengths: Optional[torch.nn.Module] = None):
         super().__init__()
         self.p, self.cutoff = float(p), float(cutoff)
         self.register_buffer("z", torch.tensor([float(z) for z in species_z], dtype=torch.float64))
         self.qqr2e = 14.399645
-        self.envelope_lengths = PairCutoffs(edge_cutoffs, cutoff) if edge_cutoffs else NoTransform()
+        self.envelope_lengths = envelope_lengths if envelope_lengths is not None else NoTransform()
 
     def forward(self, lengths: Tensor, species: Tensor, edge_index: Tensor) -> Tensor:
         zi, zj = _pair(self.z, species, edge_index)

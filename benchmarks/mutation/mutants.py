@@ -597,7 +597,7 @@ MUTANTS = [
                 CNEQUIP + "test_package_with_an_unknown_global_is_refused_and_never_runs"],
          description="the restricted unpickler lets any global through as an inert record: os.system in a file is not refused"),
     dict(id="nequip.zbl_envelope_ignores_edge_cutoffs", file="potentials/short_range.py",
-         original="self.envelope_lengths = PairCutoffs(edge_cutoffs, cutoff) if edge_cutoffs else NoTransform()",
+         original="self.envelope_lengths = envelope_lengths if envelope_lengths is not None else NoTransform()",
          mutated="self.envelope_lengths = NoTransform()",
          tests=[CNEQUIP + "test_converted_package_matches_nequip[edge_cutoffs]",
                 CNEQUIP + "test_checkpoint_converts_to_the_numbers_of_nequip"],

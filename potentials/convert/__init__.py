@@ -49,10 +49,11 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, head: Optional
             f"{source!r} is not a zip archive; eqcalc converts mace-torch .model files written by "
             "torch.save, nequip .nequip.zip packages and nequip .ckpt checkpoints; legacy (pre-1.6) torch pickles are not read")
     start = time.perf_counter()
-    nequip_file = _is_nequip_package(source) or source.endswith(".ckpt")
+    checkpoint = source.endswith(".ckpt")
+    nequip_file = checkpoint or _is_nequip_package(source)
     if nequip_file and head is not None:
         raise UnsupportedModelError(f"{source!r}: nequip models have no heads; drop head={head!r}")
-    if source.endswith(".ckpt"):
+    if checkpoint:
         model, info = nequip_checkpoint.read_checkpoint(source, nequip_python)
     elif nequip_file:
         model, info = nequip.read(source)
