@@ -1,8 +1,10 @@
-"""The compiled CPU cell list (``celllist.c``), loaded with ctypes when it was built.
+"""Compiled CPU kernels, loaded with ctypes when they were built: the cell list
+(``celllist.c``, :func:`cell_list`) and the edge tensor product (``tensor_product.c``,
+:func:`tensor_product_library`, used through :mod:`potentials.fused`).
 
-``pip install`` builds it as a plain shared library (no Python or torch headers, seconds to
-compile). Where no C compiler was available the torch implementation in
-:mod:`eqcalc.neighbors` serves alone, with the same results.
+``pip install`` builds them as plain shared libraries (no Python or torch headers, seconds to
+compile). Where no C compiler was available the torch implementations (:mod:`eqcalc.neighbors`,
+:class:`potentials.o3.EdgeTensorProduct`) serve alone, with the same results.
 """
 from __future__ import annotations
 
@@ -18,20 +20,41 @@ _F64 = ctypes.POINTER(ctypes.c_double)
 _I32 = ctypes.POINTER(ctypes.c_int32)
 
 
-@functools.lru_cache(maxsize=1)
-def library() -> Optional[ctypes.CDLL]:
-    """The loaded library, or ``None`` when it was not built."""
-    for path in sorted(Path(__file__).parent.glob("_celllist*.so")):
+def _load(stem: str) -> Optional[ctypes.CDLL]:
+    for path in sorted(Path(__file__).parent.glob(f"{stem}*.so")):
         try:
-            lib = ctypes.CDLL(str(path))
+            return ctypes.CDLL(str(path))
         except OSError:
             continue
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded cell list, or ``None`` when it was not built."""
+    lib = _load("_celllist")
+    if lib is not None:
         lib.eqcalc_cell_list.restype = ctypes.c_int64
         lib.eqcalc_cell_list.argtypes = [ctypes.c_int64, _F64, _I64, _F64, _I32, _I64, _I64,
                                          _I64, ctypes.c_int64, ctypes.c_double, ctypes.c_int32, ctypes.c_int64,
                                          _I64, _I64, _I64]
-        return lib
-    return None
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def tensor_product_library() -> Optional[ctypes.CDLL]:
+    """The loaded edge tensor product kernels (``eqcalc_tp_{forward,backward}_{f32,f64}``, raw
+    pointers as integers), or ``None`` when they were not built."""
+    lib = _load("_tensor_product")
+    if lib is not None:
+        n, p = ctypes.c_int64, ctypes.c_void_p
+        shape = [n, n, n, n, n, p, n, n, p, p, n, p, p]  # atoms, edges, M1, M3, C, h, strides, F, r, r stride, i, j
+        for suffix in ("_f32", "_f64"):
+            forward, backward = getattr(lib, "eqcalc_tp_forward" + suffix), getattr(lib, "eqcalc_tp_backward" + suffix)
+            forward.restype = backward.restype = ctypes.c_int64
+            forward.argtypes = shape + [p, ctypes.c_int32]
+            backward.argtypes = shape + [p, p, p, p, ctypes.c_int32]
+    return lib
 
 
 def _ptr(array: np.ndarray, kind):
