@@ -6,4 +6,5 @@ from setuptools import Extension, setup
 setup(ext_modules=[Extension("eqcalc._native._celllist", sources=["eqcalc/_native/celllist.c"],
                              extra_compile_args=["-O3"], optional=True),
                    Extension("eqcalc._native._tensor_product", sources=["eqcalc/_native/tensor_product.c"],
+                             depends=["eqcalc/_native/tensor_product_body.h"],
                              extra_compile_args=["-O3", "-pthread", "-fopenmp-simd"], extra_link_args=["-pthread"], optional=True)])

@@ -562,6 +562,33 @@ def compute_edge_vectors(positions, cell, edge_index, shifts, system=None):
     return edge_vectors(positions, cell.to(positions.dtype), edge_index, shifts.to(positions.dtype), system)
 
 
+def edge_pairs(edge_index: torch.Tensor, shifts: torch.Tensor, n_atoms: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The unordered pairs of a neighbor list: ``first`` ``(n_pairs,)``, the lowest edge of each
+    pair, and ``pair`` ``(n_edges,)``, the pair of each edge (int64).
+
+    Edge ``(i, j, S)`` and its reverse ``(j, i, -S)`` form one pair. Their vectors are exact
+    negatives of each other, as functions of positions and cell (:func:`edge_vectors` rounds
+    both the same way), so anything computed from the length and symmetrically from the two
+    species is the same on both, values and derivatives: ``f(x[first])[pair]`` is ``f(x)``
+    at half the work. An edge whose reverse is not in the list is a pair of its own.
+    """
+    i, j = edge_index[0], edge_index[1]
+    n_edges = i.shape[0]
+    s = shifts.round().to(torch.int64)
+    span = 2 * int(s.abs().max()) + 1 if n_edges > 0 else 1
+    if float(n_atoms) ** 2 * float(span) ** 3 >= 2.0 ** 62:  # the key below would overflow: no pairs
+        every = torch.arange(n_edges, device=i.device)
+        return every, every
+    code = (s[:, 0] * span + s[:, 1]) * span + s[:, 2]
+    flip = (i > j) | ((i == j) & (code < 0))  # each pair's own orientation: i < j, or i == j and S > 0
+    a, b = torch.where(flip, j, i), torch.where(flip, i, j)
+    key = (a * n_atoms + b) * span ** 3 + torch.where(flip, -code, code) + span ** 3 // 2
+    keys, pair = torch.unique(key, return_inverse=True)
+    first = torch.full((keys.shape[0],), n_edges, dtype=torch.int64, device=i.device).scatter_reduce(
+        0, pair, torch.arange(n_edges, device=i.device), "amin")
+    return first, pair
+
+
 # ----------------------------------------------------------------------------------------------
 # ASE drop-in
 # ----------------------------------------------------------------------------------------------

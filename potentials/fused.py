@@ -22,80 +22,102 @@ import torch
 from torch import Tensor
 
 from eqcalc import _native as native
+from eqcalc.errors import InvalidAtomsError, SystemTooLargeError
 
 _DTYPES = {torch.float32: "_f32", torch.float64: "_f64"}
+#: Memory the backward pass may take for per-thread copies of dL/dh (bytes, all threads); above
+#: it (very large systems), dL/dh is summed atom by atom instead, without copies.
+PRIVATE_BYTES = 256 << 20
 
 
 def available(h: Tensor) -> bool:
     """Whether :func:`edge_product` can run on tensors like ``h``: the kernel was built, plain CPU
     float32/float64 tensors, not under tracing or compilation."""
-    return (native.tensor_product_library() is not None and type(h) is torch.Tensor
-            and h.device.type == "cpu" and h.dtype in _DTYPES and not torch.compiler.is_compiling()
-            and not _wrapped(h))
+    return (native.tensor_product_library() is not None and h.device.type == "cpu" and h.dtype in _DTYPES
+            and not traced(h))
 
 
-def _wrapped(x: Tensor) -> bool:  # functorch (vmap, grad) wraps tensors the kernel cannot read
+def traced(x: Tensor) -> bool:
+    """Whether ``x`` is seen by a tracer or compiler (fake tensors of ``make_fx``/export, dynamo,
+    functorch's vmap and grad), where only torch operations of fixed shapes may run."""
     is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(is_wrapped(x)) if is_wrapped is not None else False
+    return (type(x) is not torch.Tensor or torch.compiler.is_compiling()
+            or (is_wrapped is not None and bool(is_wrapped(x))))
 
 
-def _readable(h: Tensor, F: Tensor, r: Tensor, i: Tensor, j: Tensor) -> Tuple[Tensor, ...]:
-    """The layouts the kernel reads: unit channel stride for ``h`` and ``r`` (rows may be
-    strided: a block of a wider tensor), contiguous ``F``, ``i``, ``j``."""
+def _readable(h: Tensor, F: Tensor, r: Tensor, row: Optional[Tensor], i: Tensor, j: Tensor) -> Tuple:
+    """The kernel's arguments after ``n_atoms, n_edges, M1, M3, C``: unit channel stride for ``h``
+    and ``r`` (rows may be strided: a block of a wider tensor), contiguous ``F``, ``row``, ``i``,
+    ``j``; the tensors come first, kept alive until the call returns."""
     h, r = (x if x.stride(-1) == 1 else x.contiguous() for x in (h, r))
-    return h, F.contiguous(), r, i.contiguous(), j.contiguous()
+    F, i, j = F.contiguous(), i.contiguous(), j.contiguous()
+    row = None if row is None else row.contiguous()
+    return (h, F, r, row, i, j), (h.data_ptr(), h.stride(0), h.stride(1), F.data_ptr(), r.data_ptr(), r.stride(0),
+                                  r.shape[0], 0 if row is None else row.data_ptr(), i.data_ptr(), j.data_ptr())
 
 
-def _call(name: str, h: Tensor, F: Tensor, r: Tensor, i: Tensor, j: Tensor, *tail) -> None:
+def _call(name: str, h: Tensor, F: Tensor, r: Tensor, row: Optional[Tensor], i: Tensor, j: Tensor, *pointers,
+          private_bytes: Optional[int] = None) -> None:
     lib = native.tensor_product_library()
-    n_atoms, m1, c = h.shape
-    status = getattr(lib, name + _DTYPES[h.dtype])(
-        n_atoms, i.shape[0], m1, F.shape[1], c, h.data_ptr(), h.stride(0), h.stride(1), F.data_ptr(),
-        r.data_ptr(), r.stride(0), i.data_ptr(), j.data_ptr(), *tail, torch.get_num_threads())
+    (h, F, r, row, i, j), arguments = _readable(h, F, r, row, i, j)
+    extra = () if private_bytes is None else (private_bytes,)
+    status = getattr(lib, name + _DTYPES[h.dtype])(h.shape[0], i.shape[0], h.shape[1], F.shape[1], h.shape[2],
+                                                    *arguments, *pointers, torch.get_num_threads(), *extra)
     if status == -1:
-        raise MemoryError(f"the edge tensor product kernel ran out of memory ({i.shape[0]} edges)")
+        raise SystemTooLargeError(f"the edge tensor product ran out of memory at {i.shape[0]} edges and "
+                                  f"{h.shape[0]} atoms: run fewer atoms per batch")
     if status != 0:
-        raise IndexError(f"edge_index names an atom outside 0..{n_atoms - 1}")
+        raise InvalidAtomsError(f"edge_index names an atom outside 0..{h.shape[0] - 1} (or a pair outside "
+                                f"0..{r.shape[0] - 1}): the neighbor list does not belong to these atoms; build it "
+                                "for them (eqcalc.neighbors.compute_neighbors)")
 
 
 class _EdgeProduct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, F: Tensor, r: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    def forward(ctx, h: Tensor, F: Tensor, r: Tensor, row: Optional[Tensor], i: Tensor, j: Tensor) -> Tensor:
         # the inputs themselves are saved (not copies made here, which would have no graph to
         # differentiate a second time)
-        ctx.save_for_backward(h, F, r, i, j)
+        ctx.save_for_backward(h, F, r, row, i, j)
         out = torch.empty(h.shape[0], F.shape[1], h.shape[2], dtype=h.dtype)
-        _call("eqcalc_tp_forward", *_readable(h, F, r, i, j), out.data_ptr())
+        _call("eqcalc_tp_forward", h, F, r, row, i, j, out.data_ptr())
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        h, F, r, i, j = ctx.saved_tensors
-        need_h, need_F, need_r = ctx.needs_input_grad[:3]
+        h, F, r, row, i, j = ctx.saved_tensors
+        needed = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: these gradients will be differentiated
-            return (*gradients(h, F, r, i, j, g, (need_h, need_F, need_r)), None, None)
-        grads = [torch.empty(x.shape, dtype=x.dtype) if need else None for x, need in ((h, need_h), (F, need_F), (r, need_r))]
+            return (*gradients(h, F, r, row, i, j, g, needed), None, None, None)
+        grads = [torch.empty(shape, dtype=h.dtype) if need else None
+                 for shape, need in zip((h.shape, F.shape, (i.shape[0], r.shape[1])), needed)]
         g = g.contiguous()  # held: a temporary's memory could be reused before the kernel reads it
-        _call("eqcalc_tp_backward", *_readable(h, F, r, i, j), g.data_ptr(),
-              *[0 if x is None else x.data_ptr() for x in grads])
-        return (*grads, None, None)
+        _call("eqcalc_tp_backward", h, F, r, row, i, j, g.data_ptr(),
+              *[0 if x is None else x.data_ptr() for x in grads], private_bytes=PRIVATE_BYTES)
+        if needed[2] and row is not None:  # per edge -> per row
+            grads[2] = torch.zeros(r.shape, dtype=r.dtype).index_add_(0, row, grads[2])
+        return (*grads, None, None, None)
 
 
-def gradients(h: Tensor, F: Tensor, r: Tensor, i: Tensor, j: Tensor, g: Tensor,
+def gradients(h: Tensor, F: Tensor, r: Tensor, row: Optional[Tensor], i: Tensor, j: Tensor, g: Tensor,
               needed: Tuple[bool, bool, bool]) -> List[Optional[Tensor]]:
-    """``dL/dh (n_atoms, M1, C)``, ``dL/dF (n_edges, M3, M1)``, ``dL/dr (n_edges, C)`` of
+    """``dL/dh (n_atoms, M1, C)``, ``dL/dF (n_edges, M3, M1)``, ``dL/dr (n_rows, C)`` of
     :func:`edge_product` from ``g = dL/dout (n_atoms, M3, C)``, in differentiable torch
     operations (``None`` where not ``needed``)."""
+    r_e = r if row is None else r.index_select(0, row)                   # (E, C)
     g_i, h_j = g.index_select(0, i), h.index_select(0, j)                 # (E, M3, C), (E, M1, C)
     t = torch.bmm(F.transpose(1, 2), g_i) if needed[0] or needed[2] else None  # (E, M1, C)
-    grad_h = torch.zeros_like(h).index_add(0, j, t * r.unsqueeze(1)) if needed[0] else None
-    grad_F = torch.bmm(g_i * r.unsqueeze(1), h_j.transpose(1, 2)) if needed[1] else None
+    grad_h = torch.zeros_like(h).index_add(0, j, t * r_e.unsqueeze(1)) if needed[0] else None
+    grad_F = torch.bmm(g_i * r_e.unsqueeze(1), h_j.transpose(1, 2)) if needed[1] else None
     grad_r = (t * h_j).sum(1) if needed[2] else None
+    if grad_r is not None and row is not None:
+        grad_r = torch.zeros_like(r).index_add(0, row, grad_r)
     return [grad_h, grad_F, grad_r]
 
 
-def edge_product(h: Tensor, F: Tensor, r: Tensor, edge_index: Tensor) -> Tensor:
-    """``out (n_atoms, M3, C)``: ``sum_{e=(i,j)} r[e] * (F[e] @ h[j])`` per channel, from
-    ``h (n_atoms, M1, C)``, ``F (n_edges, M3, M1)``, ``r (n_edges, C)``, ``edge_index (2,
-    n_edges)`` (centre ``i``, neighbour ``j``). Needs :func:`available`."""
-    return _EdgeProduct.apply(h, F, r, edge_index[0], edge_index[1])
+def edge_product(h: Tensor, F: Tensor, r: Tensor, edge_index: Tensor, row: Optional[Tensor] = None) -> Tensor:
+    """``out (n_atoms, M3, C)``: ``sum_{e=(i,j)} r[row[e]] * (F[e] @ h[j])`` per channel, from
+    ``h (n_atoms, M1, C)``, ``F (n_edges, M3, M1)``, ``r (n_rows, C)``, ``edge_index (2,
+    n_edges)`` (centre ``i``, neighbour ``j``) and ``row (n_edges,)`` (``None``: ``r`` has a row
+    per edge; else the rows are per pair of reverse edges, :func:`eqcalc.neighbors.edge_pairs`).
+    Needs :func:`available`."""
+    return _EdgeProduct.apply(h, F, r, row, edge_index[0], edge_index[1])

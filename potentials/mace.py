@@ -19,14 +19,15 @@ width. With them, :mod:`potentials.convert.mace` reproduces mace-torch files exa
 """
 import dataclasses
 import math
-from typing import Any, ClassVar, Dict, List, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from eqcalc import keys
+from eqcalc.neighbors import edge_pairs
 from eqcalc.errors import InvalidOptionError, check_choice
-from potentials import o3, short_range
+from potentials import fused, o3, short_range
 from potentials.nn import Potential, edge_geometry, validate_config
 from potentials.registry import register
 
@@ -173,7 +174,7 @@ class AverageNormalization(torch.nn.Module):
         super().__init__()
         self.inv_avg = 1.0 / avg_num_neighbors
 
-    def forward(self, A: Tensor, edge_features: Tensor, edge_index: Tensor) -> Tensor:
+    def forward(self, A: Tensor, edge_features: Tensor, edge_index: Tensor, pair: Optional[Tensor]) -> Tensor:
         return A * self.inv_avg
 
 
@@ -185,8 +186,8 @@ class DensityNormalization(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(num_radial) / math.sqrt(num_radial))
 
-    def forward(self, A: Tensor, edge_features: Tensor, edge_index: Tensor) -> Tensor:
-        per_edge = torch.tanh(torch.matmul(edge_features, self.weight) ** 2)
+    def forward(self, A: Tensor, edge_features: Tensor, edge_index: Tensor, pair: Optional[Tensor]) -> Tensor:
+        per_edge = o3.per_edge(torch.tanh(torch.matmul(edge_features, self.weight) ** 2), pair)
         density = torch.zeros(A.shape[0], dtype=A.dtype, device=A.device).index_add(0, edge_index[0], per_edge)
         return A / (density + 1.0).view(-1, 1, 1)
 
@@ -215,7 +216,7 @@ class NoSelfConnection(torch.nn.Module):
 
 class MACELayer(torch.nn.Module):
     """Interaction (atomic basis A), product basis (symmetric contraction), self-connection and
-    readout. ``forward(h (n, (l_in+1)^2, c), species, Y, edge_features, edge_index)`` →
+    readout. ``forward(h (n, (l_in+1)^2, c), species, Y, edge_features, edge_index, pair)`` →
     ``(h (n, (l_out+1)^2, c), energies (n,), A (n, (max_ell+1)^2, c))``."""
 
     def __init__(self, config: MACEConfig, l_in: int, l_out: int, last: bool, first: bool):
@@ -237,10 +238,10 @@ class MACELayer(torch.nn.Module):
         self.readout = MLPReadout(c, config.readout_hidden) if last else ScalarReadout(c)
 
     def forward(self, h: Tensor, species: Tensor, Y: List[Tensor], edge_features: Tensor,
-                edge_index: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        R = self.radial(edge_features).view(edge_features.shape[0], self.n_paths, self.channels)
-        messages = self.tp(self.linear_up(h), Y, R, edge_index)
-        A = self.normalize(torch.cat(self.linear(messages), dim=1), edge_features, edge_index)
+                edge_index: Tensor, pair: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        R = self.radial(edge_features).view(-1, self.n_paths, self.channels)  # per edge or per pair
+        messages = self.tp(self.linear_up(h), Y, R, edge_index, pair)
+        A = self.normalize(torch.cat(self.linear(messages), dim=1), edge_features, edge_index, pair)
         A = self.species_mix(A, species)
         blocks = o3.add_blocks(self.linear_out.blocks(self.product(A, species)), self.skip(h, species))
         energies = self.readout(blocks[0].squeeze(1))
@@ -257,19 +258,36 @@ class TensorProductPotential(Potential):
         self.distance_transform: torch.nn.Module = short_range.NoTransform()
         # lengths as the radial features see them (basis and envelope; NequIP's per-pair cutoffs)
         self.radial_lengths: torch.nn.Module = short_range.NoTransform()
+        # the radial features of edge i->j equal those of j->i (see inputs)
+        self.symmetric_radial = True
 
-    def inputs(self, data: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor], Tensor, Tensor, Tensor]:
-        """``(species, edge_index, Y, edge_features (n_edges, R), h (n_atoms, 1, channels),
-        lengths (n_edges,) Å)``."""
+    def inputs(self, data: Dict[str, Tensor]
+               ) -> Tuple[Tensor, Tensor, List[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """``(species, edge_index, Y, edge_features (n_rows, R), h (n_atoms, 1, channels), lengths
+        (n_edges,) Å, pair)``. With ``pair`` (eager runs of a model whose radial features are
+        symmetric in the two species), the features are made once per unordered pair of edges
+        (:func:`eqcalc.neighbors.edge_pairs`; ``n_rows`` pairs) and anything computed from them
+        is taken per edge with :func:`potentials.o3.per_edge`: the radial networks, the largest
+        matmuls of a step, do half the work. Without it (``None``; TorchScript, tracing),
+        ``n_rows`` is the number of edges."""
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
         lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
-        radial = self.radial_lengths(lengths, species, edge_index)
-        basis = self.radial.basis(self.distance_transform(radial, species, edge_index))
+        pair: Optional[Tensor] = None
+        rows, row_lengths = edge_index, lengths
+        if not torch.jit.is_scripting() and self._pairs_usable(lengths):
+            first, pair = edge_pairs(edge_index, data[keys.SHIFTS], species.shape[0])
+            rows, row_lengths = edge_index.index_select(1, first), lengths.index_select(0, first)
+        radial = self.radial_lengths(row_lengths, species, rows)
+        basis = self.radial.basis(self.distance_transform(radial, species, rows))
         # The envelope sees the true length (per-pair rescaled), not the distance transform:
         # exactly 0 at and beyond the cutoff.
         edge_features = basis * self.radial.envelope(radial).unsqueeze(1)
         h = self.embedding(species).unsqueeze(1)       # (n_atoms, 1, channels): scalars
-        return species, edge_index, self.sh(unit_vectors), edge_features, h, lengths
+        return species, edge_index, self.sh(unit_vectors), edge_features, h, lengths, pair
+
+    @torch.jit.unused
+    def _pairs_usable(self, lengths: Tensor) -> bool:
+        return self.symmetric_radial and not fused.traced(lengths)
 
 
 @register("mace")
@@ -294,11 +312,11 @@ class MACE(TensorProductPotential):
         self.force_head = o3.Degree1ForceHead(config.channels) if config.direct_forces else o3.NoForceHead()
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        species, edge_index, Y, edge_features, h, lengths = self.inputs(data)
+        species, edge_index, Y, edge_features, h, lengths, pair = self.inputs(data)
         energies = self.pair_repulsion(lengths, species, edge_index)  # zeros without a pair term
         A = h
         for layer in self.layers:
-            h, e, A = layer(h, species, Y, edge_features, edge_index)
+            h, e, A = layer(h, species, Y, edge_features, edge_index, pair)
             energies = energies + e
         out: Dict[str, Tensor] = {keys.ENERGIES: self.scale_shift(energies, species)}
         return self.force_head(out, A)

@@ -12,7 +12,7 @@ the scalars.
 """
 import dataclasses
 import math
-from typing import Any, ClassVar, Dict, List, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -159,10 +159,10 @@ class Convolution(torch.nn.Module):
         self.residual = config.residual and blocks_in == blocks_out and c_in == c
 
     def forward(self, h: Tensor, species: Tensor, Y: List[Tensor], edge_features: Tensor,
-                edge_index: Tensor) -> Tensor:
-        R = self.radial(edge_features)   # (n_edges, sum of path widths), path-major
+                edge_index: Tensor, pair: Optional[Tensor]) -> Tensor:
+        R = self.radial(edge_features)   # (n_edges or n_pairs, sum of path widths), path-major
         x = self.linear_in(h) * self.norm.to(h.dtype).index_select(0, species)
-        mixed = self.linear_out(self.tp(x, Y, R, edge_index))
+        mixed = self.linear_out(self.tp(x, Y, R, edge_index, pair))
         update = self.gate(o3.add_blocks(mixed, self.self_connection(h, species)))
         return h + update if self.residual else update
 
@@ -191,6 +191,7 @@ class NequIP(TensorProductPotential):
             self.readout = torch.nn.Sequential(torch.nn.Linear(c, max(c // 2, 1)), ScalarReadout(max(c // 2, 1)))
         if config.edge_cutoffs:
             self.radial_lengths = short_range.PairCutoffs(config.edge_cutoffs, config.cutoff)
+            self.symmetric_radial = all(a == b for a, b in zip(config.edge_cutoffs, zip(*config.edge_cutoffs)))
         # nequip's ZBL envelope sees the same per-edge-type lengths as the radial features
         self.pair_repulsion = (short_range.LammpsZBL(self.species_z.tolist(), config.cutoff, config.pair_envelope_p,
                                                      self.radial_lengths)
@@ -211,9 +212,9 @@ class NequIP(TensorProductPotential):
         return out
 
     def forward(self, data: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        species, edge_index, Y, edge_features, h, lengths = self.inputs(data)
+        species, edge_index, Y, edge_features, h, lengths, pair = self.inputs(data)
         for convolution in self.convolutions:
-            h = convolution(h, species, Y, edge_features, edge_index)
+            h = convolution(h, species, Y, edge_features, edge_index, pair)
         energies = self.scale_shift(self.readout(h[:, 0]), species)
         # nequip adds its pair potential after the scale/shift (zeros without one)
         out: Dict[str, Tensor] = {keys.ENERGIES: energies + self.pair_repulsion(lengths, species, edge_index)}

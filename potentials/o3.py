@@ -27,7 +27,7 @@ contiguous small dimensions, scriptable and traceable by ``make_fx(tracing_mode=
 """
 import functools
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -370,6 +370,12 @@ class SpeciesLinear(torch.nn.Module):
         return [mix(xs) for mix in self.mixes]
 
 
+def per_edge(x: Tensor, pair: Optional[Tensor]) -> Tensor:
+    """Rows per unordered pair of edges ``(n_pairs, ...)`` → per edge ``(n_edges, ...)``
+    (:func:`eqcalc.neighbors.edge_pairs`); ``x`` as it is without pairs."""
+    return x if pair is None else x.index_select(0, pair)
+
+
 def add_blocks(a: List[Tensor], b: List[Tensor]) -> List[Tensor]:
     """Per-block sum of two block lists where ``b`` may stop earlier."""
     out: List[Tensor] = []
@@ -428,7 +434,10 @@ class EdgeTensorProduct(torch.nn.Module):
     radial weights per output degree.)
 
     ``forward(h (n_atoms, components_in, c), Y [(n_edges, 2l+1) for l in 0..l_sh], R (n_edges,
-    n_paths, c), edge_index (2, n_edges))`` → per path ``(n_atoms, 2l3+1, c)``, in ``paths`` order.
+    n_paths, c), edge_index (2, n_edges), pair)`` → per path ``(n_atoms, 2l3+1, c)``, in ``paths``
+    order; with ``pair`` ``(n_edges,)``, ``R`` has a row per pair of reverse edges and edge ``e``
+    reads row ``pair[e]`` (:func:`eqcalc.neighbors.edge_pairs`). On CPU in eager mode the sums
+    run in the compiled kernel of :mod:`potentials.fused` (no per-edge tensors).
     ``blocks_in``/``blocks_out``: layouts (an int ``L``: natural degrees ``0..L``). With
     ``widths`` (channels per input block, each <= c), a path reads only the first ``widths[k1]``
     channels of its input block (NequIP's per-degree feature counts: the edge work skips the
@@ -454,7 +463,8 @@ class EdgeTensorProduct(torch.nn.Module):
             [_Path(k, k1, self.blocks_in[k1][0], l2, self.blocks_out[k3][0])
              for k, (k1, l2, k3) in enumerate(self.paths)])
 
-    def forward(self, h: Tensor, Y: List[Tensor], R: Tensor, edge_index: Tensor) -> List[Tensor]:
+    def forward(self, h: Tensor, Y: List[Tensor], R: Tensor, edge_index: Tensor,
+                pair: Optional[Tensor] = None) -> List[Tensor]:
         i, j = edge_index[0], edge_index[1]
         n_atoms = h.shape[0]
         blocks = torch.split(h, self.sizes_in, dim=1)
@@ -463,7 +473,8 @@ class EdgeTensorProduct(torch.nn.Module):
         widths = self.path_widths if len(self.path_widths) > 0 else [R.shape[-1]] * len(self.paths)
         r = torch.split(R.flatten(1), widths, dim=1)
         if not torch.jit.is_scripting() and self._fusable(h):
-            return self._fused(blocks, Y, r, edge_index)
+            return self._fused(blocks, Y, r, edge_index, pair)
+        r = [per_edge(x, pair) for x in r]
         h_j = [x.index_select(0, j) for x in blocks]
         return [path(h_j, Y, r, i, n_atoms) for path in self.path_modules]
 
@@ -472,9 +483,10 @@ class EdgeTensorProduct(torch.nn.Module):
         return fused.available(h)
 
     @torch.jit.unused
-    def _fused(self, blocks: List[Tensor], Y: List[Tensor], r: List[Tensor], edge_index: Tensor) -> List[Tensor]:
+    def _fused(self, blocks: List[Tensor], Y: List[Tensor], r: List[Tensor], edge_index: Tensor,
+               pair: Optional[Tensor]) -> List[Tensor]:
         """The same sums by the compiled CPU kernel (:mod:`potentials.fused`), no per-edge tensors."""
-        return [fused.edge_product(blocks[p.k1], p.fold(Y), r[p.index], edge_index) for p in self.path_modules]
+        return [fused.edge_product(blocks[p.k1], p.fold(Y), r[p.index], edge_index, pair) for p in self.path_modules]
 
 
 class _DegreeMix(torch.nn.Module):

@@ -283,3 +283,34 @@ def test_outputs_are_contiguous_tensors():
     ei, S = compute_neighbors(torch.tensor(atoms.positions), torch.tensor(atoms.cell.array),
                               torch.tensor(atoms.pbc), 5.0)
     assert ei.is_contiguous() and S.is_contiguous()
+
+
+def test_edge_pairs_join_each_edge_with_its_reverse_only():
+    """Each pair holds an edge (i, j, S) and its reverse (j, i, -S) (whose vectors are exact
+    negatives, so their lengths are bitwise equal), never two edges that merely share atoms
+    (small cells: many images of one neighbour, some at equal distances) or a length."""
+    from eqcalc.derivatives import edge_vectors
+    from eqcalc.neighbors import edge_pairs
+
+    cases = [(bulk("Cu", "fcc", a=3.6), 6.0), (bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2), 4.0),
+             (fcc111("Pt", (2, 2, 3), vacuum=4.0), 5.0), (molecule("CH3OH"), 3.0)]
+    for atoms, cutoff in cases:
+        pos = torch.tensor(atoms.positions)
+        cell, pbc = torch.tensor(atoms.cell.array).unsqueeze(0), torch.tensor(atoms.pbc).unsqueeze(0)
+        edge_index, shifts = compute_neighbors(pos, cell, pbc, cutoff)
+        first, pair = edge_pairs(edge_index, shifts, len(atoms))
+        n_edges = edge_index.shape[1]
+        assert first.shape[0] == n_edges // 2 and n_edges % 2 == 0   # a full list: every edge has one reverse
+        assert torch.equal(torch.bincount(pair), torch.full_like(first, 2))
+        partner = torch.empty(n_edges, dtype=torch.int64)
+        for p in range(first.shape[0]):
+            a, b = torch.nonzero(pair == p).squeeze(1).tolist()
+            partner[a], partner[b] = b, a
+        assert torch.equal(edge_index[:, partner], edge_index.flip(0))
+        assert torch.equal(shifts[partner], -shifts)
+        d = edge_vectors(pos, cell, edge_index, shifts.to(pos.dtype), torch.zeros(len(atoms), dtype=torch.int64))
+        assert torch.equal(d[partner], -d) and torch.equal(first, torch.minimum(torch.arange(n_edges), partner)[first])
+    # a half list (no reverses): every edge a pair of its own
+    half = torch.tensor([[0, 0, 1], [1, 2, 2]])
+    first, pair = edge_pairs(half, torch.zeros(3, 3), 3)
+    assert first.tolist() == [0, 1, 2] and sorted(pair.tolist()) == [0, 1, 2]

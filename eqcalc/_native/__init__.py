@@ -48,12 +48,13 @@ def tensor_product_library() -> Optional[ctypes.CDLL]:
     lib = _load("_tensor_product")
     if lib is not None:
         n, p = ctypes.c_int64, ctypes.c_void_p
-        shape = [n, n, n, n, n, p, n, n, p, p, n, p, p]  # atoms, edges, M1, M3, C, h, strides, F, r, r stride, i, j
+        # atoms, edges, M1, M3, C, h, its strides, F, r, its row stride, its rows, r_row, i, j
+        shape = [n, n, n, n, n, p, n, n, p, p, n, n, p, p, p]
         for suffix in ("_f32", "_f64"):
             forward, backward = getattr(lib, "eqcalc_tp_forward" + suffix), getattr(lib, "eqcalc_tp_backward" + suffix)
             forward.restype = backward.restype = ctypes.c_int64
             forward.argtypes = shape + [p, ctypes.c_int32]
-            backward.argtypes = shape + [p, p, p, p, ctypes.c_int32]
+            backward.argtypes = shape + [p, p, p, p, ctypes.c_int32, n]  # ..., threads, private_bytes
     return lib
 
 

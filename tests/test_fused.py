@@ -1,0 +1,162 @@
+"""potentials.fused: the compiled edge tensor product against the same sums in torch operations.
+
+The reference here is written out from the formula ``out[i] = sum_{e=(i,j)} r[e] * (F[e] @ h[j])``
+(gather, batched matmul, index_add), not taken from the kernel; gradients come from torch's
+autograd through it. Then whole models (NequIP with per-degree widths, MACE) with the kernel
+against the same models with it switched off: energies, forces, stress and Hessians.
+"""
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, molecule
+
+from eqcalc import EquivariantCalculator, _native
+from eqcalc.errors import InvalidAtomsError
+from potentials import fused
+
+SHAPES = [(1, 1), (1, 3), (3, 1), (3, 3), (3, 5), (5, 3), (5, 7), (7, 7)]  # (2l1+1, 2l3+1)
+
+
+def reference(h, F, r, edge_index):
+    i, j = edge_index
+    m = torch.bmm(F, h.index_select(0, j) * r.unsqueeze(1))
+    return torch.zeros(h.shape[0], F.shape[1], h.shape[2], dtype=h.dtype).index_add(0, i, m)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def inputs(M1, M3, dtype, n_atoms=60, n_edges=5000, channels=24, seed=0):
+    """Strided h (a block of a wider tensor) and r (columns of a wider R), unsorted edges that
+    leave atoms 50..59 without any, so every layout and gap the kernel must handle is there."""
+    g = torch.Generator().manual_seed(seed)
+    edge_index = torch.randint(0, 50, (2, n_edges), generator=g)
+    wide_h = torch.randn(n_atoms, M1 + 2, channels + 5, dtype=dtype, generator=g).requires_grad_(True)
+    F = torch.randn(n_edges, M3, M1, dtype=dtype, generator=g).requires_grad_(True)
+    wide_r = torch.randn(n_edges, 2 * channels, dtype=dtype, generator=g).requires_grad_(True)
+    return wide_h, F, wide_r, edge_index, (lambda: wide_h[:, 1:M1 + 1, :channels]), (lambda: wide_r[:, channels:])
+
+
+def test_the_kernels_are_built():
+    assert _native.tensor_product_library() is not None, "pip install -e . builds eqcalc/_native/tensor_product.c"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("M1,M3", SHAPES)
+def test_sums_and_gradients_match_torch(M1, M3, dtype, threads):
+    wide_h, F, wide_r, edge_index, h, r = inputs(M1, M3, dtype)
+    assert fused.available(h())
+    out, expected = fused.edge_product(h(), F, r(), edge_index), reference(h(), F, r(), edge_index)
+    # a non-contiguous incoming gradient (the kernel reads a contiguous copy it must keep alive)
+    g = torch.randn(out.shape[2], out.shape[1], out.shape[0], dtype=dtype).permute(2, 1, 0)
+    got = torch.autograd.grad(out, (wide_h, F, wide_r), g)
+    want = torch.autograd.grad(expected, (wide_h, F, wide_r), g)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip((out,) + got, (expected,) + want):
+        assert (a - b).abs().max() <= tol * b.abs().max(), (a - b).abs().max()
+    assert out[50:].abs().max() == 0 and got[0][50:].abs().max() == 0  # atoms without edges
+
+
+def test_grouped_backward_without_per_thread_copies_agrees(monkeypatch):
+    """Above PRIVATE_BYTES the backward pass sums dL/dh atom by atom: same gradients."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        wide_h, F, wide_r, edge_index, h, r = inputs(3, 5, torch.float64)
+        g = torch.randn(60, 5, 24, dtype=torch.float64)
+        copies = torch.autograd.grad(fused.edge_product(h(), F, r(), edge_index), (wide_h, F, wide_r), g)
+        monkeypatch.setattr(fused, "PRIVATE_BYTES", 0)
+        grouped = torch.autograd.grad(fused.edge_product(h(), F, r(), edge_index), (wide_h, F, wide_r), g)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(copies, grouped):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+def test_forward_is_the_same_for_any_thread_count():
+    wide_h, F, wide_r, edge_index, h, r = inputs(3, 3, torch.float64)
+    before, outs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(fused.edge_product(h(), F, r(), edge_index))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_second_derivatives_through_the_kernel():
+    """Hessians and training on forces differentiate the backward pass (create_graph)."""
+    g = torch.Generator().manual_seed(1)
+    edge_index = torch.randint(0, 6, (2, 20), generator=g)
+    args = [torch.randn(6, 3, 4, dtype=torch.float64, generator=g).requires_grad_(True),
+            torch.randn(20, 5, 3, dtype=torch.float64, generator=g).requires_grad_(True),
+            torch.randn(20, 4, dtype=torch.float64, generator=g).requires_grad_(True)]
+    product = lambda h, F, r: fused.edge_product(h, F, r, edge_index)  # noqa: E731
+    assert torch.autograd.gradcheck(product, args)
+    assert torch.autograd.gradgradcheck(product, args)
+
+
+def test_an_edge_to_a_missing_atom_is_a_typed_error():
+    h, F, r = torch.randn(4, 1, 8, dtype=torch.float64), torch.randn(3, 3, 1, dtype=torch.float64), \
+        torch.randn(3, 8, dtype=torch.float64)
+    for bad in ([[0, 1, 4], [1, 0, 0]], [[0, 1, 2], [1, -1, 0]]):
+        with pytest.raises(InvalidAtomsError, match="outside 0..3"):
+            fused.edge_product(h, F, r, torch.tensor(bad))
+
+
+def test_not_used_where_tensors_are_traced():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not fused.available(torch.empty(3, 1, 4))
+    assert not fused.available(torch.empty(3, 1, 4, dtype=torch.float16))
+    seen = []
+    torch.func.vmap(lambda x: (seen.append(fused.available(x)), x)[1])(torch.empty(2, 3, 1, 4))
+    assert seen == [False]
+
+
+SYMMETRIC_CUTOFFS = tuple(tuple(3.6 + 0.15 * (a + b) for b in range(5)) for a in range(5))
+# centre-neighbour cutoffs that differ from neighbour-centre ones: no radial features per pair
+ASYMMETRIC_CUTOFFS = tuple(tuple(3.6 + 0.3 * a + 0.05 * b for b in range(5)) for a in range(5))
+
+
+@pytest.mark.parametrize("arch,hyper", [
+    ("nequip", dict(hidden_l=2, channels_per_degree=(8, 6, 4), parity=True, num_interactions=2)),
+    ("nequip", dict(edge_cutoffs=SYMMETRIC_CUTOFFS, pair_repulsion="zbl_lammps")),
+    ("nequip", dict(edge_cutoffs=ASYMMETRIC_CUTOFFS)),
+    ("mace", dict()),
+    ("mace", dict(normalization="density", distance_transform="agnesi")),
+])
+def test_models_with_and_without_the_kernel_and_pairs_agree(package_path, monkeypatch, arch, hyper):
+    """Energy, forces, stress and Hessian of whole models, float64, with the compiled kernel and
+    the radial networks once per pair of reverse edges, each on and off, against neither."""
+    from potentials.mace import TensorProductPotential
+
+    path = package_path(arch, "float64", **hyper)
+    systems = [bulk("Cu", "fcc", a=3.7).repeat((2, 2, 2)), molecule("CH3OH"), bulk("Pt", "fcc", a=3.9)]
+    systems[0].rattle(0.05, seed=1)
+    systems[1].set_cell([9.0, 9.0, 9.0])
+    systems[1].pbc = True
+    systems[2].rattle(0.05, seed=2)  # one atom, a cell smaller than the cutoff: pairs of its own images
+    available, usable = fused.available, TensorProductPotential._pairs_usable
+    results = []
+    for kernel, pairs in ((False, False), (True, True), (True, False), (False, True)):
+        monkeypatch.setattr(fused, "available", available if kernel else (lambda h: False))
+        monkeypatch.setattr(TensorProductPotential, "_pairs_usable", usable if pairs else (lambda self, x: False))
+        calc = EquivariantCalculator(path, compile="eager", device="cpu")
+        row = []
+        for atoms in systems:
+            atoms = atoms.copy()
+            atoms.calc = calc
+            row += [atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(),
+                    calc.get_hessian(atoms, indices=[0])]
+        results.append(row)
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert np.allclose(a, b, rtol=1e-10, atol=1e-10), np.abs(np.asarray(a) - np.asarray(b)).max()
