@@ -265,16 +265,16 @@ class TensorProductPotential(Potential):
                ) -> Tuple[Tensor, Tensor, List[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
         """``(species, edge_index, Y, edge_features (n_rows, R), h (n_atoms, 1, channels), lengths
         (n_edges,) Å, pair)``. With ``pair`` (eager runs of a model whose radial features are
-        symmetric in the two species), the features are made once per unordered pair of edges
-        (:func:`eqcalc.neighbors.edge_pairs`; ``n_rows`` pairs) and anything computed from them
-        is taken per edge with :func:`potentials.o3.per_edge`: the radial networks, the largest
-        matmuls of a step, do half the work. Without it (``None``; TorchScript, tracing),
-        ``n_rows`` is the number of edges."""
+        symmetric in the two species, given the shifts), the features are made once per
+        unordered pair of edges (:func:`eqcalc.neighbors.edge_pairs`; ``n_rows`` pairs) and
+        anything computed from them is taken per edge through ``pair`` (``(n_edges,)``, each
+        edge's row): the radial networks, the largest matmuls of a step, do half the work.
+        Without it (``None``; TorchScript, tracing), ``n_rows`` is the number of edges."""
         species, edge_index = data[keys.SPECIES], data[keys.EDGE_INDEX]
         lengths, unit_vectors = edge_geometry(data[keys.EDGE_VECTORS])
         pair: Optional[Tensor] = None
         rows, row_lengths = edge_index, lengths
-        if not torch.jit.is_scripting() and self._pairs_usable(lengths):
+        if not torch.jit.is_scripting() and keys.SHIFTS in data and self._pairs_usable(lengths):
             first, pair = edge_pairs(edge_index, data[keys.SHIFTS], species.shape[0])
             rows, row_lengths = edge_index.index_select(1, first), lengths.index_select(0, first)
         radial = self.radial_lengths(row_lengths, species, rows)

@@ -43,6 +43,7 @@ NEB = "tests/test_neb.py::"
 CMACE = "tests/test_convert_mace.py::"
 CNEQUIP = "tests/test_convert_nequip.py::"
 ANG = "tests/test_angular.py::"
+FUSED = "tests/test_fused.py::"
 
 def skipped(id, file, check, **entry):
     """A mutant that skips a check: ``check`` (an ``if`` line) becomes ``if False:``."""
@@ -619,6 +620,24 @@ MUTANTS = [
          mutated="directions[rows[r]] = 1.0",
          tests=[SECOND + "test_small_batches_of_directions_give_the_same_hessian"],
          description="copied graphs (GPU default) all differentiate along copy 0: rows summed, the others zero"),
+    # ---- the compiled edge tensor product and radial networks per pair of reverse edges -------
+    dict(id="pairs.shift_ignored", file="eqcalc/neighbors.py",
+         original="key = (a * n_atoms + b) * span ** 3 + torch.where(flip, -code, code) + span ** 3 // 2",
+         mutated="key = (a * n_atoms + b) * span ** 3",
+         tests=[NB + "test_edge_pairs_join_each_edge_with_its_reverse_only",
+                FUSED + "test_models_with_and_without_the_kernel_and_pairs_agree"],
+         description="all images of one neighbour share a pair: their radial weights come from one of them"),
+    dict(id="pairs.asymmetric_cutoffs_paired", file="potentials/nequip.py",
+         original="self.symmetric_radial = all(a == b for a, b in zip(config.edge_cutoffs, zip(*config.edge_cutoffs)))",
+         mutated="self.symmetric_radial = True",
+         tests=[FUSED + "test_models_with_and_without_the_kernel_and_pairs_agree"],
+         description="i->j and j->i share radial weights although their per-edge-type cutoffs differ"),
+    dict(id="fused.second_derivative_by_kernel", file="potentials/fused.py",
+         original="        if torch.is_grad_enabled():  # create_graph: these gradients will be differentiated",
+         mutated="        if False:",
+         tests=[FUSED + "test_second_derivatives_through_the_kernel",
+                FUSED + "test_models_with_and_without_the_kernel_and_pairs_agree"],
+         description="the kernel's gradients (constants to autograd) serve create_graph: Hessians lose the product's curvature"),
     # ---- triplets (DimeNet++, GemNet) across periodic images ------------------------------------
     dict(id="triplets.other_images_of_i_dropped", file="eqcalc/triplets.py",
          original="back = (neighbor[kj] == centre[ji]) & (shifts[kj] + shifts[ji] == 0).all(1)",
