@@ -25,8 +25,9 @@ from eqcalc import _native as native
 from eqcalc.errors import InvalidAtomsError, SystemTooLargeError
 
 _DTYPES = {torch.float32: "_f32", torch.float64: "_f64"}
-#: Memory the backward pass may take for per-thread copies of dL/dh (bytes, all threads); above
-#: it (very large systems), dL/dh is summed atom by atom instead, without copies.
+#: Memory the kernels may take for per-thread copies of the atoms' sums (the output, or dL/dh;
+#: bytes, all threads together); above it (very large systems) each thread owns a range of atoms
+#: instead: no copies, slower.
 PRIVATE_BYTES = 256 << 20
 
 
@@ -56,13 +57,11 @@ def _readable(h: Tensor, F: Tensor, r: Tensor, row: Optional[Tensor], i: Tensor,
                                   r.shape[0], 0 if row is None else row.data_ptr(), i.data_ptr(), j.data_ptr())
 
 
-def _call(name: str, h: Tensor, F: Tensor, r: Tensor, row: Optional[Tensor], i: Tensor, j: Tensor, *pointers,
-          private_bytes: Optional[int] = None) -> None:
+def _call(name: str, h: Tensor, F: Tensor, r: Tensor, row: Optional[Tensor], i: Tensor, j: Tensor, *pointers) -> None:
     lib = native.tensor_product_library()
     (h, F, r, row, i, j), arguments = _readable(h, F, r, row, i, j)
-    extra = () if private_bytes is None else (private_bytes,)
     status = getattr(lib, name + _DTYPES[h.dtype])(h.shape[0], i.shape[0], h.shape[1], F.shape[1], h.shape[2],
-                                                    *arguments, *pointers, torch.get_num_threads(), *extra)
+                                                    *arguments, *pointers, torch.get_num_threads(), PRIVATE_BYTES)
     if status == -1:
         raise SystemTooLargeError(f"the edge tensor product ran out of memory at {i.shape[0]} edges and "
                                   f"{h.shape[0]} atoms: run fewer atoms per batch")
@@ -88,13 +87,9 @@ class _EdgeProduct(torch.autograd.Function):
         needed = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: these gradients will be differentiated
             return (*gradients(h, F, r, row, i, j, g, needed), None, None, None)
-        grads = [torch.empty(shape, dtype=h.dtype) if need else None
-                 for shape, need in zip((h.shape, F.shape, (i.shape[0], r.shape[1])), needed)]
+        grads = [torch.empty(x.shape, dtype=h.dtype) if need else None for x, need in zip((h, F, r), needed)]
         g = g.contiguous()  # held: a temporary's memory could be reused before the kernel reads it
-        _call("eqcalc_tp_backward", h, F, r, row, i, j, g.data_ptr(),
-              *[0 if x is None else x.data_ptr() for x in grads], private_bytes=PRIVATE_BYTES)
-        if needed[2] and row is not None:  # per edge -> per row
-            grads[2] = torch.zeros(r.shape, dtype=r.dtype).index_add_(0, row, grads[2])
+        _call("eqcalc_tp_backward", h, F, r, row, i, j, g.data_ptr(), *[0 if x is None else x.data_ptr() for x in grads])
         return (*grads, None, None, None)
 
 

@@ -52,42 +52,71 @@ def test_sums_and_gradients_match_torch(M1, M3, dtype, threads):
     wide_h, F, wide_r, edge_index, h, r = inputs(M1, M3, dtype)
     assert fused.available(h())
     out, expected = fused.edge_product(h(), F, r(), edge_index), reference(h(), F, r(), edge_index)
+    compare(out, expected, (wide_h, F, wide_r), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("M1,M3", [(1, 1), (3, 5)])
+def test_edges_sharing_rows_of_weights_match_torch(M1, M3, dtype, threads):
+    """``row``: edges read shared rows of ``r`` (a pair of reverse edges, one radial weight);
+    any sharing, rows no edge reads included (their gradient is zero)."""
+    wide_h, F, wide_r, edge_index, h, r = inputs(M1, M3, dtype)
+    row = torch.randint(0, 3000, (edge_index.shape[1],), generator=torch.Generator().manual_seed(2))
+    weights = lambda: r()[:3200]  # noqa: E731  (rows 3000.. are read by no edge)
+    out = fused.edge_product(h(), F, weights(), edge_index, row)
+    expected = reference(h(), F, weights().index_select(0, row), edge_index)
+    got = compare(out, expected, (wide_h, F, wide_r), dtype)
+    assert got[2][3000:3200].abs().max() == 0
+
+
+def compare(out, expected, leaves, dtype):
+    """Sums and gradients (a non-contiguous incoming one) equal to rounding; returns the kernel's."""
     # a non-contiguous incoming gradient (the kernel reads a contiguous copy it must keep alive)
     g = torch.randn(out.shape[2], out.shape[1], out.shape[0], dtype=dtype).permute(2, 1, 0)
-    got = torch.autograd.grad(out, (wide_h, F, wide_r), g)
-    want = torch.autograd.grad(expected, (wide_h, F, wide_r), g)
+    got = torch.autograd.grad(out, leaves, g, retain_graph=True)
+    want = torch.autograd.grad(expected, leaves, g)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     for a, b in zip((out,) + got, (expected,) + want):
         assert (a - b).abs().max() <= tol * b.abs().max(), (a - b).abs().max()
     assert out[50:].abs().max() == 0 and got[0][50:].abs().max() == 0  # atoms without edges
+    return got
 
 
-def test_grouped_backward_without_per_thread_copies_agrees(monkeypatch):
-    """Above PRIVATE_BYTES the backward pass sums dL/dh atom by atom: same gradients."""
+@pytest.mark.parametrize("shared_rows", [False, True])
+def test_atom_passes_without_per_thread_copies_agree(monkeypatch, shared_rows):
+    """Above PRIVATE_BYTES each thread owns atoms instead of rows: the same sums and gradients,
+    with a row per edge and with rows shared by pairs of edges."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         wide_h, F, wide_r, edge_index, h, r = inputs(3, 5, torch.float64)
-        g = torch.randn(60, 5, 24, dtype=torch.float64)
-        copies = torch.autograd.grad(fused.edge_product(h(), F, r(), edge_index), (wide_h, F, wide_r), g)
-        monkeypatch.setattr(fused, "PRIVATE_BYTES", 0)
-        grouped = torch.autograd.grad(fused.edge_product(h(), F, r(), edge_index), (wide_h, F, wide_r), g)
+        row = torch.arange(edge_index.shape[1]) // 2 if shared_rows else None
+        results = []
+        for budget in (fused.PRIVATE_BYTES, 0):
+            monkeypatch.setattr(fused, "PRIVATE_BYTES", budget)
+            out = fused.edge_product(h(), F, r(), edge_index, row)
+            g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))
+            results.append((out, *torch.autograd.grad(out, (wide_h, F, wide_r), g)))
     finally:
         torch.set_num_threads(before)
-    for a, b in zip(copies, grouped):
+    for a, b in zip(*results):
         assert (a - b).abs().max() <= 1e-12 * b.abs().max()
 
 
-def test_forward_is_the_same_for_any_thread_count():
+def test_any_thread_count_gives_the_same_sums_and_a_repeat_the_same_bits():
+    """Threads sum into copies that are added in thread order: reproducible for one thread
+    count, equal to rounding across thread counts."""
     wide_h, F, wide_r, edge_index, h, r = inputs(3, 3, torch.float64)
     before, outs = torch.get_num_threads(), []
     try:
-        for n in (1, 2, 3):
+        for n in (1, 2, 3, 3):
             torch.set_num_threads(n)
             outs.append(fused.edge_product(h(), F, r(), edge_index))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert torch.equal(outs[2], outs[3])
+    for out in outs[1:]:
+        assert (out - outs[0]).abs().max() <= 1e-13 * outs[0].abs().max()
 
 
 def test_second_derivatives_through_the_kernel():

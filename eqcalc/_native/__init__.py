@@ -53,8 +53,8 @@ def tensor_product_library() -> Optional[ctypes.CDLL]:
         for suffix in ("_f32", "_f64"):
             forward, backward = getattr(lib, "eqcalc_tp_forward" + suffix), getattr(lib, "eqcalc_tp_backward" + suffix)
             forward.restype = backward.restype = ctypes.c_int64
-            forward.argtypes = shape + [p, ctypes.c_int32]
-            backward.argtypes = shape + [p, p, p, p, ctypes.c_int32, n]  # ..., threads, private_bytes
+            forward.argtypes = shape + [p, ctypes.c_int32, n]  # out, threads, private_bytes
+            backward.argtypes = shape + [p, p, p, p, ctypes.c_int32, n]  # g, dL/dh, dL/dF, dL/dr, ...
     return lib
 
 

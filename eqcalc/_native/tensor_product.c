@@ -5,25 +5,24 @@
  * reads back several times (gather, weight, batched matmul, index_add, and as many again in the
  * backward pass).
  *
- *   out[i, m3, c] = sum over edges e = (i, j) of r[e, c] * sum_m1 F[e, m3, m1] * h[j, m1, c]
+ *   out[i, m3, c] = sum over edges e = (i, j) of r[row(e), c] * sum_m1 F[e, m3, m1] * h[j, m1, c]
  *
  * F (n_edges, M3, M1) contiguous: the edge's harmonics folded with the coupling coefficients (made
  * in torch, small). h (n_atoms, M1, C) with row strides h_s0, h_s1 and unit channel stride; r
  * (n_rows, C) with row stride r_s0, edge e reading row r_row[e] (r_row NULL: n_rows = n_edges,
- * row e; the radial weights made once per pair of reverse edges); i, j (n_edges,) int64; out
- * (n_atoms, M3, C) contiguous. The backward pass takes g = dL/d out (n_atoms, M3, C) contiguous
- * and writes, where its pointer is not NULL, dL/dh (n_atoms, M1, C), dL/dF (n_edges, M3, M1) and
- * dL/dr per edge (n_edges, C), contiguous.
+ * row e; else the radial weights are made once per pair of reverse edges and both read one row);
+ * i, j (n_edges,) int64; out (n_atoms, M3, C) contiguous. The backward pass takes g = dL/d out
+ * (n_atoms, M3, C) contiguous and writes, where its pointer is not NULL, dL/dh (n_atoms, M1, C),
+ * dL/dF (n_edges, M3, M1) and dL/dr (n_rows, C), contiguous.
  *
  * Plain C, no Python or torch headers, loaded with ctypes (eqcalc/_native/__init__.py). Threads
- * (pthreads, `threads` of them): the forward pass cuts the atoms into ranges of equal edge counts,
- * each thread writing its own atoms' rows (edges grouped by centre), so the sums come out in one
- * fixed order for any thread count. The backward pass streams through the edges in storage order
- * (r, F and their gradients are the large arrays), each thread summing dL/dh into its own copy,
- * then the copies are added in thread order; where those copies would take more than
- * `private_bytes`, the edges are grouped by neighbour instead and each thread writes its own
- * atoms' dL/dh rows (no copies; r and F read out of order, slower). Returns 0, -1 when memory
- * runs out, -2 for an atom index outside 0..n_atoms-1 or a row outside 0..n_rows-1.
+ * (pthreads, `threads` of them) share the rows of r: each streams through its rows (the large
+ * array, read once however many edges share a row) and their edges, summing the atoms' rows (out,
+ * or dL/dh) into a copy of its own; the copies are then added in thread order (the same numbers
+ * for the same thread count). Where the copies would take more than `private_bytes`, each
+ * thread instead owns a range of atoms and sums their edges (grouped by centre for out, by
+ * neighbour for dL/dh): no copies, r read out of order, slower. Returns 0, -1 when memory runs
+ * out, -2 for an atom index outside 0..n_atoms-1 or a row outside 0..n_rows-1.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -41,19 +40,25 @@
 /* A dot product summed in vector lanes (built with -fopenmp-simd: no OpenMP runtime). */
 #define SIMD_SUM _Pragma("omp simd reduction(+:s)")
 
-/* Edges grouped by key (stable counting sort): the edges of atom a are
- * order[start[a]] .. order[start[a+1]-1]. Checks both index arrays. */
-static int group_edges(int64_t n_atoms, int64_t n_edges, const int64_t *key, const int64_t *other,
-                       int64_t *start, int64_t *order) {
-    memset(start, 0, (size_t)(n_atoms + 1) * sizeof(int64_t));
+/* Every atom index inside 0..n_atoms-1 and every row inside 0..n_rows-1 (r_row NULL: none). */
+static int indices_in_range(int64_t n_atoms, int64_t n_edges, const int64_t *i, const int64_t *j,
+                            int64_t n_rows, const int64_t *r_row) {
     for (int64_t e = 0; e < n_edges; e++) {
-        if (key[e] < 0 || key[e] >= n_atoms || other[e] < 0 || other[e] >= n_atoms) return -2;
-        start[key[e] + 1]++;
+        if (i[e] < 0 || i[e] >= n_atoms || j[e] < 0 || j[e] >= n_atoms) return 0;
+        if (r_row && (r_row[e] < 0 || r_row[e] >= n_rows)) return 0;
     }
-    for (int64_t a = 0; a < n_atoms; a++) start[a + 1] += start[a];
-    int64_t *next = malloc((size_t)(n_atoms + 1) * sizeof(int64_t));
+    return 1;
+}
+
+/* Edges grouped by key (stable counting sort; keys checked): group g holds edges
+ * order[start[g]] .. order[start[g+1]-1]. Returns 0, or -1 when memory runs out. */
+static int group_edges(int64_t n_groups, int64_t n_edges, const int64_t *key, int64_t *start, int64_t *order) {
+    memset(start, 0, (size_t)(n_groups + 1) * sizeof(int64_t));
+    for (int64_t e = 0; e < n_edges; e++) start[key[e] + 1]++;
+    for (int64_t g = 0; g < n_groups; g++) start[g + 1] += start[g];
+    int64_t *next = malloc((size_t)(n_groups + 1) * sizeof(int64_t));
     if (!next) return -1;
-    memcpy(next, start, (size_t)(n_atoms + 1) * sizeof(int64_t));
+    memcpy(next, start, (size_t)(n_groups + 1) * sizeof(int64_t));
     for (int64_t e = 0; e < n_edges; e++) order[next[key[e]]++] = e;
     free(next);
     return 0;
@@ -100,24 +105,31 @@ static int thread_count(int threads, int64_t n_edges) {
     return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
 }
 
-/* Atoms cut into `threads` ranges of ~equal edge counts (start: edges grouped by atom). */
-static void atom_ranges(Range *ranges, int threads, int64_t n_atoms, const int64_t *start) {
-    int64_t atom = 0, n_edges = start[n_atoms];
+/* Groups cut into `threads` ranges of ~equal edge counts (start: edges grouped). */
+static void group_ranges(Range *ranges, int threads, int64_t n_groups, const int64_t *start) {
+    int64_t group = 0, n_edges = start[n_groups];
     for (int t = 0; t < threads; t++) {
-        int64_t target = n_edges * (t + 1) / threads, stop = atom;
-        while (stop < n_atoms && (t == threads - 1 || start[stop + 1] <= target)) stop++;
-        ranges[t].first = atom;
+        int64_t target = n_edges * (t + 1) / threads, stop = group;
+        while (stop < n_groups && (t == threads - 1 || start[stop + 1] <= target)) stop++;
+        ranges[t].first = group;
         ranges[t].stop = stop;
-        atom = stop;
+        group = stop;
     }
 }
 
-/* An r row index for every edge, each inside 0..n_rows-1 (none: r has a row per edge). */
-static int rows_in_range(int64_t n_edges, int64_t n_rows, const int64_t *r_row) {
-    if (!r_row) return 1;
-    for (int64_t e = 0; e < n_edges; e++)
-        if (r_row[e] < 0 || r_row[e] >= n_rows) return 0;
-    return 1;
+/* 0..n-1 cut into `threads` equal ranges. */
+static void even_ranges(Range *ranges, int threads, int64_t n) {
+    for (int t = 0; t < threads; t++) {
+        ranges[t].first = n * t / threads;
+        ranges[t].stop = n * (t + 1) / threads;
+    }
+}
+
+/* Each range's thread, work and scratch. */
+static void assign(Range *ranges, int threads, const void *job, size_t scratch_bytes,
+                   void (*work)(const void *, int64_t, int64_t, int, void *)) {
+    for (int t = 0; t < threads; t++)
+        ranges[t] = (Range){ranges[t].first, ranges[t].stop, t, job, work, scratch_bytes, -1};
 }
 
 #define T float

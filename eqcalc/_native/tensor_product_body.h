@@ -3,50 +3,42 @@
 
 typedef struct {
     int64_t n_atoms, M1, M3, C, h_s0, h_s1, r_s0;
-    const int64_t *r_row;  /* the row of r each edge reads (NULL: row e) */
+    const int64_t *r_row;          /* the row of r each edge reads (NULL: row e) */
     const T *h, *F, *r, *g;
-    const int64_t *i, *j, *start, *order;
+    const int64_t *i, *j;
+    const int64_t *start, *order;  /* edges grouped by row of r (NULL: row e is edge e) or by atom */
     T *out, *grad_h, *grad_F, *grad_r;
-    T **private_h;  /* per-thread dL/dh of the edge-order backward pass (index 0: grad_h itself) */
+    T *grad_r_edges;               /* dL/dr per edge (atom passes with shared rows), else grad_r */
+    T **copies;                    /* per thread: its sums of atoms' rows ([0]: the output itself) */
+    int64_t width;                 /* T's per atom row of copies */
 } NAME(Job);
 
-/* Output rows of atoms first..stop-1: out[a] = sum over the edges whose centre is a. */
-CLONES static void NAME(forward_rows)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
-    const NAME(Job) *q = p;
+/* out[i] += r[e] (F[e] @ h[j]) for one edge; o is centre i's output row. */
+static inline void NAME(forward_edge)(const NAME(Job) *q, int64_t e, const T *restrict re, T *restrict o,
+                                      T *restrict tmp) {
     const int64_t M1 = q->M1, M3 = q->M3, C = q->C;
-    T *restrict tmp = scratch;
-    (void)index;
-    for (int64_t a = first; a < stop; a++) {
-        T *restrict o = q->out + a * M3 * C;
-        memset(o, 0, (size_t)(M3 * C) * sizeof(T));
-        for (int64_t k = q->start[a]; k < q->start[a + 1]; k++) {
-            const int64_t e = q->order[k];
-            const T *restrict hj = q->h + q->j[e] * q->h_s0;
-            const T *restrict re = q->r + (q->r_row ? q->r_row[e] : e) * q->r_s0;
-            const T *restrict Fe = q->F + e * M3 * M1;
-            for (int64_t m1 = 0; m1 < M1; m1++) {
-                const T *restrict hm = hj + m1 * q->h_s1;
-                for (int64_t c = 0; c < C; c++) tmp[c] = hm[c] * re[c];
-                for (int64_t m3 = 0; m3 < M3; m3++) {
-                    const T f = Fe[m3 * M1 + m1];
-                    T *restrict om = o + m3 * C;
-                    for (int64_t c = 0; c < C; c++) om[c] += f * tmp[c];
-                }
-            }
+    const T *restrict hj = q->h + q->j[e] * q->h_s0;
+    const T *restrict Fe = q->F + e * M3 * M1;
+    for (int64_t m1 = 0; m1 < M1; m1++) {
+        const T *restrict hm = hj + m1 * q->h_s1;
+        for (int64_t c = 0; c < C; c++) tmp[c] = hm[c] * re[c];
+        for (int64_t m3 = 0; m3 < M3; m3++) {
+            const T f = Fe[m3 * M1 + m1];
+            T *restrict om = o + m3 * C;
+            for (int64_t c = 0; c < C; c++) om[c] += f * tmp[c];
         }
     }
 }
 
-/* The backward pass of one edge (inlined into the callers, compiled for each of their targets): dL/dF[e], dL/dr[e], and dL/dh[j] += into gh (NULL: not needed). */
-static inline void NAME(backward_edge)(const NAME(Job) *q, int64_t e, T *restrict gh, T *restrict t, T *restrict u) {
+/* The backward pass of one edge: dL/dF[e] written, dL/dh[j] += into gh and dL/dr += into gr
+ * (each NULL: not needed). */
+static inline void NAME(backward_edge)(const NAME(Job) *q, int64_t e, const T *restrict re, T *restrict gh,
+                                       T *restrict gr, T *restrict t, T *restrict u) {
     const int64_t M1 = q->M1, M3 = q->M3, C = q->C;
     const T *restrict gi = q->g + q->i[e] * M3 * C;
     const T *restrict hj = q->h + q->j[e] * q->h_s0;
-    const T *restrict re = q->r + (q->r_row ? q->r_row[e] : e) * q->r_s0;
     const T *restrict Fe = q->F + e * M3 * M1;
-    T *restrict gr = q->grad_r ? q->grad_r + e * C : NULL;
     if (gh || gr) {
-        if (gr) memset(gr, 0, (size_t)C * sizeof(T));
         for (int64_t m1 = 0; m1 < M1; m1++) {
             for (int64_t c = 0; c < C; c++) t[c] = 0;
             for (int64_t m3 = 0; m3 < M3; m3++) {
@@ -79,54 +71,144 @@ static inline void NAME(backward_edge)(const NAME(Job) *q, int64_t e, T *restric
     }
 }
 
-/* Edges first..stop-1 in storage order (streaming through r, F and their gradients); dL/dh into
- * this thread's own copy. */
-CLONES static void NAME(backward_edges)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
+/* Rows first..stop-1 of r and their edges, centre sums into this thread's copy of out. */
+CLONES static void NAME(forward_rows)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
     const NAME(Job) *q = p;
-    T *t = scratch, *u = t + q->C, *gh = q->grad_h ? q->private_h[index] : NULL;
-    const int64_t row = q->M1 * q->C;
-    for (int64_t e = first; e < stop; e++) NAME(backward_edge)(q, e, gh ? gh + q->j[e] * row : NULL, t, u);
-}
-
-/* dL/dh rows of atoms first..stop-1: the sum of the threads' copies, in thread order. */
-static void NAME(sum_private)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
-    const NAME(Job) *q = p;
-    const int64_t row = q->M1 * q->C;
-    (void)index; (void)scratch;
-    for (int k = 1; q->private_h[k]; k++) {
-        const T *restrict src = q->private_h[k] + first * row;
-        T *restrict dst = q->grad_h + first * row;
-        for (int64_t x = 0; x < (stop - first) * row; x++) dst[x] += src[x];
+    T *o = q->copies[index];
+    for (int64_t row = first; row < stop; row++) {
+        const T *re = q->r + row * q->r_s0;
+        const int64_t k0 = q->start ? q->start[row] : row, k1 = q->start ? q->start[row + 1] : row + 1;
+        for (int64_t k = k0; k < k1; k++) {
+            const int64_t e = q->start ? q->order[k] : k;
+            NAME(forward_edge)(q, e, re, o + q->i[e] * q->width, scratch);
+        }
     }
 }
 
-/* dL/dh rows of atoms first..stop-1 as neighbours (edges grouped by j): no per-thread copies. */
-CLONES static void NAME(backward_rows)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
+/* Output rows of atoms first..stop-1, each the sum over the edges whose centre it is. */
+CLONES static void NAME(forward_atoms)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
     const NAME(Job) *q = p;
-    T *t = scratch, *u = t + q->C;
-    const int64_t row = q->M1 * q->C;
     (void)index;
     for (int64_t a = first; a < stop; a++) {
-        T *gh = q->grad_h + a * row;
-        memset(gh, 0, (size_t)row * sizeof(T));
-        for (int64_t k = q->start[a]; k < q->start[a + 1]; k++) NAME(backward_edge)(q, q->order[k], gh, t, u);
+        T *o = q->out + a * q->width;
+        memset(o, 0, (size_t)q->width * sizeof(T));
+        for (int64_t k = q->start[a]; k < q->start[a + 1]; k++) {
+            const int64_t e = q->order[k];
+            NAME(forward_edge)(q, e, q->r + (q->r_row ? q->r_row[e] : e) * q->r_s0, o, scratch);
+        }
     }
 }
 
-/* Group the edges by key, cut the atoms into ranges of equal edge counts, run work on them. */
-static int64_t NAME(by_atom)(NAME(Job) *q, int64_t n_edges, const int64_t *key, const int64_t *other, int threads,
-                       size_t scratch, void (*work)(const void *, int64_t, int64_t, int, void *)) {
+/* Rows first..stop-1 of r: dL/dr of each row and dL/dF of its edges; dL/dh into this thread's copy. */
+CLONES static void NAME(backward_rows)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
+    const NAME(Job) *q = p;
+    T *t = scratch, *u = t + q->C, *gh = q->grad_h ? q->copies[index] : NULL;
+    for (int64_t row = first; row < stop; row++) {
+        const T *re = q->r + row * q->r_s0;
+        T *gr = q->grad_r ? q->grad_r + row * q->C : NULL;
+        if (gr) memset(gr, 0, (size_t)q->C * sizeof(T));
+        const int64_t k0 = q->start ? q->start[row] : row, k1 = q->start ? q->start[row + 1] : row + 1;
+        for (int64_t k = k0; k < k1; k++) {
+            const int64_t e = q->start ? q->order[k] : k;
+            NAME(backward_edge)(q, e, re, gh ? gh + q->j[e] * q->width : NULL, gr, t, u);
+        }
+    }
+}
+
+/* dL/dh rows of atoms first..stop-1 as neighbours (edges grouped by j), no copies; dL/dr per edge. */
+CLONES static void NAME(backward_atoms)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
+    const NAME(Job) *q = p;
+    T *t = scratch, *u = t + q->C;
+    (void)index;
+    for (int64_t a = first; a < stop; a++) {
+        T *gh = q->grad_h + a * q->width;
+        memset(gh, 0, (size_t)q->width * sizeof(T));
+        for (int64_t k = q->start[a]; k < q->start[a + 1]; k++) {
+            const int64_t e = q->order[k];
+            T *gr = q->grad_r_edges ? q->grad_r_edges + e * q->C : NULL;
+            if (gr) memset(gr, 0, (size_t)q->C * sizeof(T));
+            NAME(backward_edge)(q, e, q->r + (q->r_row ? q->r_row[e] : e) * q->r_s0, gh, gr, t, u);
+        }
+    }
+}
+
+/* dL/dr of rows first..stop-1: the sum of their edges' (edges grouped by row). */
+static void NAME(sum_edge_rows)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
+    const NAME(Job) *q = p;
+    const int64_t C = q->C;
+    (void)index; (void)scratch;
+    for (int64_t row = first; row < stop; row++) {
+        T *restrict dst = q->grad_r + row * C;
+        memset(dst, 0, (size_t)C * sizeof(T));
+        for (int64_t k = q->start[row]; k < q->start[row + 1]; k++) {
+            const T *restrict src = q->grad_r_edges + q->order[k] * C;
+            for (int64_t c = 0; c < C; c++) dst[c] += src[c];
+        }
+    }
+}
+
+/* Atom rows first..stop-1 of copies[0] plus those of the other threads' copies, in thread order. */
+static void NAME(sum_copies)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
+    const NAME(Job) *q = p;
+    (void)index; (void)scratch;
+    for (int k = 1; q->copies[k]; k++) {
+        const T *restrict src = q->copies[k] + first * q->width;
+        T *restrict dst = q->copies[0] + first * q->width;
+        for (int64_t x = 0; x < (stop - first) * q->width; x++) dst[x] += src[x];
+    }
+}
+
+/* The row pass: threads share the rows of r (edges grouped by row), each summing atom rows into
+ * its own copy of `target` (n_atoms x width; NULL: nothing summed per atom), then the copies
+ * are added. */
+static int NAME(by_rows)(NAME(Job) *q, int64_t n_edges, int64_t n_rows, int threads, T *target, size_t scratch,
+                         void (*work)(const void *, int64_t, int64_t, int, void *)) {
+    int64_t *start = NULL, *order = NULL;
+    T *copies[MAX_THREADS + 1] = {target};
+    const size_t bytes = (size_t)q->n_atoms * (size_t)q->width * sizeof(T);
+    int status = 0;
+    if (q->r_row) {
+        start = malloc((size_t)(n_rows + 1) * sizeof(int64_t));
+        order = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(int64_t));
+        status = (start && order) ? group_edges(n_rows, n_edges, q->r_row, start, order) : -1;
+    }
+    q->start = start;
+    q->order = order;
+    if (target) {
+        memset(target, 0, bytes);
+        for (int t = 1; t < threads && status == 0; t++)
+            if (!(copies[t] = calloc(1, bytes > 0 ? bytes : 1))) status = -1;
+    }
+    q->copies = copies;
+    Range ranges[MAX_THREADS];
+    if (status == 0) {
+        even_ranges(ranges, threads, q->r_row ? n_rows : n_edges);
+        assign(ranges, threads, q, scratch, work);
+        status = in_parallel(ranges, threads);
+    }
+    if (status == 0 && target && threads > 1) {
+        even_ranges(ranges, threads, q->n_atoms);
+        assign(ranges, threads, q, 1, NAME(sum_copies));
+        status = in_parallel(ranges, threads);
+    }
+    for (int t = 1; t < threads; t++) free(copies[t]);
+    free(start);
+    free(order);
+    return status;
+}
+
+/* The atom pass: edges grouped by `key` (centre or neighbour), threads own ranges of atoms. */
+static int NAME(by_atoms)(NAME(Job) *q, int64_t n_edges, const int64_t *key, int threads, size_t scratch,
+                          void (*work)(const void *, int64_t, int64_t, int, void *)) {
     int64_t *start = malloc((size_t)(q->n_atoms + 1) * sizeof(int64_t));
     int64_t *order = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(int64_t));
-    int status = (start && order) ? group_edges(q->n_atoms, n_edges, key, other, start, order) : -1;
+    int status = (start && order) ? group_edges(q->n_atoms, n_edges, key, start, order) : -1;
     if (status == 0) {
         Range ranges[MAX_THREADS];
         q->start = start;
         q->order = order;
-        threads = thread_count(threads, n_edges);
-        atom_ranges(ranges, threads, q->n_atoms, start);
-        for (int t = 0; t < threads; t++)
-            ranges[t] = (Range){ranges[t].first, ranges[t].stop, t, q, work, scratch, -1};
+        group_ranges(ranges, threads, q->n_atoms, start);
+        assign(ranges, threads, q, scratch, work);
         status = in_parallel(ranges, threads);
     }
     free(start);
@@ -134,52 +216,62 @@ static int64_t NAME(by_atom)(NAME(Job) *q, int64_t n_edges, const int64_t *key, 
     return status;
 }
 
+/* dL/dr per row from dL/dr per edge (atom passes with shared rows). */
+static int NAME(rows_from_edges)(NAME(Job) *q, int64_t n_edges, int64_t n_rows, int threads) {
+    int64_t *start = malloc((size_t)(n_rows + 1) * sizeof(int64_t));
+    int64_t *order = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(int64_t));
+    int status = (start && order) ? group_edges(n_rows, n_edges, q->r_row, start, order) : -1;
+    if (status == 0) {
+        Range ranges[MAX_THREADS];
+        q->start = start;
+        q->order = order;
+        even_ranges(ranges, threads, n_rows);
+        assign(ranges, threads, q, 1, NAME(sum_edge_rows));
+        status = in_parallel(ranges, threads);
+    }
+    free(start);
+    free(order);
+    return status;
+}
+
+static int NAME(copies_fit)(int threads, int64_t n_atoms, int64_t width, int64_t private_bytes) {
+    return threads == 1 || (double)threads * (double)n_atoms * (double)width * sizeof(T) <= (double)private_bytes;
+}
+
 int64_t NAME(eqcalc_tp_forward)(int64_t n_atoms, int64_t n_edges, int64_t M1, int64_t M3, int64_t C,
-                          const T *h, int64_t h_s0, int64_t h_s1, const T *F, const T *r,
-                          int64_t r_s0, int64_t n_rows, const int64_t *r_row, const int64_t *i, const int64_t *j,
-                          T *out, int32_t threads) {
-    NAME(Job) job = {n_atoms, M1, M3, C, h_s0, h_s1, r_s0, r_row, h, F, r, NULL, i, j, NULL, NULL, out, NULL, NULL, NULL,
-                     NULL};
-    if (!rows_in_range(n_edges, n_rows, r_row)) return -2;
-    return NAME(by_atom)(&job, n_edges, i, j, threads, (size_t)(C > 0 ? C : 1) * sizeof(T), NAME(forward_rows));
+                                const T *h, int64_t h_s0, int64_t h_s1, const T *F, const T *r, int64_t r_s0,
+                                int64_t n_rows, const int64_t *r_row, const int64_t *i, const int64_t *j,
+                                T *out, int32_t threads, int64_t private_bytes) {
+    if (!indices_in_range(n_atoms, n_edges, i, j, n_rows, r_row)) return -2;
+    NAME(Job) job = {n_atoms, M1, M3, C, h_s0, h_s1, r_s0, r_row, h, F, r, NULL, i, j, NULL, NULL,
+                     out, NULL, NULL, NULL, NULL, NULL, M3 * C};
+    const int n = thread_count(threads, n_edges);
+    const size_t scratch = (size_t)(C > 0 ? C : 1) * sizeof(T);
+    if (NAME(copies_fit)(n, n_atoms, M3 * C, private_bytes))
+        return NAME(by_rows)(&job, n_edges, n_rows, n, out, scratch, NAME(forward_rows));
+    return NAME(by_atoms)(&job, n_edges, i, n, scratch, NAME(forward_atoms));
 }
 
 int64_t NAME(eqcalc_tp_backward)(int64_t n_atoms, int64_t n_edges, int64_t M1, int64_t M3, int64_t C,
-                           const T *h, int64_t h_s0, int64_t h_s1, const T *F, const T *r,
-                           int64_t r_s0, int64_t n_rows, const int64_t *r_row, const int64_t *i, const int64_t *j,
-                           const T *g,
-                           T *grad_h, T *grad_F, T *grad_r, int32_t threads,
-                           int64_t private_bytes) {
-    NAME(Job) job = {n_atoms, M1, M3, C, h_s0, h_s1, r_s0, r_row, h, F, r, g, i, j, NULL, NULL, NULL, grad_h, grad_F,
-                     grad_r, NULL};
-    if (!rows_in_range(n_edges, n_rows, r_row)) return -2;
-    const size_t scratch = (size_t)(2 * (C > 0 ? C : 1)) * sizeof(T), row = (size_t)(M1 * C) * sizeof(T);
+                                 const T *h, int64_t h_s0, int64_t h_s1, const T *F, const T *r, int64_t r_s0,
+                                 int64_t n_rows, const int64_t *r_row, const int64_t *i, const int64_t *j,
+                                 const T *g, T *grad_h, T *grad_F, T *grad_r, int32_t threads,
+                                 int64_t private_bytes) {
+    if (!indices_in_range(n_atoms, n_edges, i, j, n_rows, r_row)) return -2;
+    NAME(Job) job = {n_atoms, M1, M3, C, h_s0, h_s1, r_s0, r_row, h, F, r, g, i, j, NULL, NULL,
+                     NULL, grad_h, grad_F, grad_r, grad_r, NULL, M1 * C};
     const int n = thread_count(threads, n_edges);
-    if (grad_h && n > 1 && (double)n * (double)n_atoms * (double)row > (double)private_bytes)
-        return NAME(by_atom)(&job, n_edges, j, i, threads, scratch, NAME(backward_rows));
-    /* Edges in storage order, each thread summing dL/dh into its own copy (the neighbours j of
-     * an edge range are scattered: grouping the edges by j would read r and F out of order). */
-    for (int64_t e = 0; e < n_edges; e++)
-        if (i[e] < 0 || i[e] >= n_atoms || j[e] < 0 || j[e] >= n_atoms) return -2;
-    T *private_h[MAX_THREADS + 1] = {grad_h};
-    int status = 0;
-    if (grad_h) {
-        memset(grad_h, 0, (size_t)n_atoms * row);
-        for (int t = 1; t < n; t++)
-            if (!(private_h[t] = calloc((size_t)n_atoms, row))) status = -1;
+    const size_t scratch = (size_t)(2 * (C > 0 ? C : 1)) * sizeof(T);
+    if (!grad_h || NAME(copies_fit)(n, n_atoms, M1 * C, private_bytes))
+        return NAME(by_rows)(&job, n_edges, n_rows, n, grad_h, scratch, NAME(backward_rows));
+    T *edges = NULL;
+    if (grad_r && r_row) {  /* rows shared by edges that different threads own: per edge first */
+        edges = malloc((size_t)(n_edges > 0 ? n_edges : 1) * (size_t)(C > 0 ? C : 1) * sizeof(T));
+        if (!edges) return -1;
+        job.grad_r_edges = edges;
     }
-    job.private_h = private_h;
-    Range ranges[MAX_THREADS];
-    if (status == 0) {
-        for (int t = 0; t < n; t++)
-            ranges[t] = (Range){n_edges * t / n, n_edges * (t + 1) / n, t, &job, NAME(backward_edges), scratch, -1};
-        status = in_parallel(ranges, n);
-    }
-    if (status == 0 && grad_h && n > 1) {
-        for (int t = 0; t < n; t++)
-            ranges[t] = (Range){n_atoms * t / n, n_atoms * (t + 1) / n, t, &job, NAME(sum_private), 1, -1};
-        status = in_parallel(ranges, n);
-    }
-    for (int t = 1; t < n; t++) free(private_h[t]);
+    int status = NAME(by_atoms)(&job, n_edges, j, n, scratch, NAME(backward_atoms));
+    if (status == 0 && edges) status = NAME(rows_from_edges)(&job, n_edges, n_rows, n);
+    free(edges);
     return status;
 }
