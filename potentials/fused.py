@@ -29,6 +29,8 @@ _DTYPES = {torch.float32: "_f32", torch.float64: "_f64"}
 #: bytes, all threads together); above it (very large systems) each thread owns a range of atoms
 #: instead: no copies, slower.
 PRIVATE_BYTES = 256 << 20
+#: Edges a thread should have before a pass is split (see :func:`threads`).
+EDGES_PER_THREAD = 4096
 
 
 def available(h: Tensor) -> bool:
@@ -46,6 +48,12 @@ def traced(x: Tensor) -> bool:
             or (is_wrapped is not None and bool(is_wrapped(x))))
 
 
+def threads(n_edges: int) -> int:
+    """Threads for a pass over ``n_edges``: torch's count, one per :data:`EDGES_PER_THREAD` at most
+    (starting a thread and adding its copy cost more than a small share saves)."""
+    return max(1, min(torch.get_num_threads(), n_edges // EDGES_PER_THREAD))
+
+
 def _readable(h: Tensor, F: Tensor, r: Tensor, row: Optional[Tensor], i: Tensor, j: Tensor) -> Tuple:
     """The kernel's arguments after ``n_atoms, n_edges, M1, M3, C``: unit channel stride for ``h``
     and ``r`` (rows may be strided: a block of a wider tensor), contiguous ``F``, ``row``, ``i``,
@@ -61,7 +69,7 @@ def _call(name: str, h: Tensor, F: Tensor, r: Tensor, row: Optional[Tensor], i: 
     lib = native.tensor_product_library()
     (h, F, r, row, i, j), arguments = _readable(h, F, r, row, i, j)
     status = getattr(lib, name + _DTYPES[h.dtype])(h.shape[0], i.shape[0], h.shape[1], F.shape[1], h.shape[2],
-                                                    *arguments, *pointers, torch.get_num_threads(), PRIVATE_BYTES)
+                                                    *arguments, *pointers, threads(i.shape[0]), PRIVATE_BYTES)
     if status == -1:
         raise SystemTooLargeError(f"the edge tensor product ran out of memory at {i.shape[0]} edges and "
                                   f"{h.shape[0]} atoms: run fewer atoms per batch")

@@ -46,6 +46,22 @@ def test_the_kernels_are_built():
     assert _native.tensor_product_library() is not None, "pip install -e . builds eqcalc/_native/tensor_product.c"
 
 
+def test_the_baseline_and_avx2_builds_agree(monkeypatch):
+    builds = {stem: _native.tensor_product_build(stem) for stem in ("_tensor_product", "_tensor_product_avx2")}
+    assert builds["_tensor_product"] is not None
+    if builds["_tensor_product_avx2"] is None:  # a CPU or compiler without AVX2: nothing to compare
+        assert not {"avx2", "fma"} <= _native._cpu_flags()
+        return
+    wide_h, F, wide_r, edge_index, h, r = inputs(5, 3, torch.float64)
+    results = []
+    for lib in builds.values():
+        monkeypatch.setattr(_native, "tensor_product_library", lambda lib=lib: lib)
+        out = fused.edge_product(h(), F, r(), edge_index)
+        results.append((out, *torch.autograd.grad(out, (wide_h, F, wide_r), torch.ones_like(out))))
+    for a, b in zip(*results):
+        assert (a - b).abs().max() <= 1e-13 * b.abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("M1,M3", SHAPES)
 def test_sums_and_gradients_match_torch(M1, M3, dtype, threads):

@@ -21,12 +21,23 @@ _I32 = ctypes.POINTER(ctypes.c_int32)
 
 
 def _load(stem: str) -> Optional[ctypes.CDLL]:
-    for path in sorted(Path(__file__).parent.glob(f"{stem}*.so")):
+    for path in sorted(Path(__file__).parent.glob(f"{stem}.*so")):
         try:
             return ctypes.CDLL(str(path))
         except OSError:
             continue
     return None
+
+
+def _cpu_flags() -> set:
+    """The CPU's feature flags (Linux; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,8 +55,16 @@ def library() -> Optional[ctypes.CDLL]:
 @functools.lru_cache(maxsize=1)
 def tensor_product_library() -> Optional[ctypes.CDLL]:
     """The loaded edge tensor product kernels (``eqcalc_tp_{forward,backward}_{f32,f64}``, raw
-    pointers as integers), or ``None`` when they were not built."""
-    lib = _load("_tensor_product")
+    pointers as integers; the AVX2 + FMA build where the CPU has both), or ``None`` when they
+    were not built."""
+    return (tensor_product_build("_tensor_product_avx2") if {"avx2", "fma"} <= _cpu_flags() else None) \
+        or tensor_product_build("_tensor_product")
+
+
+@functools.lru_cache(maxsize=None)
+def tensor_product_build(stem: str) -> Optional[ctypes.CDLL]:
+    """One build of the kernels (``_tensor_product``: baseline CPU; ``_tensor_product_avx2``)."""
+    lib = _load(stem)
     if lib is not None:
         n, p = ctypes.c_int64, ctypes.c_void_p
         # atoms, edges, M1, M3, C, h, its strides, F, r, its row stride, its rows, r_row, i, j

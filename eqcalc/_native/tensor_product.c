@@ -15,8 +15,13 @@
  * (n_atoms, M3, C) contiguous and writes, where its pointer is not NULL, dL/dh (n_atoms, M1, C),
  * dL/dF (n_edges, M3, M1) and dL/dr (n_rows, C), contiguous.
  *
- * Plain C, no Python or torch headers, loaded with ctypes (eqcalc/_native/__init__.py). Threads
- * (pthreads, `threads` of them) share the rows of r: each streams through its rows (the large
+ * Plain C, no Python or torch headers, loaded with ctypes (eqcalc/_native/__init__.py); built
+ * twice, for the baseline CPU and with AVX2 + FMA (which the loader takes where the CPU has them:
+ * ~1.5x faster; per-function target clones measured slower, the helpers not inlined). Threads:
+ * OpenMP, `threads` of them. The library needs libgomp.so.1, which the dynamic loader resolves to
+ * the copy torch has already loaded, so the kernels run on torch's own thread pool (pthreads of
+ * their own measured slower on 2 cores: torch's idle threads spin while they start). They share
+ * the rows of r: each streams through its rows (the large
  * array, read once however many edges share a row) and their edges, summing the atoms' rows (out,
  * or dL/dh) into a copy of its own; the copies are then added in thread order (the same numbers
  * for the same thread count). Where the copies would take more than `private_bytes`, each
@@ -24,20 +29,13 @@
  * neighbour for dL/dh): no copies, r read out of order, slower. Returns 0, -1 when memory runs
  * out, -2 for an atom index outside 0..n_atoms-1 or a row outside 0..n_rows-1.
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_THREADS 64
 
-/* AVX-512 or AVX2 + FMA where the CPU has them, chosen when the library loads; SSE2 otherwise. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define CLONES
-#endif
-/* A dot product summed in vector lanes (built with -fopenmp-simd: no OpenMP runtime). */
+/* A dot product summed in vector lanes (the order of its terms is the build's, fixed). */
 #define SIMD_SUM _Pragma("omp simd reduction(+:s)")
 
 /* Every atom index inside 0..n_atoms-1 and every row inside 0..n_rows-1 (r_row NULL: none). */
@@ -74,34 +72,24 @@ typedef struct {
     int status;
 } Range;
 
-static void *run_range(void *p) {
-    Range *r = p;
+static void run_range(Range *r) {
     void *scratch = malloc(r->scratch_bytes);
-    if (!scratch) { r->status = -1; return NULL; }
+    if (!scratch) { r->status = -1; return; }
     r->work(r->job, r->first, r->stop, r->index, scratch);
     free(scratch);
     r->status = 0;
-    return NULL;
 }
 
-/* Run work on each range, ranges[0] in this thread. */
+/* Run work on each range, one OpenMP thread each. */
 static int in_parallel(Range *ranges, int threads) {
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 1; t < threads; t++)
-        started[t] = pthread_create(&ids[t], NULL, run_range, &ranges[t]) == 0;
-    run_range(&ranges[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else run_range(&ranges[t]);  /* no thread to be had: do it here */
-    }
+    #pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) run_range(&ranges[t]);
     for (int t = 0; t < threads; t++)
         if (ranges[t].status != 0) return -1;
     return 0;
 }
 
-static int thread_count(int threads, int64_t n_edges) {
-    if (n_edges < 4096) return 1;  /* a thread start costs more than a small pass */
+static int thread_count(int threads) {
     return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
 }
 

@@ -72,7 +72,7 @@ static inline void NAME(backward_edge)(const NAME(Job) *q, int64_t e, const T *r
 }
 
 /* Rows first..stop-1 of r and their edges, centre sums into this thread's copy of out. */
-CLONES static void NAME(forward_rows)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
+static void NAME(forward_rows)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
     const NAME(Job) *q = p;
     T *o = q->copies[index];
     for (int64_t row = first; row < stop; row++) {
@@ -86,7 +86,7 @@ CLONES static void NAME(forward_rows)(const void *p, int64_t first, int64_t stop
 }
 
 /* Output rows of atoms first..stop-1, each the sum over the edges whose centre it is. */
-CLONES static void NAME(forward_atoms)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
+static void NAME(forward_atoms)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
     const NAME(Job) *q = p;
     (void)index;
     for (int64_t a = first; a < stop; a++) {
@@ -100,7 +100,7 @@ CLONES static void NAME(forward_atoms)(const void *p, int64_t first, int64_t sto
 }
 
 /* Rows first..stop-1 of r: dL/dr of each row and dL/dF of its edges; dL/dh into this thread's copy. */
-CLONES static void NAME(backward_rows)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
+static void NAME(backward_rows)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
     const NAME(Job) *q = p;
     T *t = scratch, *u = t + q->C, *gh = q->grad_h ? q->copies[index] : NULL;
     for (int64_t row = first; row < stop; row++) {
@@ -116,7 +116,7 @@ CLONES static void NAME(backward_rows)(const void *p, int64_t first, int64_t sto
 }
 
 /* dL/dh rows of atoms first..stop-1 as neighbours (edges grouped by j), no copies; dL/dr per edge. */
-CLONES static void NAME(backward_atoms)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
+static void NAME(backward_atoms)(const void *p, int64_t first, int64_t stop, int index, void *scratch) {
     const NAME(Job) *q = p;
     T *t = scratch, *u = t + q->C;
     (void)index;
@@ -245,7 +245,7 @@ int64_t NAME(eqcalc_tp_forward)(int64_t n_atoms, int64_t n_edges, int64_t M1, in
     if (!indices_in_range(n_atoms, n_edges, i, j, n_rows, r_row)) return -2;
     NAME(Job) job = {n_atoms, M1, M3, C, h_s0, h_s1, r_s0, r_row, h, F, r, NULL, i, j, NULL, NULL,
                      out, NULL, NULL, NULL, NULL, NULL, M3 * C};
-    const int n = thread_count(threads, n_edges);
+    const int n = thread_count(threads);
     const size_t scratch = (size_t)(C > 0 ? C : 1) * sizeof(T);
     if (NAME(copies_fit)(n, n_atoms, M3 * C, private_bytes))
         return NAME(by_rows)(&job, n_edges, n_rows, n, out, scratch, NAME(forward_rows));
@@ -260,7 +260,7 @@ int64_t NAME(eqcalc_tp_backward)(int64_t n_atoms, int64_t n_edges, int64_t M1, i
     if (!indices_in_range(n_atoms, n_edges, i, j, n_rows, r_row)) return -2;
     NAME(Job) job = {n_atoms, M1, M3, C, h_s0, h_s1, r_s0, r_row, h, F, r, g, i, j, NULL, NULL,
                      NULL, grad_h, grad_F, grad_r, grad_r, NULL, M1 * C};
-    const int n = thread_count(threads, n_edges);
+    const int n = thread_count(threads);
     const size_t scratch = (size_t)(2 * (C > 0 ? C : 1)) * sizeof(T);
     if (!grad_h || NAME(copies_fit)(n, n_atoms, M1 * C, private_bytes))
         return NAME(by_rows)(&job, n_edges, n_rows, n, grad_h, scratch, NAME(backward_rows));
