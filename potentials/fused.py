@@ -2,15 +2,17 @@
 
 :class:`potentials.o3.EdgeTensorProduct` sums, per path ``l1 ⊗ l2 → l3``,
 
-``out[i, m3, c] = sum_{e=(i,j)} r[e, c] sum_m1 F[e, m3, m1] h[j, m1, c]``
+``out[i, m3, c] = sum_{e=(i,j)} r[row(e), c] sum_m1 F[e, m3, m1] h[j, m1, c]``
 
-(``F`` the edge's harmonics folded with the coupling coefficients). In torch operations that is
-a gather ``h[j]``, a weighting, a batched matmul of tiny matrices and an ``index_add``, each
-writing and reading a tensor ``(n_edges, 2l+1, channels)``; the backward pass as many again. The
-compiled kernel (``eqcalc/_native/tensor_product.c``) does the same sums edge by edge with the
-rows in cache, in the same order for any thread count. :func:`edge_product` uses it for CPU
-tensors of float32/float64 outside tracing and compilation (TorchScript, ``make_fx``, dynamo,
-fake tensors: those see the torch form, which is also the reference the tests compare with).
+(``F`` the edge's harmonics folded with the coupling coefficients; ``r`` the radial weights, a
+row per edge or one per pair of reverse edges). In torch operations that is a gather ``h[j]``, a
+weighting, a batched matmul of tiny matrices and an ``index_add``, each writing and reading a
+tensor ``(n_edges, 2l+1, channels)``; the backward pass as many again. The compiled kernel
+(``eqcalc/_native/tensor_product.c``, on torch's OpenMP threads) does the same sums edge by edge
+with the rows in cache: reproducible for a given thread count, equal to rounding across counts.
+:func:`edge_product` uses it for CPU tensors of float32/float64 outside tracing and compilation
+(TorchScript, ``make_fx``, dynamo, fake tensors: those see the torch form, which is also the
+reference the tests compare with).
 
 A second derivative (Hessians, training on forces) differentiates the backward pass: when the
 backward runs with ``create_graph``, its gradients are computed with torch operations
