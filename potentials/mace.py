@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from eqcalc import keys
-from eqcalc.neighbors import edge_pairs
 from eqcalc.errors import InvalidOptionError, check_choice
+from eqcalc.neighbors import edge_pairs
 from potentials import fused, o3, short_range
 from potentials.nn import Potential, edge_geometry, validate_config
 from potentials.registry import register
