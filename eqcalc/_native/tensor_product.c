@@ -48,14 +48,22 @@ static int indices_in_range(int64_t n_atoms, int64_t n_edges, const int64_t *i, 
     return 1;
 }
 
-/* Edges grouped by key (stable counting sort; keys checked): group g holds edges
- * order[start[g]] .. order[start[g+1]-1]. Returns 0, or -1 when memory runs out. */
-static int group_edges(int64_t n_groups, int64_t n_edges, const int64_t *key, int64_t *start, int64_t *order) {
-    memset(start, 0, (size_t)(n_groups + 1) * sizeof(int64_t));
+/* Edges grouped by key (stable counting sort; keys checked before): group g holds edges
+ * order[start[g]] .. order[start[g+1]-1], both arrays allocated here for the caller to free
+ * (also on failure). Returns 0, or -1 when memory runs out. */
+static int group_edges(int64_t n_groups, int64_t n_edges, const int64_t *key, int64_t **start_out,
+                       int64_t **order_out) {
+    int64_t *start = calloc((size_t)(n_groups + 1), sizeof(int64_t));
+    int64_t *order = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(int64_t));
+    int64_t *next = malloc((size_t)(n_groups + 1) * sizeof(int64_t));
+    *start_out = start;
+    *order_out = order;
+    if (!start || !order || !next) {
+        free(next);
+        return -1;
+    }
     for (int64_t e = 0; e < n_edges; e++) start[key[e] + 1]++;
     for (int64_t g = 0; g < n_groups; g++) start[g + 1] += start[g];
-    int64_t *next = malloc((size_t)(n_groups + 1) * sizeof(int64_t));
-    if (!next) return -1;
     memcpy(next, start, (size_t)(n_groups + 1) * sizeof(int64_t));
     for (int64_t e = 0; e < n_edges; e++) order[next[key[e]]++] = e;
     free(next);

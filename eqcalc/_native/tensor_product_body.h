@@ -166,12 +166,7 @@ static int NAME(by_rows)(NAME(Job) *q, int64_t n_edges, int64_t n_rows, int thre
     int64_t *start = NULL, *order = NULL;
     T *copies[MAX_THREADS + 1] = {target};
     const size_t bytes = (size_t)q->n_atoms * (size_t)q->width * sizeof(T);
-    int status = 0;
-    if (q->r_row) {
-        start = malloc((size_t)(n_rows + 1) * sizeof(int64_t));
-        order = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(int64_t));
-        status = (start && order) ? group_edges(n_rows, n_edges, q->r_row, start, order) : -1;
-    }
+    int status = q->r_row ? group_edges(n_rows, n_edges, q->r_row, &start, &order) : 0;
     q->start = start;
     q->order = order;
     if (target) {
@@ -197,36 +192,18 @@ static int NAME(by_rows)(NAME(Job) *q, int64_t n_edges, int64_t n_rows, int thre
     return status;
 }
 
-/* The atom pass: edges grouped by `key` (centre or neighbour), threads own ranges of atoms. */
-static int NAME(by_atoms)(NAME(Job) *q, int64_t n_edges, const int64_t *key, int threads, size_t scratch,
-                          void (*work)(const void *, int64_t, int64_t, int, void *)) {
-    int64_t *start = malloc((size_t)(q->n_atoms + 1) * sizeof(int64_t));
-    int64_t *order = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(int64_t));
-    int status = (start && order) ? group_edges(q->n_atoms, n_edges, key, start, order) : -1;
+/* A grouped pass: edges grouped by `key` into n_groups (atoms by centre or neighbour, or rows
+ * of r), threads own ranges of groups of ~equal edge counts. */
+static int NAME(by_groups)(NAME(Job) *q, int64_t n_groups, int64_t n_edges, const int64_t *key, int threads,
+                           size_t scratch, void (*work)(const void *, int64_t, int64_t, int, void *)) {
+    int64_t *start, *order;
+    int status = group_edges(n_groups, n_edges, key, &start, &order);
     if (status == 0) {
         Range ranges[MAX_THREADS];
         q->start = start;
         q->order = order;
-        group_ranges(ranges, threads, q->n_atoms, start);
+        group_ranges(ranges, threads, n_groups, start);
         assign(ranges, threads, q, scratch, work);
-        status = in_parallel(ranges, threads);
-    }
-    free(start);
-    free(order);
-    return status;
-}
-
-/* dL/dr per row from dL/dr per edge (atom passes with shared rows). */
-static int NAME(rows_from_edges)(NAME(Job) *q, int64_t n_edges, int64_t n_rows, int threads) {
-    int64_t *start = malloc((size_t)(n_rows + 1) * sizeof(int64_t));
-    int64_t *order = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(int64_t));
-    int status = (start && order) ? group_edges(n_rows, n_edges, q->r_row, start, order) : -1;
-    if (status == 0) {
-        Range ranges[MAX_THREADS];
-        q->start = start;
-        q->order = order;
-        even_ranges(ranges, threads, n_rows);
-        assign(ranges, threads, q, 1, NAME(sum_edge_rows));
         status = in_parallel(ranges, threads);
     }
     free(start);
@@ -249,7 +226,7 @@ int64_t NAME(eqcalc_tp_forward)(int64_t n_atoms, int64_t n_edges, int64_t M1, in
     const size_t scratch = (size_t)(C > 0 ? C : 1) * sizeof(T);
     if (NAME(copies_fit)(n, n_atoms, M3 * C, private_bytes))
         return NAME(by_rows)(&job, n_edges, n_rows, n, out, scratch, NAME(forward_rows));
-    return NAME(by_atoms)(&job, n_edges, i, n, scratch, NAME(forward_atoms));
+    return NAME(by_groups)(&job, n_atoms, n_edges, i, n, scratch, NAME(forward_atoms));
 }
 
 int64_t NAME(eqcalc_tp_backward)(int64_t n_atoms, int64_t n_edges, int64_t M1, int64_t M3, int64_t C,
@@ -270,8 +247,9 @@ int64_t NAME(eqcalc_tp_backward)(int64_t n_atoms, int64_t n_edges, int64_t M1, i
         if (!edges) return -1;
         job.grad_r_edges = edges;
     }
-    int status = NAME(by_atoms)(&job, n_edges, j, n, scratch, NAME(backward_atoms));
-    if (status == 0 && edges) status = NAME(rows_from_edges)(&job, n_edges, n_rows, n);
+    int status = NAME(by_groups)(&job, n_atoms, n_edges, j, n, scratch, NAME(backward_atoms));
+    if (status == 0 && edges)  /* dL/dr per row: the sum of its edges' */
+        status = NAME(by_groups)(&job, n_rows, n_edges, r_row, n, 1, NAME(sum_edge_rows));
     free(edges);
     return status;
 }
