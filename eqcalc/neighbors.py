@@ -76,6 +76,7 @@ path is sorted by ``i`` then ``j``.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional, Tuple
 
 import numpy as np
@@ -174,7 +175,37 @@ def _prepare(positions, cell, pbc, cutoff, system):
 
 def _effective_cell(positions, cell, pbc, system, cutoff):
     """Validate, then give the effective cell (open rows replaced by an orthonormal complement
-    of the periodic rows) and its inverse. One host sync for all checks."""
+    of the periodic rows), its inverse and whether any direction is periodic."""
+    if not bool(torch.isfinite(positions).all()):
+        bad = torch.nonzero(~torch.isfinite(positions).all(1)).flatten()[:10].tolist()
+        raise InvalidAtomsError(
+            f"positions contain NaN or inf (atoms {bad}); fix the structure (e.g. the last "
+            "optimisation/MD step diverged) before computing neighbors")
+    if cell.device.type != "cpu":
+        return _cell_geometry(cell, pbc, cutoff)
+    # MD and relaxations at a fixed cell rebuild the list for the same cell every step
+    key = (cell.detach().numpy().tobytes(), pbc.numpy().tobytes(), str(cell.dtype), float(cutoff))
+    with _GEOMETRY_LOCK:
+        found = _GEOMETRY.get(key)
+    if found is None:
+        found = _cell_geometry(cell.detach(), pbc, cutoff)  # raises for a bad cell: nothing kept
+        with _GEOMETRY_LOCK:
+            while len(_GEOMETRY) >= _GEOMETRY_SIZE:
+                _GEOMETRY.pop(next(iter(_GEOMETRY)))
+            _GEOMETRY[key] = found
+    return found
+
+
+#: :func:`_cell_geometry` of the last few CPU cells, by value (validated cells only; the
+#: tensors are only read).
+_GEOMETRY: dict = {}
+_GEOMETRY_SIZE = 8
+_GEOMETRY_LOCK = threading.Lock()
+
+
+def _cell_geometry(cell, pbc, cutoff):
+    """Checks of ``cell`` (``(B, 3, 3)``) and ``pbc`` for ``cutoff`` (one host sync), then the
+    effective cell ``(B, 3, 3)``, its inverse and whether any direction is periodic."""
     n_systems = cell.shape[0]
     per_rows = cell * pbc.unsqueeze(-1).to(cell.dtype)
     norms = torch.linalg.norm(per_rows, dim=-1)                                   # (B, 3)
@@ -186,27 +217,21 @@ def _effective_cell(positions, cell, pbc, system, cutoff):
     singular = (n_per > 0) & (smallest <= 1e-10 * sv[:, 0])
     zero_vec = pbc & (norms <= 1e-10)
     checks = torch.stack([
-        torch.isfinite(positions).all().logical_not(),
         cell_finite.logical_not(),
         zero_vec.any(),
         singular.any(),
         pbc.any(),
     ]).tolist()
     if checks[0]:
-        bad = torch.nonzero(~torch.isfinite(positions).all(1)).flatten()[:10].tolist()
-        raise InvalidAtomsError(
-            f"positions contain NaN or inf (atoms {bad}); fix the structure (e.g. the last "
-            "optimisation/MD step diverged) before computing neighbors")
-    if checks[1]:
         raise InvalidAtomsError(
             "cell contains NaN or inf; give finite lattice vectors (use zeros along "
             "non-periodic directions)")
-    if checks[2]:
+    if checks[1]:
         s, k = torch.nonzero(zero_vec)[0].tolist()
         raise CellError(
             f"cell vector {k} of system {s} is zero but pbc[{k}] is True; set a nonzero lattice "
             f"vector for that direction or make it non-periodic (pbc[{k}]=False)")
-    if checks[3]:
+    if checks[2]:
         s = int(torch.nonzero(singular)[0])
         raise CellError(
             f"the periodic cell vectors of system {s} are linearly dependent (singular cell: "
@@ -219,9 +244,9 @@ def _effective_cell(positions, cell, pbc, system, cutoff):
     comp = vh.gather(1, idx.unsqueeze(-1).expand(n_systems, 3, 3))
     eff = torch.where(pbc.unsqueeze(-1), cell, comp)
     inv = torch.linalg.inv(eff)
-    if checks[4]:
+    if checks[3]:
         _check_heights(inv, pbc, cutoff)
-    return eff, inv, bool(checks[4])
+    return eff, inv, bool(checks[3])
 
 
 def _check_heights(inv, pbc, cutoff):
@@ -572,6 +597,19 @@ def edge_pairs(edge_index: torch.Tensor, shifts: torch.Tensor, n_atoms: int) -> 
     species is the same on both, values and derivatives: ``f(x[first])[pair]`` is ``f(x)``
     at half the work. An edge whose reverse is not in the list is a pair of its own.
     """
+    i, j = edge_index[0], edge_index[1]
+    n_edges = i.shape[0]
+    if i.device.type == "cpu" and native.library() is not None:  # the same pairs, one pass in C
+        found = native.edge_pairs(n_atoms, i.numpy(), j.numpy(), shifts.detach().numpy())
+        if found is None:
+            raise InvalidAtomsError(f"edge_index names an atom outside 0..{n_atoms - 1}: the neighbor list "
+                                    "does not belong to these atoms")
+        return torch.from_numpy(found[0]), torch.from_numpy(found[1])
+    return _edge_pairs_torch(edge_index, shifts, n_atoms)
+
+
+def _edge_pairs_torch(edge_index: torch.Tensor, shifts: torch.Tensor, n_atoms: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`edge_pairs` in torch operations (any device; the reference of the compiled one)."""
     i, j = edge_index[0], edge_index[1]
     n_edges = i.shape[0]
     s = shifts.round().to(torch.int64)

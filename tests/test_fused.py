@@ -98,6 +98,54 @@ def compare(out, expected, leaves, dtype):
     return got
 
 
+# (first component, M1, channels, first column of r): a layer's paths over blocks 0e (1), 1o (3),
+# 2e (5) of h, narrowed channels, columns of one R in path order; two paths read block 1o
+LAYER = [(0, 1, 10, 0), (1, 3, 8, 10), (0, 1, 10, 18), (4, 5, 6, 28), (1, 3, 8, 34)]
+LAYER_M3 = [1, 3, 3, 5, 1]
+
+
+def layer_inputs(dtype, n_atoms=40, n_edges=3000, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    edge_index = torch.randint(0, 35, (2, n_edges), generator=g)
+    h = torch.randn(n_atoms, 9, 12, dtype=dtype, generator=g).requires_grad_(True)
+    Fs = [torch.randn(n_edges, M3, M1, dtype=dtype, generator=g).requires_grad_(True)
+          for M3, (_, M1, _, _) in zip(LAYER_M3, LAYER)]
+    R = torch.randn(n_edges // 2 + 7, 42 + 3, dtype=dtype, generator=g).requires_grad_(True)
+    row = torch.randint(0, n_edges // 2, (n_edges,), generator=g)
+    return h, Fs, R, edge_index, row
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("budget", ["copies", "atoms"])
+def test_a_layer_of_paths_in_one_call_matches_each_path_in_torch(dtype, budget, threads, monkeypatch):
+    """All paths of a layer in one call (blocks of one h, narrowed channels, columns of one R,
+    two paths on one block, rows shared, columns and channels no path reads): the sums, dL/dh
+    (each block's sum, zero elsewhere), dL/dR (zero in unread columns and rows) and each dL/dF."""
+    if budget == "atoms":
+        monkeypatch.setattr(fused, "PRIVATE_BYTES", 0)
+    h, Fs, R, edge_index, row = layer_inputs(dtype)
+    outs = fused.edge_products(h, Fs, R, LAYER, edge_index, row)
+    expected = [reference(h[:, b:b + M1, :C], F, R[:, c0:c0 + C].index_select(0, row), edge_index)
+                for F, (b, M1, C, c0) in zip(Fs, LAYER)]
+    gs = [torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(k)) for k, x in enumerate(outs)]
+    got = torch.autograd.grad(outs, (h, R, *Fs), gs)
+    want = torch.autograd.grad(expected, (h, R, *Fs), gs)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip(outs + list(got), expected + list(want)):
+        assert a.shape == b.shape and (a - b).abs().max() <= tol * b.abs().max(), (a - b).abs().max()
+    assert got[0][:, 1:4, 8:].abs().max() == 0 and got[0][:, 4:, 6:].abs().max() == 0
+    assert got[1][:, 42:].abs().max() == 0 and got[1][row.max() + 1:].abs().max() == 0
+
+
+def test_second_derivatives_through_a_layer():
+    """create_graph through the one-call layer: torch's gradients, themselves differentiable."""
+    h, Fs, R, edge_index, row = layer_inputs(torch.float64, n_atoms=7, n_edges=24)
+    edge_index = edge_index % 7
+    product = lambda h, R, *Fs: fused.edge_products(h, Fs, R, LAYER, edge_index, row)  # noqa: E731
+    assert torch.autograd.gradcheck(product, (h, R, *Fs))
+    assert torch.autograd.gradgradcheck(product, (h, R, *Fs))
+
+
 @pytest.mark.parametrize("shared_rows", [False, True])
 def test_atom_passes_without_per_thread_copies_agree(monkeypatch, shared_rows):
     """Above PRIVATE_BYTES each thread owns atoms instead of rows: the same sums and gradients,

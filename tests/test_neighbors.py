@@ -314,3 +314,43 @@ def test_edge_pairs_join_each_edge_with_its_reverse_only():
     half = torch.tensor([[0, 0, 1], [1, 2, 2]])
     first, pair = edge_pairs(half, torch.zeros(3, 3), 3)
     assert first.tolist() == [0, 1, 2] and sorted(pair.tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("search_path", ["both"])  # overrides the autouse fixture: compiled vs torch here
+def test_compiled_edge_pairs_equal_the_torch_ones(search_path):
+    """celllist.c's pair search gives the torch version's numbering exactly: full lists of
+    bulk, slab, small cells, a molecule, and a shuffled list with self-images and some edges
+    missing their reverse; an index outside the atoms is a typed error."""
+    from eqcalc import _native
+    from eqcalc.neighbors import _edge_pairs_torch, edge_pairs
+
+    assert _native.library() is not None
+    lists = []
+    for atoms, cutoff in [(bulk("Cu", "fcc", a=3.6), 6.0), (bulk("Cu", "fcc", a=3.6, cubic=True) * (3, 3, 3), 5.0),
+                          (fcc111("Pt", (2, 2, 3), vacuum=4.0), 5.0), (molecule("CH3OH"), 3.0)]:
+        pos, cell = torch.tensor(atoms.positions), torch.tensor(atoms.cell.array).unsqueeze(0)
+        edge_index, shifts = compute_neighbors(pos, cell, torch.tensor(atoms.pbc).unsqueeze(0), cutoff)
+        lists.append((edge_index, shifts.to(torch.float64), len(atoms)))
+    g = torch.Generator().manual_seed(0)
+    edge_index, shifts, n = lists[1]
+    keep = torch.randperm(edge_index.shape[1], generator=g)[: edge_index.shape[1] * 9 // 10]
+    lists.append((edge_index[:, keep], shifts[keep], n))
+    for edge_index, shifts, n in lists:
+        compiled, reference = edge_pairs(edge_index, shifts, n), _edge_pairs_torch(edge_index, shifts, n)
+        assert all(torch.equal(a, b) for a, b in zip(compiled, reference))
+    with pytest.raises(InvalidAtomsError, match="outside 0..2"):
+        edge_pairs(torch.tensor([[0, 3], [1, 0]]), torch.zeros(2, 3), 3)
+
+
+def test_a_cell_changed_in_place_between_calls_gets_its_own_neighbors():
+    """Cell geometry is kept by value for the next builds: a cell tensor changed in place, the
+    same cell with other pbc or cutoff, and the first cell again each give ASE's list."""
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    atoms.rattle(0.05, seed=3)
+    pos, cell = torch.tensor(atoms.positions), torch.tensor(atoms.cell.array)
+    for strain, pbc, cutoff in [(0.0, (True,) * 3, 4.0), (0.08, (True,) * 3, 4.0), (0.08, (True, True, False), 4.0),
+                                (0.08, (True,) * 3, 4.5), (0.0, (True,) * 3, 4.0)]:
+        cell.copy_(torch.tensor(atoms.cell.array) * (1 + strain))  # the same tensor, new values
+        edge_index, shifts = compute_neighbors(pos, cell, torch.tensor(pbc), cutoff)
+        other = Atoms(atoms.numbers, positions=atoms.positions, cell=cell.numpy(), pbc=pbc)
+        assert edge_set(edge_index[0], edge_index[1], shifts) == edge_set(*ase_neighbor_list("ijS", other, cutoff))

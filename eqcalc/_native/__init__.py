@@ -49,6 +49,8 @@ def library() -> Optional[ctypes.CDLL]:
         lib.eqcalc_cell_list.argtypes = [ctypes.c_int64, _F64, _I64, _F64, _I32, _I64, _I64,
                                          _I64, ctypes.c_int64, ctypes.c_double, ctypes.c_int32, ctypes.c_int64,
                                          _I64, _I64, _I64]
+        lib.eqcalc_edge_pairs.restype = ctypes.c_int64
+        lib.eqcalc_edge_pairs.argtypes = [ctypes.c_int64, ctypes.c_int64, _I64, _I64, _F64, _I64, _I64]
     return lib
 
 
@@ -61,19 +63,25 @@ def tensor_product_library() -> Optional[ctypes.CDLL]:
         or tensor_product_build("_tensor_product")
 
 
+class PathLayout(ctypes.Structure):
+    """``Path`` of ``tensor_product.c``: one path of a layer (sizes, element offsets, pointers)."""
+    _fields_ = [(name, ctypes.c_int64) for name in ("M1", "M3", "C", "h_off", "gh_off", "r_off", "out_off")] + \
+               [(name, ctypes.c_void_p) for name in ("F", "out", "g", "grad_F")]
+
+
 @functools.lru_cache(maxsize=None)
 def tensor_product_build(stem: str) -> Optional[ctypes.CDLL]:
     """One build of the kernels (``_tensor_product``: baseline CPU; ``_tensor_product_avx2``)."""
     lib = _load(stem)
     if lib is not None:
         n, p = ctypes.c_int64, ctypes.c_void_p
-        # atoms, edges, M1, M3, C, h, its strides, F, r, its row stride, its rows, r_row, i, j
-        shape = [n, n, n, n, n, p, n, n, p, p, n, n, p, p, p]
+        # atoms, edges, paths (n, PathLayout[n]), h, its strides, r, its row stride, its rows, r_row, i, j
+        shape = [n, n, n, ctypes.POINTER(PathLayout), p, n, n, p, n, n, p, p, p]
         for suffix in ("_f32", "_f64"):
             forward, backward = getattr(lib, "eqcalc_tp_forward" + suffix), getattr(lib, "eqcalc_tp_backward" + suffix)
             forward.restype = backward.restype = ctypes.c_int64
-            forward.argtypes = shape + [p, ctypes.c_int32, n]  # out, threads, private_bytes
-            backward.argtypes = shape + [p, p, p, p, ctypes.c_int32, n]  # g, dL/dh, dL/dF, dL/dr, ...
+            forward.argtypes = shape + [ctypes.c_int32, n]  # threads, private_bytes
+            backward.argtypes = shape + [p, n, n, p, n, ctypes.c_int32, n]  # dL/dh, its strides, dL/dr, its stride
     return lib
 
 
@@ -115,3 +123,16 @@ def cell_list(systems, cutoff: float, self_interaction: bool, capacity: int
             # Contiguous, so no consumer (torch.export guards on strides) sees the buffer size.
             return np.ascontiguousarray(edge_index[:, :total]), shifts[:total]
         capacity = total  # the exact size: the second pass fits
+
+
+def edge_pairs(n_atoms: int, i: np.ndarray, j: np.ndarray, shifts: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """``(first, pair)`` of :func:`eqcalc.neighbors.edge_pairs` by ``celllist.c`` (int64 arrays),
+    or ``None`` for an atom index outside ``0..n_atoms-1``."""
+    i, j = np.ascontiguousarray(i, np.int64), np.ascontiguousarray(j, np.int64)
+    shifts = np.ascontiguousarray(shifts, np.float64)
+    pair, first = np.empty(len(i), np.int64), np.empty(len(i), np.int64)
+    n_pairs = library().eqcalc_edge_pairs(n_atoms, len(i), _ptr(i, _I64), _ptr(j, _I64), _ptr(shifts, _F64),
+                                          _ptr(pair, _I64), _ptr(first, _I64))
+    if n_pairs == -1:
+        raise MemoryError("the compiled pair search ran out of memory")
+    return None if n_pairs < 0 else (first[:n_pairs].copy(), pair)

@@ -103,3 +103,70 @@ int64_t eqcalc_cell_list(int64_t n, const double *pos, const int64_t *bins, cons
     free(start); free(order); free(lin); free(sorted);
     return count;
 }
+
+/* The unordered pairs of a neighbor list (eqcalc.neighbors.edge_pairs): edges (i, j, S) and
+ * (j, i, -S) are one pair. Each edge is oriented (a, b, s): a < b, or a == b and s > 0
+ * lexicographically; pairs are numbered in the order of (a, b, s) (edges counting-sorted by a,
+ * then each atom's few sorted by (b, s)), first[p] is the lowest edge of pair p and pair[e] the
+ * pair of edge e. shifts (n_edges x 3) hold integer values as doubles. Returns the number of
+ * pairs, -1 when memory runs out, -2 for an atom index outside 0..n_atoms-1. */
+typedef struct {
+    int64_t b, s[3], e;
+} PairKey;
+
+static int compare_pair_keys(const void *x, const void *y) {
+    const PairKey *p = x, *q = y;
+    if (p->b != q->b) return p->b < q->b ? -1 : 1;
+    for (int d = 0; d < 3; d++)
+        if (p->s[d] != q->s[d]) return p->s[d] < q->s[d] ? -1 : 1;
+    return p->e < q->e ? -1 : p->e > q->e;
+}
+
+int64_t eqcalc_edge_pairs(int64_t n_atoms, int64_t n_edges, const int64_t *i, const int64_t *j,
+                          const double *shifts, int64_t *pair, int64_t *first) {
+    for (int64_t e = 0; e < n_edges; e++)
+        if (i[e] < 0 || i[e] >= n_atoms || j[e] < 0 || j[e] >= n_atoms) return -2;
+    int64_t *start = calloc((size_t)(n_atoms + 1), sizeof(int64_t));
+    int64_t *next = malloc((size_t)(n_atoms + 1) * sizeof(int64_t));
+    int64_t *owner = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(int64_t));
+    PairKey *keys = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(PairKey));
+    if (!start || !next || !owner || !keys) {
+        free(start); free(next); free(owner); free(keys);
+        return -1;
+    }
+    for (int64_t e = 0; e < n_edges; e++) {
+        int64_t s[3], sign = 0;
+        for (int d = 0; d < 3; d++) {
+            s[d] = (int64_t)(shifts[3 * e + d] < 0 ? shifts[3 * e + d] - 0.5 : shifts[3 * e + d] + 0.5);
+            if (sign == 0) sign = (s[d] > 0) - (s[d] < 0);
+        }
+        const int flip = i[e] > j[e] || (i[e] == j[e] && sign < 0);
+        owner[e] = flip ? j[e] : i[e];
+        keys[e].b = flip ? i[e] : j[e];
+        for (int d = 0; d < 3; d++) keys[e].s[d] = flip ? -s[d] : s[d];
+        keys[e].e = e;
+        start[owner[e] + 1]++;
+    }
+    for (int64_t a = 0; a < n_atoms; a++) start[a + 1] += start[a];
+    for (int64_t a = 0; a <= n_atoms; a++) next[a] = start[a];
+    PairKey *sorted = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(PairKey));
+    if (!sorted) {
+        free(start); free(next); free(owner); free(keys);
+        return -1;
+    }
+    for (int64_t e = 0; e < n_edges; e++) sorted[next[owner[e]]++] = keys[e];
+    int64_t n_pairs = 0;
+    for (int64_t a = 0; a < n_atoms; a++) {
+        PairKey *k = sorted + start[a];
+        const int64_t count = start[a + 1] - start[a];
+        qsort(k, (size_t)count, sizeof(PairKey), compare_pair_keys);
+        for (int64_t x = 0; x < count; x++) {
+            if (x == 0 || k[x].b != k[x - 1].b || k[x].s[0] != k[x - 1].s[0] || k[x].s[1] != k[x - 1].s[1]
+                || k[x].s[2] != k[x - 1].s[2])
+                first[n_pairs++] = k[x].e;
+            pair[k[x].e] = n_pairs - 1;
+        }
+    }
+    free(start); free(next); free(owner); free(keys); free(sorted);
+    return n_pairs;
+}
