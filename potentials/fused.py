@@ -34,7 +34,7 @@ _DTYPES = {torch.float32: "_f32", torch.float64: "_f64"}
 #: instead: no copies, slower.
 PRIVATE_BYTES = 256 << 20
 #: Edges a thread should have before a pass is split (see :func:`threads`). 108 atoms (5842
-#: edges) on 2 threads instead of 1: NequIP "S" step 8-11 % faster; fewer edges gain less than
+#: edges) on 2 threads instead of 1: NequIP "S" step 4-11 % faster; fewer edges gain less than
 #: a second copy of the atoms' sums costs.
 EDGES_PER_THREAD = 2048
 
