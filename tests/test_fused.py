@@ -107,7 +107,8 @@ LAYER_M3 = [1, 3, 3, 5, 1]
 def layer_inputs(dtype, n_atoms=40, n_edges=3000, seed=4):
     g = torch.Generator().manual_seed(seed)
     edge_index = torch.randint(0, 35, (2, n_edges), generator=g)
-    h = torch.randn(n_atoms, 9, 12, dtype=dtype, generator=g).requires_grad_(True)
+    # h strided (channels of a wider tensor): its element offsets differ from dL/dh's
+    h = torch.randn(n_atoms, 9, 15, dtype=dtype, generator=g)[:, :, :12].requires_grad_(True)
     Fs = [torch.randn(n_edges, M3, M1, dtype=dtype, generator=g).requires_grad_(True)
           for M3, (_, M1, _, _) in zip(LAYER_M3, LAYER)]
     R = torch.randn(n_edges // 2 + 7, 42 + 3, dtype=dtype, generator=g).requires_grad_(True)

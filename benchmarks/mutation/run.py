@@ -151,6 +151,17 @@ def apply(workdir: Path, mutant) -> bool:
     return True
 
 
+def rebuilt(workdir: Path, mutant) -> bool:
+    """A mutant of compiled code (``.c``, ``.h``) rebuilt in its copy (the copied libraries are
+    the pristine ones); False when it does not compile."""
+    if not mutant["file"].endswith((".c", ".h")):
+        return True
+    for built in (workdir / "eqcalc" / "_native").glob("*.so"):
+        built.unlink()
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=workdir, capture_output=True)
+    return proc.returncode == 0
+
+
 def module_of(mutant) -> str:
     return mutant.get("module") or Path(mutant["file"]).stem
 
@@ -207,6 +218,8 @@ def main(argv=None) -> int:
                 row["status"] = "no tests"
             elif not apply(work, m):
                 row["status"] = "stale"
+            elif not rebuilt(work, m):
+                row["status"] = "build error"
             else:
                 failed, n, seconds, status = run_pytest(work, selection, args.timeout, scratch / f"m{k}.xml")
                 killers = [f for f in failed if f not in broken_at_baseline]
