@@ -354,3 +354,7 @@ def test_a_cell_changed_in_place_between_calls_gets_its_own_neighbors():
         edge_index, shifts = compute_neighbors(pos, cell, torch.tensor(pbc), cutoff)
         other = Atoms(atoms.numbers, positions=atoms.positions, cell=cell.numpy(), pbc=pbc)
         assert edge_set(edge_index[0], edge_index[1], shifts) == edge_set(*ase_neighbor_list("ijS", other, cutoff))
+    cell[2] = 0.0  # a slab's cell: fine while direction 2 is open, refused once it is periodic
+    compute_neighbors(pos, cell, torch.tensor((True, True, False)), 4.0)
+    with pytest.raises(CellError, match="cell vector 2 of system 0 is zero"):
+        compute_neighbors(pos, cell, torch.tensor((True, True, True)), 4.0)
