@@ -61,7 +61,7 @@ def validate(atoms: Atoms, species: Sequence[str] | None = None) -> None:
     check_cell(cell, atoms.pbc)
     if species is not None:
         allowed = set(species)
-        unknown = sorted(set(atoms.get_chemical_symbols()) - allowed)
+        unknown = sorted({chemical_symbols[z] for z in np.unique(numbers).tolist()} - allowed)
         if unknown:
             raise UnknownElementError(
                 f"element(s) {', '.join(unknown)} not supported by this model; "
@@ -149,6 +149,9 @@ def check_overlaps(edge_lengths: torch.Tensor, edge_index: torch.Tensor, numbers
     if edge_lengths.numel() == 0:
         return
     radii = _covalent_radii(edge_lengths.device)
+    # no pair closer than the fraction of the largest radius sum present: nothing to look for
+    if bool(edge_lengths.min().to(torch.float64) >= MIN_DISTANCE_FRACTION * 2 * radii[numbers].max()):
+        return
     bond = radii[numbers[edge_index[0]]] + radii[numbers[edge_index[1]]]
     ratio, k = torch.min(edge_lengths.to(torch.float64) / bond, dim=0)
     if ratio < MIN_DISTANCE_FRACTION:
