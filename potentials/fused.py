@@ -64,14 +64,12 @@ def _layouts(paths: Sequence[Tuple[int, int, int, int]], h: Tensor, Fs: Sequence
              outs: Sequence[Optional[Tensor]] = (), gs: Sequence[Tensor] = (),
              grad_Fs: Sequence[Optional[Tensor]] = (), gh_s1: int = 0):
     """The C array of paths: ``paths`` ``(first component, M1, C, first column of r)`` per path;
-    pointers of the tensors given (all contiguous)."""
+    pointers of the tensors given (all contiguous). ``out_off`` is the kernel's to set."""
     array = (native.PathLayout * len(paths))()
-    out_off = 0
     for n, (b, M1, C, r_off) in enumerate(paths):
-        M3 = Fs[n].shape[1]
         pointers = [x[n].data_ptr() if len(x) and x[n] is not None else None for x in (outs, gs, grad_Fs)]
-        array[n] = native.PathLayout(M1, M3, C, b * h.stride(1), b * gh_s1, r_off, out_off, Fs[n].data_ptr(), *pointers)
-        out_off += M3 * C
+        array[n] = native.PathLayout(M1, Fs[n].shape[1], C, b * h.stride(1), b * gh_s1, r_off, 0, Fs[n].data_ptr(),
+                                     *pointers)
     return array
 
 

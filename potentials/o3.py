@@ -463,6 +463,7 @@ class EdgeTensorProduct(torch.nn.Module):
             (k1, l2, k3) for k1, a in enumerate(self.blocks_in) for l2 in range(l_sh + 1)
             for k3, b in enumerate(self.blocks_out) if couples(a, l2, b)]
         self.sizes_in: List[int] = [2 * l + 1 for l, _ in self.blocks_in]
+        self.starts_in: List[int] = np.cumsum([0] + self.sizes_in).tolist()[:-1]  # first component per block
         self.widths_in: List[int] = [int(w) for w in widths]
         # channels of each path (empty: all of them, R's last dimension)
         self.path_widths: List[int] = [self.widths_in[k1] for k1, _, _ in self.paths] if widths else []
@@ -479,10 +480,13 @@ class EdgeTensorProduct(torch.nn.Module):
         blocks = torch.split(h, self.sizes_in, dim=1)
         if len(self.widths_in) > 0:
             blocks = [x[:, :, :w] for x, w in zip(blocks, self.widths_in)]
-        widths = self.path_widths if len(self.path_widths) > 0 else [R.shape[-1]] * len(self.paths)
-        r = [per_edge(x, pair) for x in torch.split(R.flatten(1), widths, dim=1)]
+        r = [per_edge(x, pair) for x in torch.split(R.flatten(1), self.widths(R), dim=1)]
         h_j = [x.index_select(0, j) for x in blocks]
         return [path(h_j, Y, r, i, n_atoms) for path in self.path_modules]
+
+    def widths(self, R: Tensor) -> List[int]:
+        """Channels (columns of ``R``) of each path."""
+        return self.path_widths if len(self.path_widths) > 0 else [R.shape[-1]] * len(self.paths)
 
     @torch.jit.unused
     def _fusable(self, h: Tensor) -> bool:
@@ -492,9 +496,9 @@ class EdgeTensorProduct(torch.nn.Module):
     def _fused(self, h: Tensor, Y: List[Tensor], R: Tensor, edge_index: Tensor, pair: Optional[Tensor]) -> List[Tensor]:
         """The same sums by the compiled CPU kernel (:mod:`potentials.fused`), all paths in one
         call, no per-edge tensors."""
-        widths = self.path_widths if len(self.path_widths) > 0 else [R.shape[-1]] * len(self.paths)
-        starts, columns = np.cumsum([0] + self.sizes_in).tolist(), np.cumsum([0] + widths).tolist()
-        layout = [(starts[p.k1], self.sizes_in[p.k1], widths[p.index], columns[p.index]) for p in self.path_modules]
+        widths = self.widths(R)
+        columns = np.cumsum([0] + widths).tolist()
+        layout = [(self.starts_in[p.k1], self.sizes_in[p.k1], widths[p.index], columns[p.index]) for p in self.path_modules]
         return fused.edge_products(h, [p.fold(Y) for p in self.path_modules], R.flatten(1), layout, edge_index, pair)
 
 

@@ -130,8 +130,9 @@ int64_t eqcalc_edge_pairs(int64_t n_atoms, int64_t n_edges, const int64_t *i, co
     int64_t *next = malloc((size_t)(n_atoms + 1) * sizeof(int64_t));
     int64_t *owner = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(int64_t));
     PairKey *keys = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(PairKey));
-    if (!start || !next || !owner || !keys) {
-        free(start); free(next); free(owner); free(keys);
+    PairKey *sorted = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(PairKey));
+    if (!start || !next || !owner || !keys || !sorted) {
+        free(start); free(next); free(owner); free(keys); free(sorted);
         return -1;
     }
     for (int64_t e = 0; e < n_edges; e++) {
@@ -149,11 +150,6 @@ int64_t eqcalc_edge_pairs(int64_t n_atoms, int64_t n_edges, const int64_t *i, co
     }
     for (int64_t a = 0; a < n_atoms; a++) start[a + 1] += start[a];
     for (int64_t a = 0; a <= n_atoms; a++) next[a] = start[a];
-    PairKey *sorted = malloc((size_t)(n_edges > 0 ? n_edges : 1) * sizeof(PairKey));
-    if (!sorted) {
-        free(start); free(next); free(owner); free(keys);
-        return -1;
-    }
     for (int64_t e = 0; e < n_edges; e++) sorted[next[owner[e]]++] = keys[e];
     int64_t n_pairs = 0;
     for (int64_t a = 0; a < n_atoms; a++) {

@@ -50,7 +50,8 @@ typedef struct {
     int64_t h_off;       /* first element of the path's block in an atom's row of h */
     int64_t gh_off;      /* the same in an atom's row of dL/dh */
     int64_t r_off;       /* first column of the path's weights in a row of r (and of dL/dr) */
-    int64_t out_off;     /* first element of the path's output in an atom's row of a thread's copy */
+    int64_t out_off;     /* first element of the path's output in an atom's row of a thread's copy
+                          * (set by the forward pass) */
     const void *F;       /* (n_edges, M3, M1) */
     void *out;           /* (n_atoms, M3, C) */
     const void *g;       /* dL/d out (n_atoms, M3, C) */

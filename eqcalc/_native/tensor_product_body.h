@@ -381,13 +381,16 @@ static NAME(Job) NAME(job)(int64_t n_atoms, int64_t n_paths, const Path *paths, 
     return q;
 }
 
-int64_t NAME(eqcalc_tp_forward)(int64_t n_atoms, int64_t n_edges, int64_t n_paths, const Path *paths,
+int64_t NAME(eqcalc_tp_forward)(int64_t n_atoms, int64_t n_edges, int64_t n_paths, Path *paths,
                                 const T *h, int64_t h_s0, int64_t h_s1, const T *r, int64_t r_s0, int64_t n_rows,
                                 const int64_t *r_row, const int64_t *i, const int64_t *j, int32_t threads,
                                 int64_t private_bytes) {
     if (!indices_in_range(n_atoms, n_edges, i, j, n_rows, r_row)) return -2;
     NAME(Job) job = NAME(job)(n_atoms, n_paths, paths, h, h_s0, h_s1, r, r_s0, r_row, i, j);
-    for (int64_t n = 0; n < n_paths; n++) job.width += paths[n].M3 * paths[n].C;  /* out_off: the caller's */
+    for (int64_t n = 0; n < n_paths; n++) {  /* the paths' outputs side by side in a thread's copy */
+        paths[n].out_off = job.width;
+        job.width += paths[n].M3 * paths[n].C;
+    }
     const int t = thread_count(threads);
     const size_t scratch = (size_t)job.max_C * sizeof(T);
     if (NAME(copies_fit)(t, n_atoms, job.width, private_bytes)) {
